@@ -1,0 +1,349 @@
+"""Time-varying S5: the auxiliary state and the Lambda extension.
+
+Notation as in ssm.py (one sequence, t = 0..L-1, T = L, x_{-1} = 0, p_{-1} = 0, Λ̄ and B̄ from S5's
+discretisation, y_t = Re(C̃ x_t) (2·Re under conj_sym) + D u_t).
+
+Time schedules Δ(t) (`time_scale`):
+    linear 1 + 0.1 t/T,  exponential exp(-0.01 t),  sinusoidal 1 + 0.1 sin(0.1 t),  constant 1.
+
+Auxiliary state (E ∈ C^P):
+    x_t = Λ̄ ⊙ x_{t-1} + B̄ u_t + E ⊙ p_{t-1},   p_t = Δ(t) x_t
+  ⇔ x_t = (Λ̄ + E Δ(t-1)) ⊙ x_{t-1} + B̄ u_t          (Δ(-1) := 0, since p_{-1} = 0)
+  a diagonal time-varying recurrence: computed exactly by the parallel scan `ssm.linear_scan`.
+
+Lambda extension (E ∈ C^{P×R}, F ∈ C^{R×P}, δ(t) ∈ R^R):   Λ_ex(t) = diag(Λ̄) + E diag(δ(t)) F
+  full: x_t = Λ̄ ⊙ x_{t-1} + E (δ(t) ⊙ (F x_{t-1})) + B̄ u_t     (dense transition, rank-R correction)
+  diag: x_t = (Λ̄ + diag(E diag(δ(t)) F)) ⊙ x_{t-1} + B̄ u_t       (diagonal only: parallel scan)
+
+Chunking (full mode). The transition is dense, so the diagonal associative scan does not apply, and a
+dense associative scan would carry L P×P matrices through log L levels (O(L P³ log L) work). Instead
+`lowrank_scan` splits the sequence into n ≈ √L chunks of T_c steps and makes three passes:
+  1. all chunks in parallel, sequential inside: propagate [I | 0] through the chunk's T_c steps to get
+     its transition M_c = A_{end}···A_{start} (P×P) and its zero-start state h_c;
+  2. sequentially across chunks: s_c = M_c s_{c-1} + h_c (n steps of a P×P mat-vec);
+  3. all chunks in parallel again: rerun each chunk from its true start state s_{c-1}, keeping every state.
+Sequential depth 2·T_c + n ≈ 3√L instead of L, work O(L P² R), memory O(L P) besides pass 1's
+O(L P²) residuals under autodiff. Exact (no truncation): every state equals the step-by-step recurrence.
+
+Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
+time index (t counts from the sequence end), its states reversed back and concatenated as in S5.
+
+Stability guard (modules only; the pure `apply_*` functions implement the equations exactly). Every
+transition is kept non-expanding, so the state can grow at most linearly in L with bounded input and never
+explodes, whatever E, F, δ are learned to be:
+  * diagonal transitions (auxiliary state, diag mode, and Λ̄ in full mode): the modulus is clamped,
+    a ← a · min(1, 1/|a|). A clamped entry keeps its phase and its gradient along the phase.
+  * full mode: the rows of the correction are scaled, E_t ← diag(s_t) E, with
+    s_{t,p} = min(1, (1 − |λ̄_p|) / Σ_r |E_pr| |δ_r(t)| Σ_q |F_rq|), so the row sums of |Λ_ex(t)| are
+    ≤ 1, i.e. ‖Λ_ex(t)‖_∞ ≤ 1 and ‖x_t‖_∞ ≤ ‖x_{t-1}‖_∞ + ‖B̄ u_t‖_∞. The scaled correction is still rank R.
+Where a model sits inside the bound (e.g. E = 0 and |Λ̄| < 1) the guard is the identity, so a warm-started
+extension computes exactly the S5 function it started from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+import ssm
+
+TIME_SCALES = ("linear", "exponential", "sinusoidal", "constant")
+DELTA_TYPES = ("learned",) + TIME_SCALES
+EXTEND_MODES = ("full", "diag")
+EXTENSION_PARAMS = ("E", "F", "delta_table", "delta_amp")  # leaves that warm start trains on top of S5
+
+
+# --------------------------------------------------------------------------------------------------
+# Time schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def schedule(t, T, kind: str):
+    """Δ(t) for time index t (array or scalar) in a sequence of length T."""
+    t = jnp.asarray(t, jnp.float32)
+    if kind == "linear":
+        return 1.0 + 0.1 * t / T
+    if kind == "exponential":
+        return jnp.exp(-0.01 * t)
+    if kind == "sinusoidal":
+        return 1.0 + 0.1 * jnp.sin(0.1 * t)
+    if kind == "constant":
+        return jnp.ones_like(t)
+    raise ValueError(f"unknown time_scale_type {kind!r}: use one of {TIME_SCALES}")
+
+
+def time_scale(L: int, kind: str):
+    """The schedule Δ(t) for t = 0..L-1, (L,) float32."""
+    return schedule(jnp.arange(L), L, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transitions
+# --------------------------------------------------------------------------------------------------
+
+
+def aux_transitions(Lambda_bar, E, delta):
+    """a_t = Λ̄ + E Δ(t-1) with Δ(-1) = 0: (P,), (P,), (L,) → (L, P)."""
+    delta_prev = jnp.concatenate([jnp.zeros((1,), delta.dtype), delta[:-1]])
+    return Lambda_bar[None, :] + delta_prev[:, None] * E[None, :]
+
+
+def extend_diag_transitions(Lambda_bar, E, F, delta):
+    """a_t = Λ̄ + diag(E diag(δ(t)) F): (P,), (P,R), (R,P), (L,R) → (L, P)."""
+    return Lambda_bar[None, :] + jnp.einsum("pr,lr,rp->lp", E, delta.astype(E.dtype), F)
+
+
+def clamp_modulus(a, r_max: float = 1.0):
+    """a · min(1, r_max/|a|): same phase, modulus at most r_max."""
+    return a * jnp.minimum(1.0, r_max / jnp.maximum(jnp.abs(a), 1e-30))
+
+
+def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
+    """s (L, P) such that ‖diag(Λ̄) + diag(s_t) E diag(δ(t)) F‖_∞ ≤ r_max for every t (needs |Λ̄| ≤ r_max).
+
+    Uses the bound Σ_q |(E diag(δ) F)_pq| ≤ Σ_r |E_pr| |δ_r| Σ_q |F_rq|, O(L P R) instead of O(L P² R).
+    """
+    row_bound = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # (L, P)
+    room = jnp.maximum(r_max - jnp.abs(Lambda_bar), 0.0)[None, :]
+    return jnp.minimum(1.0, room / jnp.maximum(row_bound, 1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# The low-rank time-varying recurrence (full mode)
+# --------------------------------------------------------------------------------------------------
+
+
+def _lowrank_transition(Lambda_bar, E, F):
+    def transition(X, d, s):
+        """Λ_ex(t) X for X (P, K), K states side by side: Λ̄ ⊙ X + (s ⊙ E)(δ ⊙ (F X))."""
+        return Lambda_bar[:, None] * X + (s[:, None] * E) @ (d[:, None] * (F @ X))
+
+    return transition
+
+
+def default_chunk(L: int) -> int:
+    return max(1, int(math.ceil(math.sqrt(L))))
+
+
+def lowrank_scan(Lambda_bar, E, F, delta, b, row_scale=None, chunk=None):
+    """All states of x_t = Λ̄ ⊙ x_{t-1} + (s_t ⊙ E)(δ(t) ⊙ (F x_{t-1})) + b_t, x_{-1} = 0, by the chunked
+    three-pass scan described at the top of this file.
+
+    Lambda_bar (P,), E (P,R), F (R,P), delta (L,R), b (L,P), row_scale s (L,P) or None (= 1).
+    """
+    L, P = b.shape
+    T = chunk or default_chunk(L)
+    n = -(-L // T)
+    pad = n * T - L  # steps appended after the end cannot change earlier states
+    dtype = b.dtype
+    d = jnp.pad(delta.astype(dtype), ((0, pad), (0, 0))).reshape(n, T, -1)
+    s = jnp.ones((L, P), dtype) if row_scale is None else row_scale.astype(dtype)
+    s = jnp.pad(s, ((0, pad), (0, 0))).reshape(n, T, P)
+    bc = jnp.pad(b, ((0, pad), (0, 0))).reshape(n, T, P)
+    transition = _lowrank_transition(Lambda_bar, E, F)
+
+    # Pass 1: each chunk's transition M_c and zero-start end state h_c, carried side by side as [M | h].
+    def summary_step(X, inp):
+        d_t, s_t, b_t = inp
+        return transition(X, d_t, s_t).at[:, P].add(b_t), None
+
+    def chunk_summary(d_c, s_c, b_c):
+        X0 = jnp.eye(P, P + 1, dtype=dtype)
+        X, _ = jax.lax.scan(summary_step, X0, (d_c, s_c, b_c))
+        return X[:, :P], X[:, P]
+
+    M, h = jax.vmap(chunk_summary)(d, s, bc)
+
+    # Pass 2: the true start state of every chunk, sequentially across the n chunks.
+    def across(x, Mh):
+        M_c, h_c = Mh
+        return M_c @ x + h_c, x
+
+    _, starts = jax.lax.scan(across, jnp.zeros((P,), dtype), (M, h))
+
+    # Pass 3: every state, each chunk rerun from its start state.
+    def state_step(x, inp):
+        d_t, s_t, b_t = inp
+        x = transition(x[:, None], d_t, s_t)[:, 0] + b_t
+        return x, x
+
+    def chunk_states(x0, d_c, s_c, b_c):
+        return jax.lax.scan(state_step, x0, (d_c, s_c, b_c))[1]
+
+    xs = jax.vmap(chunk_states)(starts, d, s, bc)
+    return xs.reshape(n * T, P)[:L]
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying the extended SSMs to a sequence (exact equations, no guard)
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_ssm_aux(Lambda_bar, B_bar, C_tilde, E, delta, u, conj_sym: bool, bidirectional: bool = False):
+    """Auxiliary-state SSM output (L, H), no D term. E (P,), delta (L,) the schedule Δ(t)."""
+    return ssm.apply_ssm(aux_transitions(Lambda_bar, E, delta), B_bar, C_tilde, u, conj_sym, bidirectional)
+
+
+def _apply_lowrank(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym, bidirectional, row_scale, chunk):
+    Bu = u.astype(B_bar.dtype) @ B_bar.T
+    xs = lowrank_scan(Lambda_bar, E, F, delta, Bu, row_scale, chunk)
+    if bidirectional:  # same recurrence on the reversed sequence, with its own time index
+        xs_b = lowrank_scan(Lambda_bar, E, F, delta, Bu[::-1], row_scale, chunk)[::-1]
+        xs = jnp.concatenate([xs, xs_b], axis=-1)
+    return ssm.readout(xs, C_tilde, conj_sym)
+
+
+def apply_ssm_extend(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym: bool, bidirectional: bool = False,
+                     mode: str = "full", chunk=None):
+    """Lambda-extension SSM output (L, H), no D term. E (P,R), F (R,P), delta (L,R)."""
+    if mode == "full":
+        return _apply_lowrank(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym, bidirectional, None, chunk)
+    if mode == "diag":
+        a = extend_diag_transitions(Lambda_bar, E, F, delta)
+        return ssm.apply_ssm(a, B_bar, C_tilde, u, conj_sym, bidirectional)
+    raise ValueError(f"unknown extend mode {mode!r}: use one of {EXTEND_MODES}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Flax modules
+# --------------------------------------------------------------------------------------------------
+
+
+def _complex_normal(scale):
+    def init(key, shape):
+        return scale * jax.random.normal(key, shape + (2,)) * np.sqrt(0.5)
+
+    return init
+
+
+class S5SSMAux(ssm.S5SSM):
+    """S5 with the auxiliary state, (L, H) → (L, H). Extra parameter: E (P_s, 2), complex, scale
+    `auxiliary_strength`. Transitions are modulus-clamped (see the module docstring)."""
+
+    time_scale_type: str = "sinusoidal"
+    auxiliary_strength: float = 0.1
+
+    def setup(self):
+        super().setup()
+        if self.time_scale_type not in TIME_SCALES:
+            raise ValueError(f"unknown time_scale_type {self.time_scale_type!r}: use one of {TIME_SCALES}")
+        self.E = self.param("E", _complex_normal(self.auxiliary_strength), (self.P_s,))
+
+    def __call__(self, u):
+        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+        a = aux_transitions(Lambda_bar, ssm._as_complex(self.E), time_scale(u.shape[0], self.time_scale_type))
+        return ssm.apply_ssm(clamp_modulus(a), B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
+
+    def step(self, x_prev, u_t, t, seq_len):
+        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t)."""
+        if self.bidirectional:
+            return super().step(x_prev, u_t)  # raises the clear error
+        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+        delta_prev = jnp.where(t > 0, schedule(t - 1, seq_len, self.time_scale_type), 0.0)
+        a = clamp_modulus(Lambda_bar + delta_prev * ssm._as_complex(self.E))
+        x = a * x_prev + B_bar @ u_t.astype(B_bar.dtype)
+        return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
+
+
+class S5SSMExtend(ssm.S5SSM):
+    """S5 with the rank-R Lambda extension, (L, H) → (L, H). Extra parameters: E (P_s, R, 2),
+    F (R, P_s, 2), and δ's source: `delta_table` (l_max, R) for delta_type='learned', or `delta_amp` (R,)
+    times a time schedule. Transitions are guarded (see the module docstring)."""
+
+    R: int = 10
+    mode: str = "full"
+    delta_type: str = "learned"
+    l_max: int = 1024
+    init_scale: float = 0.05
+    chunk: int | None = None
+
+    def setup(self):
+        super().setup()
+        if self.R < 1:
+            raise ValueError(f"the extension rank R={self.R} must be at least 1")
+        if self.mode not in EXTEND_MODES:
+            raise ValueError(f"unknown extend mode {self.mode!r}: use one of {EXTEND_MODES}")
+        if self.delta_type not in DELTA_TYPES:
+            raise ValueError(f"unknown delta_type {self.delta_type!r}: use one of {DELTA_TYPES}")
+        self.E = self.param("E", _complex_normal(self.init_scale), (self.P_s, self.R))
+        self.F = self.param("F", _complex_normal(self.init_scale), (self.R, self.P_s))
+        if self.delta_type == "learned":
+            self.delta_table = self.param(
+                "delta_table", nn.initializers.normal(stddev=self.init_scale), (self.l_max, self.R))
+        else:
+            self.delta_amp = self.param("delta_amp", nn.initializers.ones, (self.R,))
+
+    def delta(self, L: int):
+        """δ(t) for t = 0..L-1, (L, R)."""
+        if self.delta_type != "learned":
+            return time_scale(L, self.delta_type)[:, None] * self.delta_amp[None, :]
+        if L > self.l_max:
+            raise ValueError(
+                f"sequence length {L} is longer than the learned delta table (l_max={self.l_max}): set "
+                f"l_max to at least {L} (it comes from the dataset's sequence length), or use a schedule "
+                f"delta_type ({', '.join(TIME_SCALES)})")
+        return self.delta_table[:L]
+
+    def guarded(self, Lambda_bar, delta):
+        """(Λ̄ or a (L,P) diagonal transition, row scale or None) after the stability guard."""
+        E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+        if self.mode == "diag":
+            return clamp_modulus(extend_diag_transitions(Lambda_bar, E, F, delta)), None
+        Lambda_bar = clamp_modulus(Lambda_bar)
+        return Lambda_bar, lowrank_row_scale(Lambda_bar, E, F, delta)
+
+    def __call__(self, u):
+        L = u.shape[0]
+        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+        delta = self.delta(L)
+        a, s = self.guarded(Lambda_bar, delta)
+        if self.mode == "diag":
+            y = ssm.apply_ssm(a, B_bar, C_tilde, u, self.conj_sym, self.bidirectional)
+        else:
+            E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+            y = _apply_lowrank(a, B_bar, C_tilde, E, F, delta, u, self.conj_sym, self.bidirectional, s,
+                               self.chunk)
+        return y + self.D * u
+
+    def step(self, x_prev, u_t, t, seq_len):
+        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t)."""
+        if self.bidirectional:
+            return super().step(x_prev, u_t)  # raises the clear error
+        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+        delta_t = jax.lax.dynamic_slice_in_dim(self.delta(seq_len), t, 1)  # (1, R)
+        a, s = self.guarded(Lambda_bar, delta_t)
+        if self.mode == "diag":
+            x = a[0] * x_prev
+        else:
+            E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+            x = a * x_prev + (s[0] * (E @ (delta_t[0].astype(E.dtype) * (F @ x_prev))))
+        x = x + B_bar @ u_t.astype(B_bar.dtype)
+        return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
+
+
+# --------------------------------------------------------------------------------------------------
+# Warm start from a trained S5 layer
+# --------------------------------------------------------------------------------------------------
+
+
+def warm_start(s5_params, ext_params):
+    """Parameters of an extended layer that computes exactly the S5 layer `s5_params` computes.
+
+    Every S5 leaf is copied from `s5_params`; E is set to zero (so the auxiliary term, or the rank-R
+    correction, vanishes) and the other extension leaves keep their fresh initialisation, so training
+    can start from the S5 function and learn only the extension (EXTENSION_PARAMS).
+    """
+    out = dict(ext_params)
+    for name, value in s5_params.items():
+        if name not in out:
+            raise ValueError(f"S5 parameter {name!r} has no place in the extended layer")
+        if jnp.shape(value) != jnp.shape(out[name]):
+            raise ValueError(f"S5 parameter {name!r} has shape {jnp.shape(value)} but the extended layer "
+                             f"expects {jnp.shape(out[name])}: the two layers' sizes differ")
+        out[name] = value
+    out["E"] = jnp.zeros_like(out["E"])
+    return out

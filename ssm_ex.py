@@ -97,9 +97,17 @@ def extend_diag_transitions(Lambda_bar, E, F, delta):
     return Lambda_bar[None, :] + jnp.einsum("pr,lr,rp->lp", E, delta.astype(E.dtype), F)
 
 
+def _shrink(size, limit):
+    """min(1, limit/size), written so that its gradient is finite everywhere: the naive
+    min(1, limit/max(size, eps)) has a derivative of ~limit/eps² (inf in float32) in its unused branch at
+    size = 0, e.g. at E = 0 (a warm start), and inf·0 = NaN poisons every gradient."""
+    over = size > limit
+    return jnp.where(over, limit / jnp.where(over, size, 1.0), 1.0)
+
+
 def clamp_modulus(a, r_max: float = 1.0):
     """a · min(1, r_max/|a|): same phase, modulus at most r_max."""
-    return a * jnp.minimum(1.0, r_max / jnp.maximum(jnp.abs(a), 1e-30))
+    return a * _shrink(jnp.abs(a), r_max)
 
 
 def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
@@ -109,7 +117,7 @@ def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
     """
     row_bound = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # (L, P)
     room = jnp.maximum(r_max - jnp.abs(Lambda_bar), 0.0)[None, :]
-    return jnp.minimum(1.0, room / jnp.maximum(row_bound, 1e-30))
+    return _shrink(row_bound, room)
 
 
 # --------------------------------------------------------------------------------------------------

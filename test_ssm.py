@@ -1,0 +1,637 @@
+"""Proof that every scan in ssm.py / ssm_ex.py equals its step-by-step recurrence.
+
+References are independent of the code under test: numpy float64 loops written from the equations,
+scipy's matrix exponential, dense linear solves, and (for gradients) plain unrolled JAX loops.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import ssm
+import ssm_ex
+
+SHAPES = [(1, 4, 3), (7, 8, 2), (64, 16, 4), (100, 6, 5)]  # (L, P, H): L = 1 and L not a power of two
+KINDS = ssm_ex.TIME_SCALES
+BOOL2 = list(itertools.product([False, True], [False, True]))  # (conj_sym, bidirectional)
+
+
+def covering(*axes):
+    """Every combination of the axes, each given one of SHAPES in turn: all options and all shapes are
+    covered without compiling the full Cartesian product with SHAPES."""
+    return [(*SHAPES[i % len(SHAPES)], *combo) for i, combo in enumerate(itertools.product(*axes))]
+
+# Everything under test runs jit-compiled, as it does in training (and eager dispatch of a scan is slow).
+linear_scan = jax.jit(ssm.linear_scan, static_argnames="reverse")
+linear_recurrence = jax.jit(ssm.linear_recurrence, static_argnames="reverse")
+discretize = jax.jit(ssm.discretize, static_argnames="method")
+apply_ssm = jax.jit(ssm.apply_ssm, static_argnames=("conj_sym", "bidirectional"))
+apply_ssm_aux = jax.jit(ssm_ex.apply_ssm_aux, static_argnames=("conj_sym", "bidirectional"))
+apply_ssm_extend = jax.jit(ssm_ex.apply_ssm_extend, static_argnames=("conj_sym", "bidirectional", "mode", "chunk"))
+lowrank_scan = jax.jit(ssm_ex.lowrank_scan, static_argnames="chunk")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def crandn(rng, *shape, scale=1.0):
+    return scale * (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)
+
+
+def stable_diag(rng, P, r_min=0.5, r_max=0.999):
+    return rng.uniform(r_min, r_max, P) * np.exp(1j * rng.uniform(-np.pi, np.pi, P))
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x), np.asarray(ref)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-12)
+
+
+def c64(x):
+    return jnp.asarray(x, jnp.complex64)
+
+
+def np_linear_recurrence(a, b, reverse=False):
+    a = np.broadcast_to(a, b.shape)
+    x, out = np.zeros(b.shape[1], complex), np.zeros(b.shape, complex)
+    for t in (range(len(b) - 1, -1, -1) if reverse else range(len(b))):
+        x = a[t] * x + b[t]
+        out[t] = x
+    return out
+
+
+def np_readout(xs, C, conj_sym):
+    y = (xs @ C.T).real
+    return 2 * y if conj_sym else y
+
+
+def np_apply_ssm(Lambda_bar, B_bar, C, u, conj_sym, bidirectional):
+    """Plain loop of x_t = Λ̄ x_{t-1} + B̄ u_t, y_t = Re(C x_t) (forward, then backward from the end)."""
+    L, P = len(u), len(Lambda_bar)
+    fwd, bwd = np.zeros((L, P), complex), np.zeros((L, P), complex)
+    x = np.zeros(P, complex)
+    for t in range(L):
+        x = Lambda_bar * x + B_bar @ u[t]
+        fwd[t] = x
+    x = np.zeros(P, complex)
+    for t in reversed(range(L)):
+        x = Lambda_bar * x + B_bar @ u[t]
+        bwd[t] = x
+    xs = np.concatenate([fwd, bwd], axis=1) if bidirectional else fwd
+    return np_readout(xs, C, conj_sym)
+
+
+def random_system(rng, L, P, H, n_dirs=1):
+    return (stable_diag(rng, P), crandn(rng, P, H), crandn(rng, H, n_dirs * P), rng.normal(size=(L, H)))
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_scan
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L,P,H", SHAPES)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_equals_recurrence(L, P, H, shared, reverse):
+    rng = np.random.default_rng(L * 100 + P)
+    a = stable_diag(rng, P) if shared else np.stack([stable_diag(rng, P) for _ in range(L)])
+    b = crandn(rng, L, P)
+    ref = np_linear_recurrence(a, b, reverse)
+    assert rel_err(linear_scan(c64(a), c64(b), reverse=reverse), ref) < 1e-5
+    assert rel_err(linear_recurrence(c64(a), c64(b), reverse=reverse), ref) < 1e-5
+
+
+@pytest.mark.parametrize("L,P,H,shared,reverse", covering([True, False], [False, True]))
+def test_linear_scan_gradients_equal_recurrence(L, P, H, shared, reverse):
+    rng = np.random.default_rng(L + P)
+    a = c64(stable_diag(rng, P) if shared else np.stack([stable_diag(rng, P) for _ in range(L)]))
+    b, w = c64(crandn(rng, L, P)), c64(crandn(rng, L, P))
+
+    def loss(fn):
+        return lambda a, b: jnp.sum((w * fn(a, b, reverse=reverse)).real)
+
+    g_scan = jax.jit(jax.grad(loss(ssm.linear_scan), argnums=(0, 1)))(a, b)
+    g_loop = jax.jit(jax.grad(loss(ssm.linear_recurrence), argnums=(0, 1)))(a, b)
+    for gs, gl in zip(g_scan, g_loop):
+        assert rel_err(gs, np.asarray(gl)) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# HiPPO and discretisation
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [1, 2, 5, 8, 16])
+def test_make_hippo_matches_definition(N):
+    A = np.zeros((N, N))
+    for n in range(N):
+        for k in range(N):
+            if n > k:
+                A[n, k] = -np.sqrt(2 * n + 1) * np.sqrt(2 * k + 1)
+            elif n == k:
+                A[n, k] = -(n + 1)
+    np.testing.assert_array_equal(ssm.make_hippo(N), A)
+
+
+@pytest.mark.parametrize("N", [2, 7, 16, 64])
+def test_dplr_hippo_reconstructs_hippo(N):
+    Lambda, P, B, V, B_orig = ssm.make_dplr_hippo(N)
+    np.testing.assert_allclose(Lambda.real, -0.5, atol=1e-12)
+    assert np.all(np.diff(Lambda.imag) >= 0), "imaginary parts must be ascending"
+    np.testing.assert_allclose(V.conj().T @ V, np.eye(N), atol=1e-10)
+    P_orig = V @ P  # P was returned projected by V*
+    np.testing.assert_allclose(P_orig, np.sqrt(np.arange(N) + 0.5), atol=1e-10)
+    np.testing.assert_allclose(V @ B, B_orig, atol=1e-10)
+    np.testing.assert_allclose(B_orig, np.sqrt(2 * np.arange(N) + 1))
+    A = V @ np.diag(Lambda) @ V.conj().T - np.outer(P_orig, P_orig.conj())
+    np.testing.assert_allclose(A, ssm.make_hippo(N), atol=1e-9 * N)
+
+
+@pytest.mark.parametrize("P,blocks,conj_sym", [(16, 1, True), (16, 4, True), (12, 3, False), (8, 8, False)])
+def test_init_s5_eigs_block_diagonal(P, blocks, conj_sym):
+    Lambda, V, Vinv = ssm.init_s5_eigs(P, blocks, conj_sym)
+    block = P // blocks
+    keep = block // 2 if conj_sym else block
+    assert Lambda.shape == (keep * blocks,) and V.shape == (P, keep * blocks) and Vinv.shape == (keep * blocks, P)
+    L1, _, _, V1, _ = ssm.make_dplr_hippo(block)
+    for i in range(blocks):
+        np.testing.assert_allclose(Lambda[i * keep:(i + 1) * keep], L1[:keep])
+        np.testing.assert_allclose(V[i * block:(i + 1) * block, i * keep:(i + 1) * keep], V1[:, :keep])
+    np.testing.assert_allclose(Vinv @ V, np.eye(keep * blocks), atol=1e-10)
+    np.testing.assert_allclose(Vinv, V.conj().T)
+
+
+@pytest.mark.parametrize("P,blocks,conj_sym", [(10, 3, False), (12, 4, True), (0, 1, True), (8, 0, False)])
+def test_init_s5_eigs_rejects_bad_sizes(P, blocks, conj_sym):
+    with pytest.raises(ValueError, match="blocks"):
+        ssm.init_s5_eigs(P, blocks, conj_sym)
+
+
+@pytest.mark.parametrize("P,H", [(1, 1), (5, 3), (16, 4)])
+def test_zoh_equals_matrix_exponential(P, H):
+    rng = np.random.default_rng(P * H)
+    Lambda = -rng.uniform(0.1, 2, P) + 1j * rng.normal(size=P) * 5
+    B_tilde, step = crandn(rng, P, H), np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), P))
+    # The augmented system d/dτ [x; u] = [[diag(Λ step), diag(step) B̃], [0, 0]] [x; u] over τ ∈ [0, 1].
+    M = np.zeros((P + H, P + H), complex)
+    M[:P, :P] = np.diag(Lambda * step)
+    M[:P, P:] = step[:, None] * B_tilde
+    expM = scipy.linalg.expm(M)
+    Lambda_bar, B_bar = discretize(c64(Lambda), c64(B_tilde), jnp.asarray(step, jnp.float32), "zoh")
+    assert rel_err(Lambda_bar, np.diag(expM[:P, :P])) < 1e-5
+    assert rel_err(B_bar, expM[:P, P:]) < 1e-5
+    np.testing.assert_allclose(np.asarray(expM[:P, :P]), np.diag(np.diag(expM[:P, :P])), atol=1e-12)
+
+
+@pytest.mark.parametrize("P,H", [(1, 1), (5, 3), (16, 4)])
+def test_bilinear_equals_closed_form(P, H):
+    rng = np.random.default_rng(P + H)
+    Lambda = -rng.uniform(0.1, 2, P) + 1j * rng.normal(size=P) * 5
+    B_tilde, step = crandn(rng, P, H), np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), P))
+    A, D = np.diag(Lambda), np.diag(step)
+    left = np.eye(P) - D @ A / 2
+    A_bar = np.linalg.solve(left, np.eye(P) + D @ A / 2)
+    B_bar_ref = np.linalg.solve(left, D @ B_tilde)
+    Lambda_bar, B_bar = discretize(c64(Lambda), c64(B_tilde), jnp.asarray(step, jnp.float32), "bilinear")
+    assert rel_err(Lambda_bar, np.diag(A_bar)) < 1e-5
+    assert rel_err(B_bar, B_bar_ref) < 1e-5
+
+
+def test_discretize_rejects_unknown_method():
+    with pytest.raises(ValueError, match="zoh"):
+        discretize(c64(np.ones(2)), c64(np.ones((2, 1))), jnp.ones(2), "euler")
+
+
+# --------------------------------------------------------------------------------------------------
+# apply_ssm
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L,P,H", SHAPES)
+@pytest.mark.parametrize("conj_sym", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_apply_ssm_equals_loop(L, P, H, conj_sym, bidirectional):
+    rng = np.random.default_rng(7 * L + P)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
+    y = apply_ssm(c64(Lambda_bar), c64(B_bar), c64(C), jnp.asarray(u, jnp.float32), conj_sym, bidirectional)
+    assert y.shape == (L, H) and y.dtype == jnp.float32
+    assert rel_err(y, np_apply_ssm(Lambda_bar, B_bar, C, u, conj_sym, bidirectional)) < 1e-5
+
+
+@pytest.mark.parametrize("L,P,H", SHAPES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_conj_sym_equals_full_system(L, P, H, bidirectional):
+    """Half the states with 2·Re(·) == the full system made of each state and its conjugate."""
+    rng = np.random.default_rng(L * P * H)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
+    Lambda_full = np.concatenate([Lambda_bar, Lambda_bar.conj()])
+    B_full = np.concatenate([B_bar, B_bar.conj()])
+    C_dirs = np.split(C, 2 if bidirectional else 1, axis=1)
+    C_full = np.concatenate([np.concatenate([c, c.conj()], axis=1) for c in C_dirs], axis=1)
+    u32 = jnp.asarray(u, jnp.float32)
+    y_half = apply_ssm(c64(Lambda_bar), c64(B_bar), c64(C), u32, True, bidirectional)
+    y_full = apply_ssm(c64(Lambda_full), c64(B_full), c64(C_full), u32, False, bidirectional)
+    assert rel_err(y_half, np.asarray(y_full)) < 1e-5
+    # the full system's output really is real: its imaginary part vanishes
+    Bu = u @ B_full.T
+    xs = np_linear_recurrence(Lambda_full, Bu)
+    np.testing.assert_allclose((xs @ C_full[:, :2 * P].T).imag, 0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The S5SSM module
+# --------------------------------------------------------------------------------------------------
+
+
+def module_reference(params, u, conj_sym, bidirectional, discretization, clip_eigs=False, step_rescale=1.0):
+    """The layer's output computed in numpy straight from its raw parameters."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    re = np.minimum(p["Lambda_re"], -1e-4) if clip_eigs else p["Lambda_re"]
+    Lambda = re + 1j * p["Lambda_im"]
+    B = p["B"][..., 0] + 1j * p["B"][..., 1]
+    C = p["C"][..., 0] + 1j * p["C"][..., 1]
+    step = step_rescale * np.exp(p["log_step"])
+    if discretization == "zoh":
+        Lambda_bar = np.exp(Lambda * step)
+        B_bar = ((Lambda_bar - 1) / Lambda)[:, None] * B
+    else:
+        Lambda_bar = (1 + step / 2 * Lambda) / (1 - step / 2 * Lambda)
+        B_bar = (step / (1 - step / 2 * Lambda))[:, None] * B
+    return np_apply_ssm(Lambda_bar, B_bar, C, u, conj_sym, bidirectional) + p["D"] * u
+
+
+@pytest.mark.parametrize("i,conj_sym,bidirectional,discretization",
+                         [(i, *c) for i, c in enumerate(itertools.product([True, False], [False, True],
+                                                                           ["zoh", "bilinear"]))])
+def test_s5ssm_equals_reference(i, conj_sym, bidirectional, discretization):
+    C_init = ssm.C_INITS[i % len(ssm.C_INITS)]
+    L, H, P = 33, 3, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    model = ssm.S5SSM(H=H, P=P, blocks=2, C_init=C_init, discretization=discretization, conj_sym=conj_sym,
+                      bidirectional=bidirectional, step_rescale=1.5)
+    params = model.init(jax.random.PRNGKey(1), method="initial_state")["params"]
+    P_s = P // 2 if conj_sym else P
+    assert params["B"].shape == (P_s, H, 2) and params["C"].shape == (H, P_s * (1 + bidirectional), 2)
+    ref = module_reference(params, np.asarray(u, np.float64), conj_sym, bidirectional, discretization,
+                           step_rescale=1.5)
+    assert rel_err(jax.jit(model.apply)({"params": params}, u), ref) < 1e-5
+
+
+def test_s5ssm_clip_eigs():
+    L, H, P = 20, 2, 4
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    model = ssm.S5SSM(H=H, P=P, clip_eigs=True)
+    params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
+    params["Lambda_re"] = jnp.array([0.3, -0.2])  # an unstable eigenvalue, clipped to -1e-4
+    ref = module_reference(params, np.asarray(u, np.float64), True, False, "zoh", clip_eigs=True)
+    assert rel_err(jax.jit(model.apply)({"params": params}, u), ref) < 1e-5
+
+
+def test_s5ssm_init_values():
+    H, P, blocks = 4, 16, 2
+    model = ssm.S5SSM(H=H, P=P, blocks=blocks, dt_min=1e-3, dt_max=1e-1)
+    params = model.init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    Lambda, _, _ = ssm.init_s5_eigs(P, blocks, True)
+    np.testing.assert_allclose(params["Lambda_re"], Lambda.real, rtol=1e-6)
+    np.testing.assert_allclose(params["Lambda_im"], Lambda.imag, rtol=1e-6)
+    steps = np.exp(np.asarray(params["log_step"]))
+    assert np.all((steps >= 1e-3) & (steps <= 1e-1))
+
+
+@pytest.mark.parametrize("conj_sym", [True, False])
+def test_s5ssm_recurrent_mode_equals_parallel(conj_sym):
+    L, H, P = 25, 3, 6
+    u = jax.random.normal(jax.random.PRNGKey(2), (L, H))
+    model = ssm.S5SSM(H=H, P=P, conj_sym=conj_sym)
+    variables = model.init(jax.random.PRNGKey(3), method="initial_state")
+    y = jax.jit(model.apply)(variables, u)
+    step = jax.jit(lambda x, u_t: model.apply(variables, x, u_t, method="step"))
+    x = model.apply(variables, method="initial_state")
+    for t in range(L):
+        x, y_t = step(x, u[t])
+        assert rel_err(y_t, np.asarray(y[t])) < 1e-5
+
+
+def test_s5ssm_bidirectional_has_no_recurrent_mode():
+    model = ssm.S5SSM(H=2, P=4, bidirectional=True)
+    variables = model.init(jax.random.PRNGKey(0), method="initial_state")
+    with pytest.raises(ValueError, match="bidirectional"):
+        model.apply(variables, jnp.zeros(2, jnp.complex64), jnp.zeros(2), method="step")
+
+
+def test_s5ssm_jit_under_vmap():
+    Bsz, L, H, P = 5, 17, 3, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (Bsz, L, H))
+    model = ssm.S5SSM(H=H, P=P, bidirectional=True)
+    variables = model.init(jax.random.PRNGKey(1), method="initial_state")
+    y = jax.jit(jax.vmap(lambda x: model.apply(variables, x)))(u)
+    assert y.shape == (Bsz, L, H)
+    for i in range(Bsz):
+        assert rel_err(y[i], np.asarray(model.apply(variables, u[i]))) < 1e-6
+
+
+@pytest.mark.parametrize("P,blocks,conj_sym", [(10, 3, False), (12, 4, True)])
+def test_s5ssm_bad_sizes_raise(P, blocks, conj_sym):
+    with pytest.raises(ValueError, match="blocks"):
+        ssm.S5SSM(H=2, P=P, blocks=blocks, conj_sym=conj_sym).init(jax.random.PRNGKey(0), jnp.zeros((3, 2)))
+
+
+# ==================================================================================================
+# ssm_ex: the time-varying extensions
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("L", [1, 10, 157])
+def test_time_scale_formulas(L):
+    t = np.arange(L)
+    expected = {"linear": 1 + 0.1 * t / L, "exponential": np.exp(-0.01 * t),
+                "sinusoidal": 1 + 0.1 * np.sin(0.1 * t), "constant": np.ones(L)}
+    for kind in KINDS:
+        np.testing.assert_allclose(ssm_ex.time_scale(L, kind), expected[kind], rtol=1e-6)
+    with pytest.raises(ValueError, match="time_scale_type"):
+        ssm_ex.time_scale(L, "cubic")
+
+
+def np_aux_states(Lambda_bar, B_bar, E, delta, u):
+    """x_t = Λ̄ x_{t-1} + B̄ u_t + E p_{t-1},  p_t = Δ(t) x_t, with x and p kept separately."""
+    x, p = np.zeros(len(Lambda_bar), complex), np.zeros(len(Lambda_bar), complex)
+    out = []
+    for t in range(len(u)):
+        x = Lambda_bar * x + B_bar @ u[t] + E * p
+        p = delta[t] * x
+        out.append(x)
+    return np.array(out)
+
+
+def np_extend_states(Lambda_bar, B_bar, E, F, delta, u, mode):
+    """x_t = Λ_ex(t) x_{t-1} + B̄ u_t with the dense P×P Λ_ex(t) = diag(Λ̄) + E diag(δ(t)) F."""
+    x, out = np.zeros(len(Lambda_bar), complex), []
+    for t in range(len(u)):
+        A = np.diag(Lambda_bar) + E @ np.diag(delta[t]) @ F
+        if mode == "diag":
+            A = np.diag(np.diag(A))
+        x = A @ x + B_bar @ u[t]
+        out.append(x)
+    return np.array(out)
+
+
+def np_bidirectional(states_fn, u, C, conj_sym, bidirectional):
+    """Backward direction = the same recurrence on the reversed sequence (own time index), reversed back."""
+    xs = states_fn(u)
+    if bidirectional:
+        xs = np.concatenate([xs, states_fn(u[::-1])[::-1]], axis=1)
+    return np_readout(xs, C, conj_sym)
+
+
+@pytest.mark.parametrize("L,P,H,kind,conj_sym,bidirectional", covering(KINDS, [False, True], [False, True]))
+def test_apply_ssm_aux_equals_loop(L, P, H, kind, conj_sym, bidirectional):
+    rng = np.random.default_rng(L + 3 * P)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
+    E = crandn(rng, P, scale=0.1)
+    delta = np.asarray(ssm_ex.time_scale(L, kind), np.float64)
+    ref = np_bidirectional(lambda v: np_aux_states(Lambda_bar, B_bar, E, delta, v), u, C, conj_sym, bidirectional)
+    y = apply_ssm_aux(c64(Lambda_bar), c64(B_bar), c64(C), c64(E), jnp.asarray(delta, jnp.float32),
+                             jnp.asarray(u, jnp.float32), conj_sym, bidirectional)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("L,P,H,mode,conj_sym,bidirectional",
+                         covering(ssm_ex.EXTEND_MODES, [False, True], [False, True]))
+def test_apply_ssm_extend_equals_loop(L, P, H, mode, conj_sym, bidirectional):
+    R = 3
+    rng = np.random.default_rng(L * 5 + P)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
+    Lambda_bar *= 0.9
+    E, F, delta = crandn(rng, P, R, scale=0.2), crandn(rng, R, P, scale=0.2), rng.normal(size=(L, R))
+    ref = np_bidirectional(lambda v: np_extend_states(Lambda_bar, B_bar, E, F, delta, v, mode), u, C, conj_sym,
+                           bidirectional)
+    y = apply_ssm_extend(c64(Lambda_bar), c64(B_bar), c64(C), c64(E), c64(F), jnp.asarray(delta, jnp.float32),
+                                jnp.asarray(u, jnp.float32), conj_sym, bidirectional, mode)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 1), (1, 4), (5, 3), (16, 4), (16, 16), (23, 1), (23, 4), (23, 50)])
+def test_lowrank_scan_any_chunk_equals_loop(L, chunk):
+    P, R = 5, 2
+    rng = np.random.default_rng(L * chunk)
+    Lambda_bar = 0.9 * stable_diag(rng, P)
+    E, F, delta, b = crandn(rng, P, R, scale=0.3), crandn(rng, R, P, scale=0.3), rng.normal(size=(L, R)), crandn(
+        rng, L, P)
+    s = rng.uniform(0, 1, size=(L, P))
+    x, ref = np.zeros(P, complex), []
+    for t in range(L):
+        x = (np.diag(Lambda_bar) + np.diag(s[t]) @ E @ np.diag(delta[t]) @ F) @ x + b[t]
+        ref.append(x)
+    xs = lowrank_scan(c64(Lambda_bar), c64(E), c64(F), jnp.asarray(delta, jnp.float32), c64(b),
+                             jnp.asarray(s, jnp.float32), chunk=chunk)
+    assert rel_err(xs, np.array(ref)) < 1e-5
+
+
+# Gradients: the parallel / chunked implementations against plain unrolled JAX loops of the equations.
+
+
+def jnp_aux_loop(Lambda_bar, B_bar, C, E, delta, u, conj_sym):
+    x, p, ys = jnp.zeros_like(Lambda_bar), jnp.zeros_like(Lambda_bar), []
+    for t in range(u.shape[0]):
+        x = Lambda_bar * x + B_bar @ u[t] + E * p
+        p = delta[t] * x
+        ys.append((C @ x).real)
+    y = jnp.stack(ys)
+    return 2 * y if conj_sym else y
+
+
+def jnp_extend_loop(Lambda_bar, B_bar, C, E, F, delta, u, conj_sym, mode):
+    x, ys = jnp.zeros_like(Lambda_bar), []
+    for t in range(u.shape[0]):
+        A = jnp.diag(Lambda_bar) + E @ jnp.diag(delta[t].astype(E.dtype)) @ F
+        if mode == "diag":
+            A = jnp.diag(jnp.diag(A))
+        x = A @ x + B_bar @ u[t]
+        ys.append((C @ x).real)
+    y = jnp.stack(ys)
+    return 2 * y if conj_sym else y
+
+
+def assert_grads_close(f_fast, f_ref, args, argnums, tol=1e-4):
+    w = jax.random.normal(jax.random.PRNGKey(9), f_ref(*args).shape)
+    g_fast = jax.jit(jax.grad(lambda *a: jnp.sum(w * f_fast(*a)), argnums=argnums))(*args)
+    g_ref = jax.jit(jax.grad(lambda *a: jnp.sum(w * f_ref(*a)), argnums=argnums))(*args)
+    for i, gf, gr in zip(argnums, g_fast, g_ref):
+        assert rel_err(gf, np.asarray(gr)) < tol, f"gradient of argument {i}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("conj_sym", [False, True])
+def test_aux_gradients_equal_loop(kind, conj_sym):
+    L, P, H = 11, 4, 3
+    rng = np.random.default_rng(3)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H)
+    args = (c64(Lambda_bar), c64(B_bar), c64(C), c64(crandn(rng, P, scale=0.2)),
+            jnp.asarray(ssm_ex.time_scale(L, kind)), jnp.asarray(u, jnp.float32))
+
+    def fast(*a):
+        return apply_ssm_aux(*a, conj_sym=conj_sym, bidirectional=False)
+
+    assert_grads_close(fast, lambda *a: jnp_aux_loop(*a, conj_sym), args, argnums=(0, 1, 2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("mode", ssm_ex.EXTEND_MODES)
+@pytest.mark.parametrize("conj_sym", [False, True])
+def test_extend_gradients_equal_loop(mode, conj_sym):
+    L, P, H, R = 12, 4, 3, 2
+    rng = np.random.default_rng(4)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H)
+    args = (c64(0.9 * Lambda_bar), c64(B_bar), c64(C), c64(crandn(rng, P, R, scale=0.3)),
+            c64(crandn(rng, R, P, scale=0.3)), jnp.asarray(rng.normal(size=(L, R)), jnp.float32),
+            jnp.asarray(u, jnp.float32))
+
+    def fast(*a):
+        return apply_ssm_extend(*a, conj_sym=conj_sym, bidirectional=False, mode=mode, chunk=5)
+
+    assert_grads_close(fast, lambda *a: jnp_extend_loop(*a, conj_sym, mode), args, argnums=(0, 1, 2, 3, 4, 5, 6))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_zero_E_reduces_to_s5(bidirectional):
+    L, P, H, R = 29, 6, 3, 4
+    rng = np.random.default_rng(5)
+    Lambda_bar, B_bar, C, u = (c64(x) for x in random_system(rng, L, P, H, 2 if bidirectional else 1))
+    u = u.real
+    y_s5 = np.asarray(apply_ssm(Lambda_bar, B_bar, C, u, True, bidirectional))
+    delta = jnp.asarray(rng.normal(size=(L, R)), jnp.float32)
+    y_aux = apply_ssm_aux(Lambda_bar, B_bar, C, jnp.zeros(P, jnp.complex64), delta[:, 0], u, True,
+                                 bidirectional)
+    np.testing.assert_allclose(y_aux, y_s5, rtol=0, atol=1e-6 * np.abs(y_s5).max())
+    for mode in ssm_ex.EXTEND_MODES:
+        y_ex = apply_ssm_extend(Lambda_bar, B_bar, C, jnp.zeros((P, R), jnp.complex64),
+                                       c64(crandn(rng, R, P)), delta, u, True, bidirectional, mode)
+        np.testing.assert_allclose(y_ex, y_s5, rtol=0, atol=1e-6 * np.abs(y_s5).max())
+
+
+# The modules: guard, recurrent mode, learned-table length, warm start.
+
+EXT_MODULES = [
+    ("aux", dict(time_scale_type="linear")),
+    ("aux", dict(time_scale_type="sinusoidal")),
+    ("extend", dict(mode="full", delta_type="learned")),
+    ("extend", dict(mode="diag", delta_type="learned")),
+    ("extend", dict(mode="full", delta_type="exponential")),
+    ("extend", dict(mode="diag", delta_type="sinusoidal")),
+]
+
+
+def make_module(name, H, P, l_max, **kw):
+    if name == "aux":
+        return ssm_ex.S5SSMAux(H=H, P=P, **kw)
+    return ssm_ex.S5SSMExtend(H=H, P=P, R=3, l_max=l_max, **kw)
+
+
+@pytest.mark.parametrize("name,kw", EXT_MODULES)
+def test_module_recurrent_mode_equals_parallel(name, kw):
+    L, H, P = 21, 3, 6
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    model = make_module(name, H, P, l_max=32, **kw)
+    variables = model.init(jax.random.PRNGKey(1), method="initial_state")
+    y = jax.jit(model.apply)(variables, u)
+    step = jax.jit(lambda x, u_t, t: model.apply(variables, x, u_t, t, L, method="step"))
+    x = model.apply(variables, method="initial_state")
+    for t in range(L):
+        x, y_t = step(x, u[t], t)
+        assert rel_err(y_t, np.asarray(y[t])) < 1e-5, f"step {t}"
+
+
+@pytest.mark.parametrize("name,kw", EXT_MODULES)
+def test_module_without_active_guard_equals_pure_function(name, kw):
+    """With small extension parameters the guard is inactive and the module is exactly its equations."""
+    L, H, P = 19, 2, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    model = make_module(name, H, P, l_max=L, bidirectional=True, **kw)
+    params = model.init(jax.random.PRNGKey(1), method="initial_state")["params"]
+    params = {k: (v * 1e-2 if k in ("E", "F") else v) for k, v in params.items()}
+    m = model.bind({"params": params})
+    Lambda_bar, B_bar, C = m.discrete_system()
+    E = ssm._as_complex(params["E"])
+    if name == "aux":
+        y = apply_ssm_aux(Lambda_bar, B_bar, C, E, ssm_ex.time_scale(L, kw["time_scale_type"]), u, True, True)
+    else:
+        y = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm._as_complex(params["F"]), m.delta(L), u, True,
+                                    True, kw["mode"])
+    assert rel_err(jax.jit(model.apply)({"params": params}, u), np.asarray(y + params["D"] * u)) < 1e-5
+
+
+@pytest.mark.parametrize("name,kw", EXT_MODULES)
+def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw):
+    L, H, P = 16384, 2, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    model = make_module(name, H, P, l_max=L, **kw)
+    params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
+    params["Lambda_re"] = params["Lambda_re"].at[0].set(0.5)  # an unstable base eigenvalue too
+    for k in ("E", "F", "delta_table", "delta_amp"):
+        if k in params:
+            params[k] = params[k] * 1e3
+    m = model.bind({"params": params})
+    Lambda_bar, B_bar, C = m.discrete_system()
+    y = np.asarray(jax.jit(model.apply)({"params": params}, u))
+    assert np.all(np.isfinite(y))
+    # Non-expanding transitions: ‖x_t‖_∞ ≤ Σ_{s≤t} ‖B̄ u_s‖_∞, hence the bound on |y_t| below.
+    Bu_inf = np.max(np.abs(np.asarray(u, np.float64) @ np.asarray(B_bar, np.complex128).T), axis=1)
+    x_bound = np.cumsum(Bu_inf)
+    y_bound = 2 * np.sum(np.abs(np.asarray(C)), axis=1)[None, :] * x_bound[:, None] + np.abs(
+        np.asarray(params["D"] * u))
+    assert np.all(np.abs(y) <= y_bound * (1 + 1e-4) + 1e-4)
+    # ... and the same parameters without the guard do explode: the test exercises the guard.
+    E = ssm._as_complex(params["E"])
+    if name == "aux":
+        y_raw = apply_ssm_aux(Lambda_bar, B_bar, C, E, ssm_ex.time_scale(L, kw["time_scale_type"]), u, True)
+    else:
+        y_raw = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm._as_complex(params["F"]), m.delta(L), u, True,
+                                        False, kw["mode"])
+    y_raw = np.asarray(y_raw)
+    assert not np.all(np.isfinite(y_raw)) or np.max(np.abs(y_raw)) > 1e6 * np.max(np.abs(y))
+
+
+def test_learned_delta_table_too_short_is_a_clear_error():
+    model = ssm_ex.S5SSMExtend(H=2, P=4, R=2, delta_type="learned", l_max=100)
+    with pytest.raises(ValueError, match=r"sequence length 101 .*l_max=100"):
+        jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((101, 2)))
+
+
+@pytest.mark.parametrize("field,value", [("R", 0), ("mode", "dense"), ("delta_type", "random")])
+def test_extend_module_rejects_bad_options(field, value):
+    with pytest.raises(ValueError, match=field if field != "mode" else "mode"):
+        ssm_ex.S5SSMExtend(H=2, P=4, **{field: value}).init(jax.random.PRNGKey(0), jnp.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("name,kw,bidirectional", [(n, k, True) for n, k in EXT_MODULES] +
+                         [(n, k, False) for n, k in EXT_MODULES[1:3]])
+def test_warm_start_computes_the_s5_function(name, kw, bidirectional):
+    L, H, P = 40, 3, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    s5 = ssm.S5SSM(H=H, P=P, bidirectional=bidirectional)
+    s5_params = s5.init(jax.random.PRNGKey(1), method="initial_state")["params"]
+    ext = make_module(name, H, P, l_max=L, bidirectional=bidirectional, **kw)
+    ext_params = ssm_ex.warm_start(s5_params, ext.init(jax.random.PRNGKey(2), method="initial_state")["params"])
+    y_s5 = np.asarray(jax.jit(s5.apply)({"params": s5_params}, u))
+    np.testing.assert_allclose(jax.jit(ext.apply)({"params": ext_params}, u), y_s5, rtol=0,
+                               atol=1e-6 * np.abs(y_s5).max())
+    # the extension is live: its gradient is finite and non-zero, so fine-tuning can move it
+    g = jax.jit(jax.grad(lambda p: jnp.sum(ext.apply({"params": p}, u) ** 2)))(ext_params)
+    for k, v in g.items():
+        assert np.all(np.isfinite(np.asarray(v))), f"non-finite gradient for {k} at the warm start"
+    assert float(jnp.max(jnp.abs(g["E"]))) > 0
+
+
+def test_warm_start_rejects_mismatched_sizes():
+    u = jnp.zeros((5, 3))
+    s5_params = ssm.S5SSM(H=3, P=8).init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    ext_params = ssm_ex.S5SSMAux(H=3, P=4).init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    with pytest.raises(ValueError, match="shape"):
+        ssm_ex.warm_start(s5_params, ext_params)

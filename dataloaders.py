@@ -1,0 +1,760 @@
+"""Datasets of the Long Range Arena and sequential MNIST/CIFAR, as compact numpy arrays, batched fast.
+
+    ds = dataloaders.load("listops-classification", "./data", seed=42)
+    ds.train.inputs (N, L) tokens | (N, L, C) uint8 pixels,  .lengths (N,),  .labels (N,)   [pairs: inputs2, lengths2]
+    for batch in dataloaders.prefetch(ds.train.batches(50, shuffle=True, seed=42, epoch=0)): ...
+
+Every source is parsed once into a cache of numpy arrays under `<data root>/cache/` (keyed by the dataset,
+every option that changes the arrays, the cache version and a fingerprint of the source files) and loaded
+from there memory-mapped afterwards. Seeded choices (hold-out splits, the psMNIST permutation) are applied at
+load time, so one cache serves every seed. Conventions (REFERENCE.md §1): pad token 0, lengths count the
+appended end token, pooling must average the real positions only.
+
+Command line:
+    python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
+    python dataloaders.py make-listops --out DIR          generate ListOps in the LRA TSV format
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import hashlib
+import inspect
+import json
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+CACHE_VERSION = 1
+PAD, UNK, EOS = 0, 1, 2
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+
+
+class DataError(Exception):
+    """A problem with the data on disk, with a message that says what to do about it."""
+
+
+# ==================================================================================================
+# Splits and batches
+# ==================================================================================================
+
+
+@dataclass
+class Split:
+    inputs: np.ndarray  # (N, L) integer tokens, or (N, L, C) uint8 pixels
+    lengths: np.ndarray  # (N,) real lengths (end token included)
+    labels: np.ndarray  # (N,)
+    inputs2: np.ndarray | None = None  # pair tasks: the second document
+    lengths2: np.ndarray | None = None
+    mean: np.ndarray | None = None  # pixel normalisation (per channel, on the 0-1 scale); None for tokens
+    std: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx) -> "Split":
+        pick = (lambda a: None if a is None else np.asarray(a[idx]))
+        return Split(pick(self.inputs), pick(self.lengths), pick(self.labels), pick(self.inputs2),
+                     pick(self.lengths2), self.mean, self.std)
+
+    def _features(self, x):
+        if self.mean is None:
+            return x.astype(np.int32)
+        return ((x.astype(np.float32) / 255.0) - self.mean) / self.std
+
+    def num_batches(self, bsz, drop_last=False, buckets=None):
+        return len(self._plan(bsz, False, 0, 0, drop_last, buckets))
+
+    def _plan(self, bsz, shuffle, seed, epoch, drop_last, buckets):
+        """[(row indices, padded width)] for one epoch, deterministic in (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+        L = self.inputs.shape[1]
+        widths = sorted(set(int(b) for b in buckets or ()) | {L})
+        if widths[0] < 1:
+            raise ValueError(f"length buckets must be positive, got {buckets}")
+        longest = self.lengths if self.lengths2 is None else np.maximum(self.lengths, self.lengths2)
+        bucket_of = np.searchsorted(widths, np.minimum(longest[order], L))
+        plan = []
+        for b, width in enumerate(widths):
+            rows = order[bucket_of == b]
+            stop = len(rows) - len(rows) % bsz if drop_last else len(rows)
+            plan += [(rows[i:i + bsz], width) for i in range(0, stop, bsz)]
+        if shuffle:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        return plan
+
+    def batches(self, bsz, *, shuffle=False, seed=0, epoch=0, drop_last=False, buckets=None, start=0):
+        """Yield batches as dicts of numpy arrays: inputs, lengths, labels, weights [, inputs2, lengths2].
+
+        Every batch has exactly `bsz` rows, so the model compiles one shape per width: a last partial batch
+        is filled with copies of its first row carrying weight 0 (`drop_last=True` drops it instead, for
+        training). `buckets` (e.g. (512, 1024, 2048)) groups sequences by length and cuts each batch to the
+        smallest bucket that holds it. `start` skips the first batches (resuming inside an epoch).
+        """
+        for rows, width in self._plan(bsz, shuffle, seed, epoch, drop_last, buckets)[start:]:
+            n = len(rows)
+            weights = np.zeros(bsz, np.float32)
+            weights[:n] = 1.0
+            if n < bsz:
+                rows = np.concatenate([rows, np.full(bsz - n, rows[0])])
+            batch = {"inputs": self._features(self.inputs[rows, :width]),
+                     "lengths": np.minimum(self.lengths[rows], width).astype(np.int32),
+                     "labels": self.labels[rows].astype(np.int32), "weights": weights}
+            if self.inputs2 is not None:
+                batch["inputs2"] = self._features(self.inputs2[rows, :width])
+                batch["lengths2"] = np.minimum(self.lengths2[rows], width).astype(np.int32)
+            yield batch
+
+
+def prefetch(iterator, size=4):
+    """Run `iterator` in a background thread, `size` items ahead, so the accelerator never waits for numpy."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    error = []
+
+    def worker():
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:  # handed to the consumer
+            error.append(e)
+        finally:
+            q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not done:
+        yield item
+    if error:
+        raise error[0]
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    n_classes: int
+    seq_len: int
+    in_dim: int  # vocabulary size for tokens, channels for pixels
+    padded: bool  # sequences have different lengths (tokens, padded with 0)
+    pair: bool  # two documents per sample (retrieval)
+    cached: bool = False  # loaded from the cache without preprocessing
+    source: str = ""  # where the data came from
+    vocab: list = field(default_factory=list)
+
+    @property
+    def tokens(self):
+        return self.train.mean is None
+
+
+# ==================================================================================================
+# Readers for the real file formats
+# ==================================================================================================
+
+
+def _need(path: Path, what: str, command: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: looked for {path}\n  get it with: {command}")
+    return path
+
+
+def _download_cmd(dir_name, part):
+    return f"./download_lra.sh --dir {dir_name} --only {part}"
+
+
+def read_tsv(path: Path, n_fields: int, header: tuple | None = None):
+    """Rows of a tab-separated file as lists of strings; a row with the wrong number of fields is an error
+    naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if i == 1 and header is not None:
+                if tuple(line.split("\t")) != header:
+                    raise DataError(f"{path}:1: expected the header {'<TAB>'.join(header)!r}, got {line[:80]!r}")
+                continue
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != n_fields:
+                raise DataError(f"{path}:{i}: malformed row: expected {n_fields} tab-separated fields, "
+                                f"found {len(parts)}")
+            rows.append(parts)
+    return rows
+
+
+def _label(text: str, n_classes: int, where: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: label {text!r} is not a number") from None
+    if value != int(value) or not 0 <= value < n_classes:
+        raise DataError(f"{where}: label {text!r} is out of range 0..{n_classes - 1}")
+    return int(value)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzip or plain."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = np.frombuffer(data, ">u4", count=ndim, offset=4).astype(int)
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: IDX header says {tuple(dims)} ({np.prod(dims)} bytes) but holds {body.size}")
+    return body.reshape(dims)
+
+
+class _InProcess:
+    """The part of multiprocessing.Pool used here, run in this process (workers=1: no fork)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _pool(workers: int):
+    return _InProcess() if workers <= 1 else mp.get_context("fork").Pool(workers)
+
+
+def _smallest_int(vocab_size: int):
+    return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32
+
+
+def encode_texts(texts, lookup: dict, max_len: int, dtype):
+    """Character tokens + end token, truncated to max_len (end token included), padded with 0."""
+    out = np.zeros((len(texts), max_len), dtype)
+    lengths = np.zeros(len(texts), np.int32)
+    for i, text in enumerate(texts):
+        ids = [lookup.get(c, UNK) for c in text[:max_len - 1]] + [EOS]
+        out[i, :len(ids)] = ids
+        lengths[i] = len(ids)
+    return out, lengths
+
+
+def char_vocab(texts, min_freq: int):
+    counts = collections.Counter()
+    for t in texts:
+        counts.update(t)
+    chars = sorted((c for c, n in counts.items() if n >= min_freq), key=lambda c: (-counts[c], c))
+    return SPECIALS + chars
+
+
+# --------------------------------------------------------------------------------------------------
+# ListOps: generator and reader
+# --------------------------------------------------------------------------------------------------
+
+LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
+LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + LISTOPS_OPS + ["]"]
+LISTOPS_SIZES = {"train": 96000, "val": 2000, "test": 2000}
+LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
+
+
+class _TooLong(Exception):
+    pass
+
+
+def listops_tree(rng: random.Random, depth=1, budget=None):
+    """A random expression: an operator with 2-10 arguments with probability 0.25 below the maximum depth,
+    else a digit. Returned as (op, [args]) or an int. With `budget` (a one-element list holding the length
+    still allowed) generation stops with _TooLong as soon as the expression outgrows it: such a candidate
+    would be rejected anyway, and stopping early skips the rare enormous trees."""
+    if depth < LISTOPS_MAX_DEPTH and rng.random() < LISTOPS_P_OP:
+        op = rng.choice(LISTOPS_OPS)
+        if budget is not None:
+            budget[0] -= 2
+            if budget[0] < 0:
+                raise _TooLong
+        return op, [listops_tree(rng, depth + 1, budget) for _ in range(rng.randint(2, 10))]
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooLong
+    return rng.randrange(10)
+
+
+def listops_value(tree) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, args = tree
+    values = [listops_value(a) for a in args]
+    if op == "[MIN":
+        return min(values)
+    if op == "[MAX":
+        return max(values)
+    if op == "[MED":
+        return int(np.median(values))
+    return sum(values) % 10
+
+
+def listops_length(tree) -> int:
+    return 1 if isinstance(tree, int) else 2 + sum(listops_length(a) for a in tree[1])
+
+
+def listops_source(tree) -> str:
+    """The LRA `Source` string: every application of an operator to one more argument is parenthesised."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, args = tree
+    s = op
+    for a in args:
+        s = f"( {s} {listops_source(a)} )"
+    return f"( {s} ] )"
+
+
+def _listops_chunk(args):
+    seed, index, n = args
+    rng = random.Random(f"listops-{seed}-{index}")  # fast scalar draws; string seeds are stable
+    out = []
+    for _ in range(n):
+        try:
+            tree = listops_tree(rng, budget=[LISTOPS_MAX_LEN - 1])
+        except _TooLong:
+            continue
+        if LISTOPS_MIN_LEN < listops_length(tree) < LISTOPS_MAX_LEN:
+            out.append((listops_source(tree), listops_value(tree)))
+    return out
+
+
+def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, workers=None, progress=True):
+    """Generate a ListOps set in the LRA TSV format (basic_{train,val,test}.tsv). Deterministic in `seed`
+    (candidates are drawn in fixed chunks, each from its own seeded generator, and kept in chunk order)."""
+    out_dir = Path(out_dir)
+    total = n_train + n_val + n_test
+    samples, seen = [], set()
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    chunk = 2000
+    bar = tqdm(total=total, desc="generating ListOps", unit="expr", disable=not progress)
+    with _pool(workers) as pool:
+        index = 0
+        while len(samples) < total:
+            jobs = [(seed, index + k, chunk) for k in range(4 * workers)]
+            index += len(jobs)
+            for found in pool.imap(_listops_chunk, jobs):
+                for src, value in found:
+                    if src not in seen and len(samples) < total:
+                        seen.add(src)
+                        samples.append((src, value))
+                        bar.update(1)
+    bar.close()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = 0
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        with open(tmp / f"basic_{split}.tsv", "w", encoding="utf-8") as f:
+            f.write("Source\tTarget\n")
+            for src, value in samples[start:start + n]:
+                f.write(f"{src}\t{value}\n")
+        start += n
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def listops_tokens(source: str):
+    return [t for t in source.split() if t not in ("(", ")")]
+
+
+def _listops_dir(root: Path, generate: bool, workers=None):
+    official = root / "lra_release" / "listops-1000"
+    if (official / "basic_train.tsv").exists():
+        return official, "the downloaded LRA release"
+    generated = root / "listops_generated"
+    if not (generated / "basic_train.tsv").exists():
+        if not generate:
+            _need(official / "basic_train.tsv", "ListOps", _download_cmd(root, "lra"))
+        banner = ("=" * 100 + "\nListOps: the LRA release was not found under " + str(official) +
+                  ".\nGenerating a ListOps set of the official sizes (96,000/2,000/2,000) with the LRA generator "
+                  "into\n" + str(generated) + ". It is a GENERATED set, not the downloaded release: numbers are "
+                  "comparable in\ndistribution, not sample for sample. Download the release with: " +
+                  _download_cmd(root, "lra") + "\n" + "=" * 100)
+        print(banner, file=sys.stderr, flush=True)
+        make_listops(generated, **LISTOPS_SIZES, workers=workers)
+    return generated, "a GENERATED ListOps set (not the LRA release)"
+
+
+def build_listops(root: Path, seq_len=2048, generate=True, workers=None):
+    folder, source = _listops_dir(root, generate, workers)
+    lookup = {t: i for i, t in enumerate(LISTOPS_VOCAB)}
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = folder / f"basic_{split}.tsv"
+        rows = read_tsv(_need(path, "ListOps split", _download_cmd(root, "lra")), 2, header=("Source", "Target"))
+        tokens = np.zeros((len(rows), seq_len), np.uint8)
+        lengths = np.zeros(len(rows), np.int32)
+        labels = np.zeros(len(rows), np.int32)
+        for i, (src, target) in enumerate(rows):
+            ids = [lookup.get(t, UNK) for t in listops_tokens(src)][:seq_len - 1] + [EOS]
+            tokens[i, :len(ids)] = ids
+            lengths[i] = len(ids)
+            labels[i] = _label(target, 10, f"{path}:{i + 2}")
+        splits[split] = dict(inputs=tokens, lengths=lengths, labels=labels)
+    return splits, dict(n_classes=10, seq_len=seq_len, in_dim=len(LISTOPS_VOCAB), padded=True, pair=False,
+                        vocab=LISTOPS_VOCAB, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text (IMDB) and retrieval (AAN)
+# --------------------------------------------------------------------------------------------------
+
+
+def build_imdb(root: Path, seq_len=4096, min_freq=15):
+    base = _need(root / "aclImdb", "the IMDB set (aclImdb)", _download_cmd(root, "imdb"))
+    texts, labels = {}, {}
+    for split in ("train", "test"):
+        texts[split], labels[split] = [], []
+        for label, sub in ((0, "neg"), (1, "pos")):
+            folder = _need(base / split / sub, f"IMDB {split}/{sub}", _download_cmd(root, "imdb"))
+            for p in sorted(folder.glob("*.txt")):
+                texts[split].append(p.read_text(encoding="utf-8", errors="replace"))
+                labels[split].append(label)
+    vocab = char_vocab(texts["train"], min_freq)
+    lookup, dtype = {c: i for i, c in enumerate(vocab)}, _smallest_int(len(vocab))
+    splits = {}
+    for split in ("train", "test"):
+        inputs, lengths = encode_texts(texts[split], lookup, seq_len, dtype)
+        splits[split] = dict(inputs=inputs, lengths=lengths, labels=np.array(labels[split], np.int32))
+    return splits, dict(n_classes=2, seq_len=seq_len, in_dim=len(vocab), padded=True, pair=False, vocab=vocab,
+                        source=str(base))
+
+
+def build_aan(root: Path, seq_len=4000, min_freq=15):
+    base = root / "lra_release" / "tsv_data"
+    rows = {}
+    for split, fname in (("train", "train"), ("val", "eval"), ("test", "test")):
+        path = _need(base / f"new_aan_pairs.{fname}.tsv", "the AAN retrieval pairs", _download_cmd(root, "lra"))
+        rows[split] = (path, read_tsv(path, 5))
+    vocab = char_vocab((r[3] + r[4] for r in rows["train"][1]), min_freq)
+    lookup, dtype = {c: i for i, c in enumerate(vocab)}, _smallest_int(len(vocab))
+    splits = {}
+    for split, (path, r) in rows.items():
+        inputs, lengths = encode_texts([x[3] for x in r], lookup, seq_len, dtype)
+        inputs2, lengths2 = encode_texts([x[4] for x in r], lookup, seq_len, dtype)
+        labels = np.array([_label(x[0], 2, f"{path}:{i + 1}") for i, x in enumerate(r)], np.int32)
+        splits[split] = dict(inputs=inputs, lengths=lengths, inputs2=inputs2, lengths2=lengths2, labels=labels)
+    return splits, dict(n_classes=2, seq_len=seq_len, in_dim=len(vocab), padded=True, pair=True, vocab=vocab,
+                        source=str(base))
+
+
+# --------------------------------------------------------------------------------------------------
+# Images: CIFAR-10, MNIST, Pathfinder
+# --------------------------------------------------------------------------------------------------
+
+CIFAR_GRAY_MEAN, CIFAR_GRAY_STD = 122.6 / 255, 61.0 / 255
+CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _cifar_batches(root: Path):
+    base = _need(root / "cifar-10-batches-py", "CIFAR-10 (python version)", _download_cmd(root, "cifar"))
+    out = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        data, labels = [], []
+        for n in names:
+            path = _need(base / n, "CIFAR-10 batch", _download_cmd(root, "cifar"))
+            try:
+                with open(path, "rb") as f:
+                    d = pickle.load(f, encoding="bytes")
+                x, y = np.asarray(d[b"data"], np.uint8), np.asarray(d[b"labels"])
+            except Exception as e:
+                raise DataError(f"{path}: not a readable CIFAR-10 python batch ({e})") from None
+            if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise DataError(f"{path}: expected data (N, 3072) and N labels, got {x.shape} and {len(y)}")
+            if y.min() < 0 or y.max() > 9:
+                raise DataError(f"{path}: label out of range 0..9")
+            data.append(x)
+            labels.append(y)
+        rgb = np.concatenate(data).reshape(-1, 3, 1024).transpose(0, 2, 1)  # (N, 1024, 3), row-major pixels
+        out[split] = (rgb, np.concatenate(labels).astype(np.int32))
+    return out, str(base)
+
+
+def build_cifar(root: Path, gray: bool):
+    raw, source = _cifar_batches(root)
+    splits = {}
+    for split, (rgb, labels) in raw.items():
+        if gray:  # ITU-R 601 luma, as torchvision's Grayscale
+            x = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+            rgb = np.clip(x, 0, 255).astype(np.uint8)[..., None]
+        splits[split] = dict(inputs=rgb, lengths=np.full(len(labels), 1024, np.int32), labels=labels)
+    return splits, dict(n_classes=10, seq_len=1024, in_dim=1 if gray else 3, padded=False, pair=False,
+                        source=source)
+
+
+def _mnist_file(base: Path, stem: str, root: Path):
+    for name in (stem, stem + ".gz"):
+        if (base / name).exists():
+            return base / name
+    return _need(base / (stem + ".gz"), "MNIST", _download_cmd(root, "mnist"))
+
+
+def build_mnist(root: Path):
+    base = root / "MNIST" / "raw"
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_mnist_file(base, f"{prefix}-images-idx3-ubyte", root))
+        labels = read_idx(_mnist_file(base, f"{prefix}-labels-idx1-ubyte", root)).astype(np.int32)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataError(f"{base}: {prefix} images {images.shape} and labels {labels.shape} do not match")
+        if labels.max(initial=0) > 9:
+            raise DataError(f"{base}: {prefix} label out of range 0..9")
+        n = len(images)
+        splits[split] = dict(inputs=images.reshape(n, -1, 1), lengths=np.full(n, images[0].size, np.int32),
+                             labels=labels)
+    return splits, dict(n_classes=10, seq_len=784, in_dim=1, padded=False, pair=False, source=str(base))
+
+
+def _read_png(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), np.uint8)
+    except Exception:
+        return None
+
+
+def build_pathfinder(root: Path, resolution: int, workers=None):
+    folder = "pathfinder32" if resolution == 32 else "pathfinder128"
+    base = root / "lra_release" / folder / "curv_contour_length_14"
+    meta_dir = _need(base / "metadata", f"Pathfinder {resolution}x{resolution} metadata", _download_cmd(root, "lra"))
+    entries = []
+    for meta in sorted(meta_dir.glob("*.npy"), key=lambda p: (len(p.stem), p.stem)):
+        with open(meta, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) < 4:
+                    raise DataError(f"{meta}:{i}: malformed metadata row: expected at least 4 fields")
+                entries.append((str(base / fields[0] / fields[1]), _label(fields[3], 2, f"{meta}:{i}")))
+    if not entries:
+        raise DataError(f"{meta_dir}: no metadata rows found (empty split)")
+    paths = [e[0] for e in entries]
+    with _pool(workers or max(1, min(16, os.cpu_count() or 1))) as pool:
+        images = list(tqdm(pool.imap(_read_png, paths, chunksize=256), total=len(paths),
+                           desc=f"reading {folder} PNGs", unit="img", disable=len(paths) < 5000))
+    keep = [i for i, im in enumerate(images) if im is not None and im.shape == (resolution, resolution)]
+    skipped = len(paths) - len(keep)
+    if skipped:
+        print(f"pathfinder: skipped {skipped} unreadable or empty image(s) of {len(paths)} "
+              f"(e.g. {paths[next(i for i in range(len(paths)) if i not in set(keep))]})", file=sys.stderr)
+    x = np.stack([images[i].reshape(-1) for i in keep])[..., None]
+    labels = np.array([entries[i][1] for i in keep], np.int32)
+    return {"all": dict(inputs=x, lengths=np.full(len(keep), resolution ** 2, np.int32), labels=labels)}, dict(
+        n_classes=2, seq_len=resolution ** 2, in_dim=1, padded=False, pair=False, source=str(base), skipped=skipped)
+
+
+# ==================================================================================================
+# The registry, the cache, and load()
+# ==================================================================================================
+
+# name -> (builder, default options, normalisation (mean, std) or None for tokens, seeded split rule)
+DATASETS = {
+    "listops-classification": (build_listops, dict(seq_len=2048), None, None),
+    "imdb-classification": (build_imdb, dict(seq_len=4096, min_freq=15), None, "val=test"),
+    "aan-classification": (build_aan, dict(seq_len=4000, min_freq=15), None, None),
+    "lra-cifar-classification": (build_cifar, dict(gray=True), (CIFAR_GRAY_MEAN, CIFAR_GRAY_STD), 0.1),
+    "cifar-classification": (build_cifar, dict(gray=False), (CIFAR_RGB_MEAN, CIFAR_RGB_STD), 0.1),
+    "pathfinder-classification": (build_pathfinder, dict(resolution=32), (0.5, 0.5), "80/10/10"),
+    "pathx-classification": (build_pathfinder, dict(resolution=128), (0.5, 0.5), "80/10/10"),
+    "mnist-classification": (build_mnist, {}, (MNIST_MEAN, MNIST_STD), 0.1),
+    "pmnist-classification": (build_mnist, {}, (MNIST_MEAN, MNIST_STD), 0.1),
+}
+
+
+def _fingerprint(root: Path, name: str) -> str:
+    """Sizes and modification times of the source files/folders a dataset is read from."""
+    where = {
+        "listops-classification": ["lra_release/listops-1000", "listops_generated"],
+        "imdb-classification": ["aclImdb/train/pos", "aclImdb/train/neg", "aclImdb/test/pos", "aclImdb/test/neg"],
+        "aan-classification": ["lra_release/tsv_data"],
+        "lra-cifar-classification": ["cifar-10-batches-py"], "cifar-classification": ["cifar-10-batches-py"],
+        "pathfinder-classification": ["lra_release/pathfinder32/curv_contour_length_14/metadata"],
+        "pathx-classification": ["lra_release/pathfinder128/curv_contour_length_14/metadata"],
+        "mnist-classification": ["MNIST/raw"], "pmnist-classification": ["MNIST/raw"],
+    }[name]
+    items = []
+    for rel in where:
+        p = root / rel
+        if p.is_dir():
+            items += [(str(c.relative_to(root)), c.stat().st_size, c.stat().st_mtime_ns) for c in sorted(p.iterdir())
+                      if c.is_file()]
+            items.append((rel, len(os.listdir(p)), p.stat().st_mtime_ns))
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:12]
+
+
+def cache_dir(root: Path, name: str, options: dict) -> Path:
+    key = json.dumps({"name": name, "options": options, "version": CACHE_VERSION,
+                      "source": _fingerprint(root, name)}, sort_keys=True)
+    return root / "cache" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _save_cache(path: Path, splits: dict, meta: dict):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, arrays in splits.items():
+        for key, arr in arrays.items():
+            np.save(tmp / f"{split}.{key}.npy", arr)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a reader sees the whole cache or none
+
+
+def _load_cache(path: Path):
+    meta = json.loads((path / "meta.json").read_text())
+    splits = collections.defaultdict(dict)
+    for f in path.glob("*.npy"):
+        split, key, _ = f.name.split(".")
+        splits[split][key] = np.load(f, mmap_mode="r")
+    return dict(splits), meta
+
+
+def _hold_out(split: dict, fraction: float, seed: int):
+    n = len(split["labels"])
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    take = (lambda idx: {k: np.asarray(v[np.sort(idx)]) for k, v in split.items()})
+    return take(perm[n_val:]), take(perm[:n_val])
+
+
+def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
+    """Load a dataset by its `--dataset` name from the data root `dir_name` (see the module docstring).
+
+    Options override the dataset's defaults (e.g. seq_len, min_freq); the cache is keyed by them.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    builder, defaults, norm, rule = DATASETS[name]
+    unknown = set(options) - set(defaults) - {"generate", "workers"}
+    if unknown:
+        raise DataError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(defaults)}")
+    opts = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    extra = {k: v for k, v in options.items() if k not in defaults}
+    root = Path(dir_name)
+    if name == "listops-classification":  # generate before fingerprinting, so the cache key sees the files
+        _listops_dir(root, extra.get("generate", True), extra.get("workers"))
+    path = cache_dir(root, name, opts)
+    cached = (path / "meta.json").exists()
+    if cached:
+        splits, meta = _load_cache(path)
+    else:
+        accepted = inspect.signature(builder).parameters
+        splits, meta = builder(root, **opts, **{k: v for k, v in extra.items() if k in accepted})
+        for split, arrays in splits.items():
+            if len(arrays["labels"]) == 0:
+                raise DataError(f"{name}: the {split} split is empty (source: {meta.get('source')})")
+        _save_cache(path, splits, meta)
+        splits, meta = _load_cache(path)
+
+    if rule == "val=test":  # LRA Text has no validation split: as in S4/S5, validate on the test split
+        splits["val"] = splits["test"]
+    elif isinstance(rule, float):
+        splits["train"], splits["val"] = _hold_out(splits["train"], rule, seed)
+    elif rule == "80/10/10":
+        rest, test = _hold_out(splits.pop("all"), 0.1, seed)
+        splits["train"], splits["val"] = _hold_out(rest, 1 / 9, seed + 1)
+        splits["test"] = test
+    if name == "pmnist-classification":
+        perm = np.random.default_rng(seed).permutation(784)
+        splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
+
+    mean = std = None
+    if norm is not None:
+        c = meta["in_dim"]
+        mean = np.broadcast_to(np.asarray(norm[0], np.float32), (c,)).copy()
+        std = np.broadcast_to(np.asarray(norm[1], np.float32), (c,)).copy()
+    made = {s: Split(a["inputs"], a["lengths"], a["labels"], a.get("inputs2"), a.get("lengths2"), mean, std)
+            for s, a in splits.items()}
+    for s in ("train", "val", "test"):
+        if len(made[s]) == 0:
+            raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")
+    return Dataset(name, made["train"], made["val"], made["test"], meta["n_classes"], meta["seq_len"],
+                   meta["in_dim"], meta["padded"], meta["pair"], cached, meta.get("source", ""),
+                   meta.get("vocab", []))
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+
+def check(args):
+    t0 = time.perf_counter()
+    ds = load(args.name, args.dir_name, seed=args.seed)
+    t_load = time.perf_counter() - t0
+    print(f"{ds.name}: {'cache' if ds.cached else 'preprocessed and cached'} in {t_load:.1f}s from {ds.source}")
+    print(f"  train {len(ds.train):,}  val {len(ds.val):,}  test {len(ds.test):,}  | classes {ds.n_classes}  "
+          f"seq_len {ds.seq_len}  in_dim {ds.in_dim}  padded {ds.padded}  pair {ds.pair}")
+    buckets = tuple(ds.seq_len * k // 4 for k in (1, 2, 3)) if ds.padded and args.buckets else None
+    batch = next(ds.train.batches(args.bsz, shuffle=True, seed=args.seed, buckets=buckets))
+    print("  one batch: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in batch.items()))
+    n = min(args.n_batches, ds.train.num_batches(args.bsz, True, buckets))
+    it = prefetch(ds.train.batches(args.bsz, shuffle=True, seed=args.seed, drop_last=True, buckets=buckets))
+    t0 = time.perf_counter()
+    for i, _ in zip(range(n), tqdm(it, total=n, desc="data path", unit="batch")):
+        pass
+    dt = time.perf_counter() - t0
+    print(f"  data path: {n / dt:,.1f} batches/s ({n * args.bsz / dt:,.0f} samples/s) at bsz {args.bsz}, "
+          f"shuffled{', length-bucketed' if buckets else ''}, with prefetch")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="load a dataset; print its sizes, one batch's shapes, and batches/s")
+    c.add_argument("name", help=f"one of: {', '.join(DATASETS)}")
+    c.add_argument("--dir_name", default="./data", help="data root (default ./data)")
+    c.add_argument("--bsz", type=int, default=32)
+    c.add_argument("--seed", type=int, default=42)
+    c.add_argument("--n_batches", type=int, default=200, help="batches timed (default 200)")
+    c.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="length buckets for padded datasets (default on)")
+    g = sub.add_parser("make-listops", help="generate ListOps in the LRA TSV format")
+    g.add_argument("--out", required=True, help="output folder (basic_{train,val,test}.tsv are written there)")
+    g.add_argument("--n_train", type=int, default=LISTOPS_SIZES["train"])
+    g.add_argument("--n_val", type=int, default=LISTOPS_SIZES["val"])
+    g.add_argument("--n_test", type=int, default=LISTOPS_SIZES["test"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count, at most 8)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            check(args)
+        else:
+            t0 = time.perf_counter()
+            out = make_listops(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.workers)
+            print(f"wrote {out}/basic_{{train,val,test}}.tsv in {time.perf_counter() - t0:.0f}s")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

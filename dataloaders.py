@@ -269,7 +269,7 @@ def char_vocab(texts, min_freq: int):
 
 LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
 LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + LISTOPS_OPS + ["]"]
-LISTOPS_SIZES = {"train": 96000, "val": 2000, "test": 2000}
+LISTOPS_SIZES = {"n_train": 96000, "n_val": 2000, "n_test": 2000}  # the LRA release's
 LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
 
 
@@ -737,9 +737,9 @@ def main(argv=None):
                    help="length buckets for padded datasets (default on)")
     g = sub.add_parser("make-listops", help="generate ListOps in the LRA TSV format")
     g.add_argument("--out", required=True, help="output folder (basic_{train,val,test}.tsv are written there)")
-    g.add_argument("--n_train", type=int, default=LISTOPS_SIZES["train"])
-    g.add_argument("--n_val", type=int, default=LISTOPS_SIZES["val"])
-    g.add_argument("--n_test", type=int, default=LISTOPS_SIZES["test"])
+    g.add_argument("--n_train", type=int, default=LISTOPS_SIZES["n_train"])
+    g.add_argument("--n_val", type=int, default=LISTOPS_SIZES["n_val"])
+    g.add_argument("--n_test", type=int, default=LISTOPS_SIZES["n_test"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count, at most 8)")
     args = parser.parse_args(argv)

@@ -512,7 +512,8 @@ def _mnist_file(base: Path, stem: str, root: Path):
     return _need(base / (stem + ".gz"), "MNIST", _download_cmd(root, "mnist"))
 
 
-def build_mnist(root: Path):
+def build_mnist(root: Path, downsample=1):
+    """MNIST rows as sequences of 784 pixels, or (28/k)² after k×k average pooling with downsample=k."""
     base = root / "MNIST" / "raw"
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -522,10 +523,15 @@ def build_mnist(root: Path):
             raise DataError(f"{base}: {prefix} images {images.shape} and labels {labels.shape} do not match")
         if labels.max(initial=0) > 9:
             raise DataError(f"{base}: {prefix} label out of range 0..9")
-        n = len(images)
+        n, k = len(images), downsample
+        if k > 1:
+            if 28 % k:
+                raise DataError(f"MNIST downsample must divide 28, got {k}")
+            images = np.rint(images.reshape(n, 28 // k, k, 28 // k, k).mean(axis=(2, 4))).astype(np.uint8)
         splits[split] = dict(inputs=images.reshape(n, -1, 1), lengths=np.full(n, images[0].size, np.int32),
                              labels=labels)
-    return splits, dict(n_classes=10, seq_len=784, in_dim=1, padded=False, pair=False, source=str(base))
+    return splits, dict(n_classes=10, seq_len=(28 // downsample) ** 2, in_dim=1, padded=False, pair=False,
+                        source=str(base))
 
 
 def _read_png(path):
@@ -582,8 +588,8 @@ DATASETS = {
     "cifar-classification": (build_cifar, dict(gray=False), (CIFAR_RGB_MEAN, CIFAR_RGB_STD), 0.1),
     "pathfinder-classification": (build_pathfinder, dict(resolution=32), (0.5, 0.5), "80/10/10"),
     "pathx-classification": (build_pathfinder, dict(resolution=128), (0.5, 0.5), "80/10/10"),
-    "mnist-classification": (build_mnist, {}, (MNIST_MEAN, MNIST_STD), 0.1),
-    "pmnist-classification": (build_mnist, {}, (MNIST_MEAN, MNIST_STD), 0.1),
+    "mnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
+    "pmnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
 }
 
 
@@ -681,7 +687,7 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         splits["train"], splits["val"] = _hold_out(rest, 1 / 9, seed + 1)
         splits["test"] = test
     if name == "pmnist-classification":
-        perm = np.random.default_rng(seed).permutation(784)
+        perm = np.random.default_rng(seed).permutation(meta["seq_len"])
         splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
 
     mean = std = None

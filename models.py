@@ -1,0 +1,159 @@
+"""Layers, stacks and heads around the SSMs of ssm.py / ssm_ex.py.
+
+Shapes: a batch of sequences x (B, L, H); `mask` (B, L) is 1 on real positions and 0 on padding.
+The SSMs work on one sequence and are vmapped over the batch here (parameters shared).
+
+Padding: inputs at padded positions are zeroed before every SSM, so padding adds nothing to the states of
+real positions in either direction (the S5 release instead runs the scans over the padding tokens and only
+masks the pooling); pooling averages the real positions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+import ssm
+import ssm_ex
+
+SSM_TYPES = ("s5", "aux", "extend")
+ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
+
+
+def ssm_class(ssm_type: str, **kw):
+    """(module class, its options) for `--ssm_type`: options the class does not have are dropped."""
+    cls = {"s5": ssm.S5SSM, "aux": ssm_ex.S5SSMAux, "extend": ssm_ex.S5SSMExtend}.get(ssm_type)
+    if cls is None:
+        raise ValueError(f"unknown ssm_type {ssm_type!r}: use one of {SSM_TYPES}")
+    fields = set(cls.__dataclass_fields__)
+    return cls, {k: v for k, v in kw.items() if k in fields}
+
+
+class SequenceLayer(nn.Module):
+    """norm → SSM → activation → dropout → residual (norm before the SSM under prenorm, after the residual
+    otherwise)."""
+
+    ssm: Any  # (class, options) from ssm_class
+    d_model: int
+    P: int
+    activation: str = "half_glu1"
+    dropout: float = 0.0
+    prenorm: bool = True
+    batchnorm: bool = True
+    bn_momentum: float = 0.9
+    training: bool = False
+
+    def norm(self, x, name):
+        if self.batchnorm:
+            return nn.BatchNorm(use_running_average=not self.training, momentum=self.bn_momentum,
+                                axis_name=None, name=name)(x)
+        return nn.LayerNorm(name=name)(x)
+
+    @nn.compact
+    def __call__(self, x, mask):
+        drop = nn.Dropout(self.dropout, broadcast_dims=[1], deterministic=not self.training)
+        skip = x
+        if self.prenorm:
+            x = self.norm(x, "norm")
+        x = x * mask[..., None]
+        cls, kw = self.ssm
+        BatchSSM = nn.vmap(cls, in_axes=0, out_axes=0, variable_axes={"params": None}, split_rngs={"params": False})
+        x = BatchSSM(H=self.d_model, P=self.P, name="ssm", **kw)(x)
+        if self.activation == "full_glu":
+            x = drop(nn.gelu(x))
+            x = nn.Dense(self.d_model, name="out1")(x) * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x))
+        elif self.activation == "half_glu1":
+            x = drop(nn.gelu(x))
+            x = x * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x))
+        elif self.activation == "half_glu2":
+            x1 = drop(nn.gelu(x))
+            x = x1 * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x1))
+        elif self.activation == "gelu":
+            x = nn.gelu(x)
+        else:
+            raise ValueError(f"unknown activation {self.activation!r}: use one of {ACTIVATIONS}")
+        x = skip + drop(x)
+        if not self.prenorm:
+            x = self.norm(x, "norm")
+        return x
+
+
+class StackedEncoder(nn.Module):
+    """Token embedding (token datasets) or a dense encoder (continuous inputs), then n_layers layers."""
+
+    ssm: Any
+    d_model: int
+    P: int
+    n_layers: int
+    tokens: bool
+    in_dim: int
+    layer_kw: dict
+
+    @nn.compact
+    def __call__(self, inputs, mask, training=False):
+        if self.tokens:
+            x = nn.Embed(self.in_dim, self.d_model, name="encoder")(inputs)
+        else:
+            x = nn.Dense(self.d_model, name="encoder")(inputs)
+        for i in range(self.n_layers):
+            x = SequenceLayer(self.ssm, self.d_model, self.P, training=training, name=f"layer_{i}",
+                              **self.layer_kw)(x, mask)
+        return x
+
+
+def pool(x, lengths, mode: str):
+    """(B, L, H) → (B, H): mean over the real positions (`pool`) or the last real position (`last`)."""
+    L = x.shape[1]
+    if mode == "last":
+        return jnp.take_along_axis(x, jnp.clip(lengths - 1, 0, L - 1)[:, None, None], axis=1)[:, 0]
+    mask = (jnp.arange(L)[None, :] < lengths[:, None]).astype(x.dtype)
+    return jnp.sum(x * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+
+
+def length_mask(lengths, L):
+    return (jnp.arange(L)[None, :] < lengths[:, None]).astype(jnp.float32)
+
+
+class ClassificationModel(nn.Module):
+    encoder: StackedEncoder
+    n_classes: int
+    mode: str = "pool"
+
+    @nn.compact
+    def __call__(self, batch, training=False):
+        x, lengths = batch["inputs"], batch["lengths"]
+        h = self.encoder(x, length_mask(lengths, x.shape[1]), training)
+        return nn.Dense(self.n_classes, name="decoder")(pool(h, lengths, self.mode))
+
+
+class RetrievalModel(nn.Module):
+    """One shared encoder for both documents; features [a, b, a*b, a-b] → Dense(H) → GELU → Dense(classes)."""
+
+    encoder: StackedEncoder
+    n_classes: int
+    mode: str = "pool"
+
+    @nn.compact
+    def __call__(self, batch, training=False):
+        enc = lambda x, n: pool(self.encoder(x, length_mask(n, x.shape[1]), training), n, self.mode)  # noqa: E731
+        a, b = enc(batch["inputs"], batch["lengths"]), enc(batch["inputs2"], batch["lengths2"])
+        h = nn.gelu(nn.Dense(self.encoder.d_model, name="mlp")(jnp.concatenate([a, b, a * b, a - b], axis=-1)))
+        return nn.Dense(self.n_classes, name="decoder")(h)
+
+
+def build_model(cfg, ds_meta):
+    """The model for a config (argparse namespace or dict-like with attribute access) and a dataset's fields
+    (n_classes, seq_len, in_dim, tokens, pair)."""
+    ssm_kw = dict(blocks=cfg.blocks, C_init=cfg.C_init, discretization=cfg.discretization, dt_min=cfg.dt_min,
+                  dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
+                  bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
+                  auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
+                  delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale)
+    layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
+                    batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum)
+    encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
+                             ds_meta["tokens"], ds_meta["in_dim"], layer_kw)
+    head = RetrievalModel if ds_meta["pair"] else ClassificationModel
+    return head(encoder, ds_meta["n_classes"], cfg.mode)

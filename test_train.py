@@ -1,0 +1,263 @@
+"""models.py and train_ex.py: learning, padding, resume, multi-device, NaN, freeze, the CLI, real MNIST."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+import dataloaders as dl
+import models
+import train_ex
+
+HERE = Path(__file__).resolve().parent
+SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+os.environ["WANDB_MODE"] = "disabled"
+TINY = ["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4", "--bsz", "8", "--p_dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    """The real MNIST test split, in torchvision's layout (as both the train and the test files)."""
+    if not SHARED_MNIST.exists():
+        pytest.skip("../shared/data/mnist is not beside the checkout")
+    root = tmp_path_factory.mktemp("mnist")
+    d = root / "MNIST" / "raw"
+    d.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        for prefix in ("train", "t10k"):
+            os.symlink(SHARED_MNIST / f"t10k-{kind}-ubyte.gz", d / f"{prefix}-{kind}-ubyte.gz")
+    return root
+
+
+def mnist_args(root, run_dir, *extra):
+    return ["--dataset", "mnist-classification", "--dir_name", str(root), "--downsample", "4", "--run_dir",
+            str(run_dir), "--max_train_samples", "64", "--max_eval_samples", "16", "--warmup_end", "0", *TINY,
+            *extra]
+
+
+def results(run_dir):
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+def token_batch(rng, B=4, L=24, vocab=12, min_len=5):
+    lengths = rng.integers(min_len, L + 1, B)
+    tokens = rng.integers(3, vocab, (B, L))
+    tokens[np.arange(L)[None, :] >= lengths[:, None]] = 0
+    return {"inputs": jnp.asarray(tokens), "lengths": jnp.asarray(lengths), "labels": jnp.asarray(rng.integers(0, 3, B)),
+            "weights": jnp.ones(B)}
+
+
+SSM_VARIANTS = [["--ssm_type", "s5"], ["--ssm_type", "aux"], ["--enable_auxiliary_state"],
+                ["--ssm_type", "extend", "--extend_mode", "full", "--R", "2"],
+                ["--ssm_type", "extend", "--extend_mode", "diag", "--delta_type", "sinusoidal", "--R", "2"]]
+
+
+@pytest.mark.parametrize("variant", SSM_VARIANTS, ids=lambda v: "-".join(a.strip("-") for a in v))
+def test_train_steps_lower_the_loss(variant):
+    cfg = train_ex.parse_args(["--d_model", "16", "--n_layers", "2", "--ssm_size_base", "8", "--lr", "3e-3",
+                               "--p_dropout", "0", "--warmup_end", "0", "--epochs", "1", *variant])
+    meta = dict(n_classes=3, seq_len=24, in_dim=12, tokens=True, pair=False)
+    model = models.build_model(cfg, meta)
+    batch = token_batch(np.random.default_rng(0))
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+
+    def loss_fn(params, stats):
+        logits, upd = model.apply({"params": params, "batch_stats": stats}, batch, training=True,
+                                  mutable=["batch_stats"])
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), batch["labels"]]), upd["batch_stats"]
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return jax.tree_util.tree_map(jnp.add, params, updates), stats, opt_state, loss
+
+    params, stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    losses = []
+    for _ in range(8):
+        params, stats, opt_state, loss = step(params, stats, opt_state)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("variant", [["--ssm_type", "s5", "--bidirectional"], ["--ssm_type", "aux"],
+                                     ["--ssm_type", "extend", "--R", "2"]], ids=["s5-bidir", "aux", "extend"])
+@pytest.mark.parametrize("mode", ["pool", "last"])
+def test_padding_does_not_change_outputs(variant, mode):
+    cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "2", "--ssm_size_base", "4", "--mode", mode, *variant])
+    model = models.build_model(cfg, dict(n_classes=3, seq_len=40, in_dim=12, tokens=True, pair=False))
+    batch = token_batch(np.random.default_rng(1), L=20)
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    padded = dict(batch, inputs=jnp.pad(batch["inputs"], ((0, 0), (0, 20))))
+    padded_junk = dict(batch, inputs=padded["inputs"].at[:, 20:].set(7))  # whatever the padding holds
+    out = model.apply(variables, batch)
+    np.testing.assert_allclose(model.apply(variables, padded), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.apply(variables, padded_junk), out, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_averages_real_positions_only():
+    x = jnp.arange(12.0).reshape(1, 6, 2)
+    np.testing.assert_allclose(models.pool(x, jnp.array([3]), "pool"), [[2.0, 3.0]])
+    np.testing.assert_allclose(models.pool(x, jnp.array([3]), "last"), [[4.0, 5.0]])
+
+
+def test_retrieval_head_shapes():
+    cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4"])
+    model = models.build_model(cfg, dict(n_classes=2, seq_len=20, in_dim=12, tokens=True, pair=True))
+    rng = np.random.default_rng(0)
+    a, b = token_batch(rng, L=20), token_batch(rng, L=20)
+    batch = dict(a, inputs2=b["inputs"], lengths2=b["lengths"])
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    assert model.apply(variables, batch).shape == (4, 2)
+
+
+def test_parameter_groups():
+    cfg = train_ex.parse_args(["--opt_config", "BandCdecay", "--ssm_type", "extend"])
+    path = lambda *names: [jax.tree_util.DictKey(n) for n in names]  # noqa: E731
+    assert train_ex.param_label(path("layer_0", "ssm", "B"), cfg, False) == "ssm_decay"
+    assert train_ex.param_label(path("layer_0", "ssm", "C"), cfg, False) == "regular"
+    assert train_ex.param_label(path("layer_0", "ssm", "Lambda_re"), cfg, False) == "ssm"
+    assert train_ex.param_label(path("layer_0", "ssm", "E"), cfg, False) == "ssm"
+    assert train_ex.param_label(path("layer_0", "out2", "kernel"), cfg, False) == "regular"
+    assert train_ex.param_label(path("layer_0", "ssm", "B"), cfg, True) == "frozen"
+    assert train_ex.param_label(path("layer_0", "ssm", "F"), cfg, True) == "ssm"
+    dt = train_ex.parse_args(["--dt_global"])
+    assert train_ex.param_label(path("layer_0", "ssm", "log_step"), dt, False) == "regular"
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI and runs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ssm_size_base", "10", "--blocks", "3"], "not divisible by --blocks"),
+    (["--dataset", "nope"], "invalid choice"),
+    (["--R", "0"], "--R must be at least 1"),
+    (["--ssm_size_base", "6", "--blocks", "2"], "even block size"),
+    (["--freeze", "base"], "needs --load_checkpoint"),
+    (["--resume"], "needs --run_dir"),
+    (["--downsample", "2"], "mnist"),
+])
+def test_cli_rejects_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_ex.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_enable_auxiliary_state_is_aux():
+    assert train_ex.parse_args(["--enable_auxiliary_state", "--time_scale_type", "sinusoidal"]).ssm_type == "aux"
+
+
+def test_run_writes_results_and_checkpoints(mnist_root, tmp_path):
+    assert train_ex.main(mnist_args(mnist_root, tmp_path / "r", "--epochs", "2")) == 0
+    res = results(tmp_path / "r")
+    assert res["status"] == "finished" and len(res["epochs"]) == 2 and res["n_params"] > 0
+    assert set(res["epochs"][0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                                     "seconds"}
+    best = max(res["epochs"], key=lambda r: r["val_acc"])
+    assert res["best"]["val_acc"] == best["val_acc"] and res["best"]["test_acc"] == best["test_acc"]
+    for f in ("ckpt_latest.msgpack", "ckpt_best.msgpack", "ckpt_latest.json"):
+        assert (tmp_path / "r" / f).exists()
+    # eval_only reproduces the last epoch's numbers from the checkpoint
+    assert train_ex.main(mnist_args(mnist_root, tmp_path / "e", "--eval_only", "--load_checkpoint",
+                                    str(tmp_path / "r" / "ckpt_latest.msgpack"))) == 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(mnist_root, tmp_path):
+    args = lambda d, *x: mnist_args(mnist_root, tmp_path / d, "--epochs", "2", *x)  # noqa: E731
+    assert train_ex.main(args("full")) == 0
+    assert train_ex.main(args("cut", "--max_steps", "11")) == 0  # stops mid-epoch 2 (8 steps an epoch)
+    assert results(tmp_path / "cut")["status"] == "interrupted"
+    assert train_ex.main(args("cut", "--resume")) == 0
+    full, cut = results(tmp_path / "full"), results(tmp_path / "cut")
+    assert cut["status"] == "finished" and len(cut["epochs"]) == 2
+    for a, b in zip(full["epochs"], cut["epochs"]):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+def test_checkpoint_of_another_architecture_is_refused(mnist_root, tmp_path, capsys):
+    assert train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--epochs", "1")) == 0
+    code = train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--epochs", "2", "--resume", "--n_layers", "2"))
+    assert code == 2 and "n_layers: checkpoint 1 vs now 2" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_the_run(mnist_root, tmp_path, capsys):
+    code = train_ex.main(mnist_args(mnist_root, tmp_path / "nan", "--epochs", "3", "--lr", "1e30", "--log_every", "1"))
+    err = capsys.readouterr().err
+    assert code == 3 and "non-finite loss in epoch" in err and "steps" in err
+    assert results(tmp_path / "nan")["status"] == "failed"
+
+
+def test_freeze_trains_only_the_extension(mnist_root, tmp_path):
+    assert train_ex.main(mnist_args(mnist_root, tmp_path / "s5", "--epochs", "1")) == 0
+    ckpt = tmp_path / "s5" / "ckpt_latest.msgpack"
+    assert train_ex.main(mnist_args(mnist_root, tmp_path / "ex", "--epochs", "1", "--ssm_type", "extend", "--R", "2",
+                                    "--delta_type", "sinusoidal", "--load_checkpoint", str(ckpt),
+                                    "--freeze", "base")) == 0
+    before = serialization.msgpack_restore(ckpt.read_bytes())["params"]
+    after = serialization.msgpack_restore((tmp_path / "ex" / "ckpt_latest.msgpack").read_bytes())["params"]
+    changed = []
+
+    def walk(a, b, path):
+        if isinstance(b, dict):
+            for k in b:
+                walk(a.get(k) if isinstance(a, dict) else None, b[k], path + (k,))
+        elif a is None:
+            changed.append(path)  # an extension leaf, absent from S5
+            assert path[-1] in ("E", "F", "delta_amp", "delta_table")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"frozen leaf {path} changed")
+
+    walk(before, after, ())
+    e_leaves = [p for p in changed if p[-1] == "E"]
+    assert e_leaves
+    for p in e_leaves:
+        leaf = after
+        for k in p:
+            leaf = leaf[k]
+        assert np.abs(leaf).max() > 0, "E started at zero and must have been trained"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forced host devices")
+def test_one_and_two_devices_give_the_same_losses(mnist_root, tmp_path):
+    def run(n, d):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        r = subprocess.run([sys.executable, str(HERE / "train_ex.py"),
+                            *mnist_args(mnist_root, tmp_path / d, "--epochs", "2")], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return results(tmp_path / d)
+
+    one, two = run(1, "one"), run(2, "two")
+    assert two["device"].startswith("2×") and one["device"].startswith("1×")
+    for a, b in zip(one["epochs"], two["epochs"]):
+        for k in ("train_loss", "val_loss", "test_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+
+
+def test_real_mnist_learns(mnist_root, tmp_path):
+    """A small S5 on the real MNIST test images (8,000 for training, 1,000 held out, 14×14 pixels)."""
+    args = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--downsample", "2", "--run_dir",
+            str(tmp_path / "m"), "--epochs", "2", "--bsz", "64", "--d_model", "32", "--n_layers", "2",
+            "--ssm_size_base", "16", "--blocks", "2", "--max_train_samples", "8000", "--lr", "4e-3",
+            "--p_dropout", "0", "--warmup_end", "0"]
+    assert train_ex.main(args) == 0
+    res = results(tmp_path / "m")
+    val_acc = res["epochs"][-1]["val_acc"]
+    print(f"real MNIST (14x14, 8,000 train / 1,000 held out, 2 epochs): val accuracy {val_acc:.3f}")
+    assert val_acc > 0.6, f"chance is 0.1; reached {val_acc}"

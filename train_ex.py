@@ -1,0 +1,482 @@
+"""Train S5 and its time-varying extensions on the LRA tasks and sequential MNIST/CIFAR.
+
+    python train_ex.py --enable_auxiliary_state --time_scale_type sinusoidal
+    python train_ex.py --dataset listops-classification --ssm_type extend --R 10 --extend_mode full
+
+The S5 recipes of each task are in the README. Every run writes `results.json`, `ckpt_latest.msgpack` and
+`ckpt_best.msgpack` (plus their .json metadata) into its run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dataloaders
+import models
+import ssm
+import ssm_ex
+import utils
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
+               "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
+               "time_scale_type")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="listops-classification", choices=list(dataloaders.DATASETS))
+    g.add_argument("--dir_name", default="./data", help="data root (see download_lra.sh)")
+    g.add_argument("--bsz", type=int, default=32, help="batch size (global, over all devices)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="use only this many training samples")
+    g.add_argument("--max_eval_samples", type=int, default=None, help="use only this many val/test samples")
+    g.add_argument("--downsample", type=int, default=1, help="MNIST only: k×k average pooling (28/k)² steps")
+    g.add_argument("--buckets", action=B, default=True,
+                   help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes")
+    g = p.add_argument_group("model")
+    g.add_argument("--ssm_type", default="s5", choices=models.SSM_TYPES)
+    g.add_argument("--enable_auxiliary_state", action="store_true", help="the lab's spelling of --ssm_type aux")
+    g.add_argument("--d_model", type=int, default=128)
+    g.add_argument("--n_layers", type=int, default=4)
+    g.add_argument("--ssm_size_base", type=int, default=64, help="state size P")
+    g.add_argument("--blocks", type=int, default=1, help="HiPPO blocks in the initialisation")
+    g.add_argument("--C_init", default="lecun_normal", choices=ssm.C_INITS)
+    g.add_argument("--discretization", default="zoh", choices=("zoh", "bilinear"))
+    g.add_argument("--dt_min", type=float, default=0.001)
+    g.add_argument("--dt_max", type=float, default=0.1)
+    g.add_argument("--conj_sym", action=B, default=True)
+    g.add_argument("--clip_eigs", action=B, default=False)
+    g.add_argument("--bidirectional", action=B, default=False)
+    g.add_argument("--activation_fn", default="half_glu1", choices=models.ACTIVATIONS)
+    g.add_argument("--prenorm", action=B, default=True)
+    g.add_argument("--batchnorm", action=B, default=True)
+    g.add_argument("--bn_momentum", type=float, default=0.95)
+    g.add_argument("--p_dropout", type=float, default=0.1)
+    g.add_argument("--mode", default="pool", choices=("pool", "last"), help="pooling over time")
+    g = p.add_argument_group("extensions")
+    g.add_argument("--time_scale_type", default="sinusoidal", choices=ssm_ex.TIME_SCALES)
+    g.add_argument("--auxiliary_strength", type=float, default=0.1)
+    g.add_argument("--R", type=int, default=10, help="rank of the Lambda extension")
+    g.add_argument("--extend_mode", default="full", choices=ssm_ex.EXTEND_MODES)
+    g.add_argument("--delta_type", default="learned", choices=ssm_ex.DELTA_TYPES)
+    g.add_argument("--extend_init_scale", type=float, default=0.05)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--lr", type=float, default=1e-3,
+                   help="global learning rate (the SSM group gets lr/lr_factor) unless --ssm_lr_base is given")
+    g.add_argument("--ssm_lr_base", type=float, default=None,
+                   help="S5's spelling: SSM learning rate; the global one is then lr_factor × ssm_lr_base")
+    g.add_argument("--lr_factor", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--opt_config", default="standard", choices=("standard", "BandCdecay", "BfastandCdecay",
+                                                                "noBCdecay"))
+    g.add_argument("--dt_global", action="store_true", help="log_step in the regular group")
+    g.add_argument("--warmup_end", type=int, default=1, help="epochs of linear warm-up")
+    g.add_argument("--lr_min", type=float, default=0.0)
+    g.add_argument("--cosine_anneal", action=B, default=True)
+    g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm (off by default)")
+    g.add_argument("--early_stop_patience", type=int, default=None, help="stop after this many epochs without "
+                   "a better validation accuracy")
+    g.add_argument("--jax_seed", type=int, default=1919)
+    g = p.add_argument_group("runs, checkpoints, logging")
+    g.add_argument("--run_dir", default=None, help="default: a new folder under runs/")
+    g.add_argument("--resume", action="store_true", help="continue the run in --run_dir from ckpt_latest")
+    g.add_argument("--load_checkpoint", default=None, help="initialise from this checkpoint file")
+    g.add_argument("--freeze", default=None, choices=("base",), help="with --load_checkpoint: train only the "
+                   "extension on top of a loaded S5 model")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --load_checkpoint and exit")
+    g.add_argument("--max_steps", type=int, default=None, help="stop (resumably) after this many steps")
+    g.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    g.add_argument("--use_wandb", action="store_true", help="log to wandb online (default: offline; WANDB_MODE "
+                   "wins when set)")
+    g.add_argument("--wandb_project", default="s5-ex")
+    g.add_argument("--wandb_entity", default=None)
+    g.add_argument("--wandb_run_name", default=None)
+    g.add_argument("--log_every", type=int, default=25, help="steps between progress-bar updates")
+    return p
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.enable_auxiliary_state:
+        if args.ssm_type not in ("s5", "aux"):
+            parser.error(f"--enable_auxiliary_state means --ssm_type aux, not {args.ssm_type}")
+        args.ssm_type = "aux"
+    for name in ("bsz", "epochs", "d_model", "n_layers", "ssm_size_base", "blocks", "R"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.ssm_size_base % args.blocks:
+        parser.error(f"--ssm_size_base {args.ssm_size_base} is not divisible by --blocks {args.blocks}")
+    if args.conj_sym and (args.ssm_size_base // args.blocks) % 2:
+        parser.error(f"--conj_sym needs an even block size; ssm_size_base/blocks = "
+                     f"{args.ssm_size_base // args.blocks}")
+    if not 0 <= args.p_dropout < 1:
+        parser.error(f"--p_dropout must be in [0, 1), got {args.p_dropout}")
+    if args.dt_min <= 0 or args.dt_max < args.dt_min:
+        parser.error("need 0 < --dt_min <= --dt_max")
+    if args.downsample != 1 and "mnist" not in args.dataset:
+        parser.error("--downsample applies to mnist-classification and pmnist-classification only")
+    if args.freeze and not args.load_checkpoint:
+        parser.error("--freeze base needs --load_checkpoint (the S5 checkpoint to build on)")
+    if args.freeze and args.ssm_type == "s5":
+        parser.error("--freeze base trains only an extension: use --ssm_type aux or extend")
+    if args.eval_only and not (args.load_checkpoint or args.resume):
+        parser.error("--eval_only needs --load_checkpoint (or --resume with --run_dir)")
+    if args.resume and not args.run_dir:
+        parser.error("--resume needs --run_dir (the run to continue)")
+    if args.ssm_lr_base is not None:
+        args.ssm_lr, args.global_lr = args.ssm_lr_base, args.lr_factor * args.ssm_lr_base
+    else:
+        args.ssm_lr, args.global_lr = args.lr / args.lr_factor, args.lr
+    return args
+
+
+# ==================================================================================================
+# Optimiser: the S5 parameter groups
+# ==================================================================================================
+
+
+def param_label(path, cfg, frozen: bool) -> str:
+    names = [getattr(k, "key", str(k)) for k in path]
+    leaf, in_ssm = names[-1], "ssm" in names
+    if frozen and not (in_ssm and leaf in ssm_ex.EXTENSION_PARAMS):
+        return "frozen"
+    if not in_ssm:
+        return "regular"
+    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im"):
+        return "ssm"
+    if leaf == "log_step":
+        return "regular" if cfg.dt_global else "ssm"
+    groups = {"standard": {"B": "ssm"}, "BandCdecay": {"B": "ssm_decay"}, "BfastandCdecay": {},
+              "noBCdecay": {"B": "ssm", "C": "ssm", "D": "ssm"}}[cfg.opt_config]
+    return groups.get(leaf, "regular")
+
+
+def schedule(base, cfg, steps_per_epoch):
+    warm = max(cfg.warmup_end * steps_per_epoch, 1)
+    total = max(cfg.epochs * steps_per_epoch, warm + 1)
+    import optax
+
+    after = (optax.cosine_decay_schedule(base, total - warm, alpha=cfg.lr_min / base if base else 0.0)
+             if cfg.cosine_anneal else optax.constant_schedule(base))
+    return optax.join_schedules([optax.linear_schedule(cfg.lr_min, base, warm), after], [warm])
+
+
+def make_optimizer(params, cfg, steps_per_epoch, frozen=False):
+    import jax
+    import optax
+
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: param_label(p, cfg, frozen), params)
+    txs = {
+        "ssm": optax.adam(schedule(cfg.ssm_lr, cfg, steps_per_epoch)),
+        "ssm_decay": optax.adamw(schedule(cfg.ssm_lr, cfg, steps_per_epoch), weight_decay=cfg.weight_decay),
+        "regular": optax.adamw(schedule(cfg.global_lr, cfg, steps_per_epoch), weight_decay=cfg.weight_decay),
+        "frozen": optax.set_to_zero(),
+    }
+    tx = optax.multi_transform(txs, labels)
+    if cfg.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, labels
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+
+class RunError(Exception):
+    """Stops a run with a message and an exit code."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+def check_architecture(saved: dict, cfg):
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCH_FIELDS
+            if k in saved and saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise RunError("the checkpoint was made by a different architecture:\n  " + "\n  ".join(diff), 2)
+
+
+def run(cfg):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import serialization
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from tqdm import tqdm
+
+    if cfg.distributed:
+        jax.distributed.initialize()
+    devices = jax.devices()
+    if cfg.bsz % len(devices):
+        raise RunError(f"--bsz {cfg.bsz} must be divisible by the {len(devices)} devices", 2)
+    mesh = Mesh(np.array(devices), ("batch",))
+    data_sharding, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+
+    # ---- data ----
+    try:
+        opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
+        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.jax_seed, **opts)
+    except dataloaders.DataError as e:
+        raise RunError(str(e), 2) from None
+    train, val, test = ds.train, ds.val, ds.test
+    if cfg.max_train_samples:
+        train = train.subset(np.arange(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        val = val.subset(np.arange(min(cfg.max_eval_samples, len(val))))
+        test = test.subset(np.arange(min(cfg.max_eval_samples, len(test))))
+    buckets = tuple(ds.seq_len * k // 4 for k in (1, 2, 3)) if (cfg.buckets and ds.padded) else None
+    steps_per_epoch = train.num_batches(cfg.bsz, drop_last=True, buckets=buckets)
+    if steps_per_epoch == 0:
+        raise RunError(f"{len(train)} training samples make no full batch of {cfg.bsz}: lower --bsz", 2)
+    meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair)
+
+    # ---- model and state ----
+    model = models.build_model(cfg, meta)
+    sample = next(train.batches(cfg.bsz))
+    key = jax.random.PRNGKey(cfg.jax_seed)
+    init_key, dropout_key = jax.random.split(key)
+    variables = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))(init_key, sample)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else utils.new_run_dir("runs", cfg.dataset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(cfg).items()}
+
+    if cfg.load_checkpoint and not cfg.resume:
+        params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)
+    tx, labels = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+             "acc": jnp.zeros(4, jnp.float32)}
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "wall_time_s": 0.0}
+    if cfg.resume:
+        latest = run_dir / "ckpt_latest.msgpack"
+        if not latest.exists():
+            raise RunError(f"--resume: no checkpoint at {latest}", 2)
+        saved = utils.read_json(latest.with_suffix(".json"))
+        check_architecture(saved["config"], cfg)
+        state = serialization.from_bytes(state, latest.read_bytes())
+        progress = saved["progress"]
+        print(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
+    state = jax.device_put(state, replicated)
+
+    # ---- steps ----
+    def loss_fn(params, batch_stats, batch, rng, training):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, batch, training=training,
+                          rngs={"dropout": rng}, mutable=["batch_stats"] if training else False)
+        logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
+        w = batch["weights"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
+        return loss, (new_stats, correct, jnp.sum(w))
+
+    def train_step(state, batch, step):
+        rng = jax.random.fold_in(dropout_key, step)
+        (loss, (stats, correct, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, rng, True)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ok = jnp.isfinite(loss)  # a non-finite step changes nothing; the host stops the run
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        acc = state["acc"] + jnp.array([jnp.where(ok, loss * n, 0.0), correct, n, 1.0 - ok])
+        return {"params": keep(params, state["params"]), "batch_stats": keep(stats, state["batch_stats"]),
+                "opt_state": keep(opt_state, state["opt_state"]), "acc": acc}
+
+    def eval_step(state, batch):
+        loss, (_, correct, n) = loss_fn(state["params"], state["batch_stats"], batch, dropout_key, False)
+        return jnp.array([loss * n, correct, n])
+
+    train_step = jax.jit(train_step, donate_argnums=(0,))
+    eval_step = jax.jit(eval_step)
+
+    def to_device(it):
+        for b in it:
+            yield jax.device_put(b, data_sharding)
+
+    def evaluate(split):
+        if len(split) == 0:
+            return float("nan"), float("nan")
+        tot = jnp.zeros(3)
+        for b in dataloaders.prefetch(to_device(split.batches(cfg.bsz, buckets=buckets))):
+            tot = tot + eval_step(state, b)
+        loss_sum, correct, n = np.asarray(tot)
+        return float(loss_sum / n), float(correct / n)
+
+    def save(kind, extra=None):
+        body = {"config": config, "progress": progress, **(extra or {})}
+        utils.atomic_write(run_dir / f"ckpt_{kind}.msgpack", serialization.to_bytes(jax.device_get(state)))
+        utils.write_json(run_dir / f"ckpt_{kind}.json", body)
+
+    def write_results(status):
+        best = progress["best"] or {}
+        utils.write_json(run_dir / "results.json", {
+            "config": config, "epochs": progress["history"],
+            "best": {k: best.get(k) for k in ("epoch", "val_acc", "test_acc")},
+            "wall_time_s": progress["wall_time_s"],
+            "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
+            "n_params": n_params, "device": f"{len(devices)}× {devices[0].device_kind}", "status": status})
+
+    if cfg.eval_only:
+        val_loss, val_acc = evaluate(val)
+        test_loss, test_acc = evaluate(test)
+        print(f"eval: val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}")
+        return 0
+
+    wandb_run = start_wandb(cfg, config, run_dir)
+    print(f"{cfg.dataset} ({ds.source}): train {len(train):,} val {len(val):,} test {len(test):,} | "
+          f"{cfg.ssm_type} model, {n_params:,} parameters | {len(devices)}× {devices[0].device_kind} | run {run_dir}")
+
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
+    status, code = "finished", 0
+    try:
+        epochs_since_best = 0
+        while progress["epoch"] < cfg.epochs:
+            epoch = progress["epoch"]
+            t0 = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", leave=False, dynamic_ncols=True)
+            batches = train.batches(cfg.bsz, shuffle=True, seed=cfg.jax_seed, epoch=epoch, drop_last=True,
+                                    buckets=buckets, start=progress["batch"])
+            for b in dataloaders.prefetch(to_device(batches)):
+                state = train_step(state, b, progress["step"])
+                progress["batch"] += 1
+                progress["step"] += 1
+                bar.update(1)
+                last = progress["batch"] == steps_per_epoch
+                if progress["batch"] % cfg.log_every == 0 or last or interrupted or progress["step"] == cfg.max_steps:
+                    loss_sum, correct, n, bad = np.asarray(state["acc"])  # the only host sync, every log_every
+                    if bad:
+                        progress["wall_time_s"] += time.perf_counter() - t0
+                        raise RunError(f"non-finite loss in epoch {epoch + 1} within steps "
+                                       f"{progress['step'] - cfg.log_every + 1}..{progress['step']}: stopped; the "
+                                       f"last good checkpoint is {run_dir / 'ckpt_latest.msgpack'}", 3)
+                    bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{correct / max(n, 1):.3f}")
+                if interrupted or progress["step"] == cfg.max_steps:
+                    progress["wall_time_s"] += time.perf_counter() - t0
+                    save("latest")
+                    status = "interrupted"
+                    code = 130 if interrupted else 0
+                    print(f"\nstopped at epoch {epoch + 1}, batch {progress['batch']}; continue with "
+                          f"--resume --run_dir {run_dir}")
+                    return code
+            bar.close()
+            loss_sum, correct, n, _ = np.asarray(state["acc"])
+            train_loss, train_acc = loss_sum / max(n, 1), correct / max(n, 1)
+            val_loss, val_acc = evaluate(val)
+            test_loss, test_acc = evaluate(test)
+            seconds = time.perf_counter() - t0
+            progress["wall_time_s"] += seconds
+            row = dict(epoch=epoch + 1, train_loss=float(train_loss), train_acc=float(train_acc), val_loss=val_loss,
+                       val_acc=val_acc, test_loss=test_loss, test_acc=test_acc, seconds=seconds,
+                       steps_per_s=steps_per_epoch / seconds)
+            progress["history"].append(row)
+            improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
+            if improved:
+                progress["best"] = dict(epoch=epoch + 1, val_acc=val_acc, test_acc=test_acc)
+            epochs_since_best = 0 if improved else epochs_since_best + 1
+            progress["epoch"], progress["batch"] = epoch + 1, 0
+            state["acc"] = jnp.zeros(4, jnp.float32)
+            save("latest")
+            if improved:
+                save("best")
+            write_results("running")
+            if wandb_run:
+                wandb_run.log(row, step=epoch + 1)
+            print(f"epoch {epoch + 1:3d} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
+                  f"acc {val_acc:.4f} | test acc {test_acc:.4f} | best val {progress['best']['val_acc']:.4f} "
+                  f"(test {progress['best']['test_acc']:.4f}) | {seconds:.1f}s, {row['steps_per_s']:.1f} steps/s")
+            if cfg.early_stop_patience and epochs_since_best >= cfg.early_stop_patience:
+                print(f"early stop: no better validation accuracy for {epochs_since_best} epochs")
+                break
+        return 0
+    except RunError as e:
+        status = "failed"
+        raise e
+    except Exception:
+        status = "failed"
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        write_results(status)
+        if wandb_run:
+            wandb_run.finish()
+
+
+def load_weights(path, cfg, params, batch_stats):
+    """Parameters from a checkpoint file; with --freeze base, an S5 checkpoint warm-starts the extension."""
+    import jax
+    from flax import serialization
+
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"--load_checkpoint: no file {path}", 2)
+    saved = utils.read_json(path.with_suffix(".json"))
+    raw = serialization.msgpack_restore(path.read_bytes())
+    if cfg.freeze == "base":
+        if saved["config"].get("ssm_type") != "s5":
+            raise RunError(f"--freeze base builds on an S5 checkpoint; {path} holds {saved['config'].get('ssm_type')}",
+                           2)
+        base = {k: v for k, v in saved["config"].items() if k in ARCH_FIELDS}
+        check_architecture({**base, "ssm_type": cfg.ssm_type, "R": cfg.R, "extend_mode": cfg.extend_mode,
+                            "delta_type": cfg.delta_type, "time_scale_type": cfg.time_scale_type}, cfg)
+        new = jax.tree_util.tree_map(np.asarray, params)
+        old = raw["params"]
+
+        def merge(new_tree, old_tree, name):
+            if name == "ssm":
+                return ssm_ex.warm_start(old_tree, new_tree)
+            if isinstance(new_tree, dict):
+                return {k: merge(v, old_tree[k], k) for k, v in new_tree.items()}
+            return old_tree
+
+        return merge(new, old, ""), raw.get("batch_stats", batch_stats)
+    check_architecture(saved["config"], cfg)
+    restored = serialization.from_state_dict({"params": params, "batch_stats": batch_stats},
+                                             {"params": raw["params"], "batch_stats": raw.get("batch_stats", {})})
+    return restored["params"], restored["batch_stats"]
+
+
+def start_wandb(cfg, config, run_dir):
+    mode = os.environ.get("WANDB_MODE") or ("online" if cfg.use_wandb else "offline")
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name, config=config,
+                          dir=str(run_dir), mode=mode)
+    except Exception as e:  # logging must never cost a run
+        print(f"warning: wandb logging is off ({e})", file=sys.stderr)
+        return None
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        return run(cfg)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,7 +66,9 @@ class Split:
         return len(self.labels)
 
     def subset(self, idx) -> "Split":
-        pick = (lambda a: None if a is None else np.asarray(a[idx]))
+        def pick(a):
+            return None if a is None else np.asarray(a[idx])
+
         return Split(pick(self.inputs), pick(self.lengths), pick(self.labels), pick(self.inputs2),
                      pick(self.lengths2), self.mean, self.std)
 
@@ -645,7 +647,9 @@ def _hold_out(split: dict, fraction: float, seed: int):
     n = len(split["labels"])
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
-    take = (lambda idx: {k: np.asarray(v[np.sort(idx)]) for k, v in split.items()})
+    def take(idx):
+        return {k: np.asarray(v[np.sort(idx)]) for k, v in split.items()}
+
     return take(perm[n_val:]), take(perm[:n_val])
 
 
@@ -723,7 +727,7 @@ def check(args):
     n = min(args.n_batches, ds.train.num_batches(args.bsz, True, buckets))
     it = prefetch(ds.train.batches(args.bsz, shuffle=True, seed=args.seed, drop_last=True, buckets=buckets))
     t0 = time.perf_counter()
-    for i, _ in zip(range(n), tqdm(it, total=n, desc="data path", unit="batch")):
+    for _ in zip(range(n), tqdm(it, total=n, desc="data path", unit="batch")):
         pass
     dt = time.perf_counter() - t0
     print(f"  data path: {n / dt:,.1f} batches/s ({n * args.bsz / dt:,.0f} samples/s) at bsz {args.bsz}, "

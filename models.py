@@ -108,12 +108,17 @@ def pool(x, lengths, mode: str):
     L = x.shape[1]
     if mode == "last":
         return jnp.take_along_axis(x, jnp.clip(lengths - 1, 0, L - 1)[:, None, None], axis=1)[:, 0]
-    mask = (jnp.arange(L)[None, :] < lengths[:, None]).astype(x.dtype)
+    mask = length_mask(lengths, L).astype(x.dtype)
     return jnp.sum(x * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
 
 
 def length_mask(lengths, L):
     return (jnp.arange(L)[None, :] < lengths[:, None]).astype(jnp.float32)
+
+
+def encode_pooled(encoder, inputs, lengths, mode, training):
+    """(B, H): the encoder's outputs over the real positions, pooled."""
+    return pool(encoder(inputs, length_mask(lengths, inputs.shape[1]), training), lengths, mode)
 
 
 class ClassificationModel(nn.Module):
@@ -123,9 +128,8 @@ class ClassificationModel(nn.Module):
 
     @nn.compact
     def __call__(self, batch, training=False):
-        x, lengths = batch["inputs"], batch["lengths"]
-        h = self.encoder(x, length_mask(lengths, x.shape[1]), training)
-        return nn.Dense(self.n_classes, name="decoder")(pool(h, lengths, self.mode))
+        h = encode_pooled(self.encoder, batch["inputs"], batch["lengths"], self.mode, training)
+        return nn.Dense(self.n_classes, name="decoder")(h)
 
 
 class RetrievalModel(nn.Module):
@@ -137,8 +141,8 @@ class RetrievalModel(nn.Module):
 
     @nn.compact
     def __call__(self, batch, training=False):
-        enc = lambda x, n: pool(self.encoder(x, length_mask(n, x.shape[1]), training), n, self.mode)  # noqa: E731
-        a, b = enc(batch["inputs"], batch["lengths"]), enc(batch["inputs2"], batch["lengths2"])
+        a = encode_pooled(self.encoder, batch["inputs"], batch["lengths"], self.mode, training)
+        b = encode_pooled(self.encoder, batch["inputs2"], batch["lengths2"], self.mode, training)
         h = nn.gelu(nn.Dense(self.encoder.d_model, name="mlp")(jnp.concatenate([a, b, a * b, a - b], axis=-1)))
         return nn.Dense(self.n_classes, name="decoder")(h)
 

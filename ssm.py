@@ -20,8 +20,6 @@ Construction helpers run in numpy float64 (they are run once, at initialisation)
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -630,7 +630,6 @@ def test_warm_start_computes_the_s5_function(name, kw, bidirectional):
 
 
 def test_warm_start_rejects_mismatched_sizes():
-    u = jnp.zeros((5, 3))
     s5_params = ssm.S5SSM(H=3, P=8).init(jax.random.PRNGKey(0), method="initial_state")["params"]
     ext_params = ssm_ex.S5SSMAux(H=3, P=4).init(jax.random.PRNGKey(0), method="initial_state")["params"]
     with pytest.raises(ValueError, match="shape"):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import serialization
 
-import dataloaders as dl
 import models
 import train_ex
 
@@ -55,8 +54,8 @@ def token_batch(rng, B=4, L=24, vocab=12, min_len=5):
     lengths = rng.integers(min_len, L + 1, B)
     tokens = rng.integers(3, vocab, (B, L))
     tokens[np.arange(L)[None, :] >= lengths[:, None]] = 0
-    return {"inputs": jnp.asarray(tokens), "lengths": jnp.asarray(lengths), "labels": jnp.asarray(rng.integers(0, 3, B)),
-            "weights": jnp.ones(B)}
+    return {"inputs": jnp.asarray(tokens), "lengths": jnp.asarray(lengths),
+            "labels": jnp.asarray(rng.integers(0, 3, B)), "weights": jnp.ones(B)}
 
 
 SSM_VARIANTS = [["--ssm_type", "s5"], ["--ssm_type", "aux"], ["--enable_auxiliary_state"],

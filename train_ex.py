@@ -215,7 +215,6 @@ def check_architecture(saved: dict, cfg):
 def run(cfg):
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import serialization
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from tqdm import tqdm
@@ -277,33 +276,7 @@ def run(cfg):
         print(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     state = jax.device_put(state, replicated)
 
-    # ---- steps ----
-    def loss_fn(params, batch_stats, batch, rng, training):
-        out = model.apply({"params": params, "batch_stats": batch_stats}, batch, training=training,
-                          rngs={"dropout": rng}, mutable=["batch_stats"] if training else False)
-        logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
-        w = batch["weights"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-        correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
-        return loss, (new_stats, correct, jnp.sum(w))
-
-    def train_step(state, batch, step):
-        rng = jax.random.fold_in(dropout_key, step)
-        (loss, (stats, correct, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch, rng, True)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(loss)  # a non-finite step changes nothing; the host stops the run
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        acc = state["acc"] + jnp.array([jnp.where(ok, loss * n, 0.0), correct, n, 1.0 - ok])
-        return {"params": keep(params, state["params"]), "batch_stats": keep(stats, state["batch_stats"]),
-                "opt_state": keep(opt_state, state["opt_state"]), "acc": acc}
-
-    def eval_step(state, batch):
-        loss, (_, correct, n) = loss_fn(state["params"], state["batch_stats"], batch, dropout_key, False)
-        return jnp.array([loss * n, correct, n])
-
+    train_step, eval_step = make_steps(model, tx, dropout_key)
     train_step = jax.jit(train_step, donate_argnums=(0,))
     eval_step = jax.jit(eval_step)
 
@@ -419,6 +392,47 @@ def run(cfg):
         write_results(status)
         if wandb_run:
             wandb_run.finish()
+
+
+def make_steps(model, tx, dropout_key):
+    """(train_step, eval_step), not yet jit-compiled.
+
+    train_step(state, batch, step) → state: one optimiser step; a step whose loss is not finite changes no
+    parameter and is counted in state["acc"][3] (the host looks at it every --log_every steps).
+    state["acc"] accumulates (loss·n, correct, n, non-finite steps) on the device, so no step syncs the host.
+    eval_step(state, batch) → (loss·n, correct, n).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(params, batch_stats, batch, rng, training):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, batch, training=training,
+                          rngs={"dropout": rng}, mutable=["batch_stats"] if training else False)
+        logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
+        w = batch["weights"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
+        return loss, (new_stats, correct, jnp.sum(w))
+
+    def train_step(state, batch, step):
+        rng = jax.random.fold_in(dropout_key, step)
+        (loss, (stats, correct, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, rng, True)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ok = jnp.isfinite(loss)  # a non-finite step changes nothing; the host stops the run
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        acc = state["acc"] + jnp.array([jnp.where(ok, loss * n, 0.0), correct, n, 1.0 - ok])
+        return {"params": keep(params, state["params"]), "batch_stats": keep(stats, state["batch_stats"]),
+                "opt_state": keep(opt_state, state["opt_state"]), "acc": acc}
+
+    def eval_step(state, batch):
+        loss, (_, correct, n) = loss_fn(state["params"], state["batch_stats"], batch, dropout_key, False)
+        return jnp.array([loss * n, correct, n])
+
+    return train_step, eval_step
 
 
 def load_weights(path, cfg, params, batch_stats):

@@ -1,0 +1,206 @@
+"""Speed of every scan, of a training step, and of the data path, on whatever backend JAX has.
+
+    python bench.py --quick                  # CPU-sized shapes, a few minutes
+    python bench.py --out bench.json         # the full shapes (a GPU)
+
+Times are medians over --repeats calls after a warm-up call, each ended by block_until_ready. Every scan
+is reported as a ratio to the S5 scan of the same shape and pass, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dataloaders
+import models
+import ssm
+import ssm_ex
+import train_ex
+
+FULL_SHAPES = [(32, 1024, 64), (32, 2048, 64), (8, 16384, 128)]
+QUICK_SHAPES = [(8, 256, 16), (8, 1024, 32), (2, 4096, 32)]
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
+R = 10
+
+
+def median_time(fn, *args, repeats=5):
+    jax.block_until_ready(fn(*args))  # warm-up: compiles
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def scan_variants(P, L):
+    """name → f(b (B,L,P), params) giving all states, batched over the first axis."""
+    rng = np.random.default_rng(0)
+    lam = jnp.asarray(0.99 * np.exp(1j * rng.uniform(-1, 1, P)), jnp.complex64)
+    E_aux = jnp.asarray(0.01 * (rng.normal(size=P) + 1j * rng.normal(size=P)), jnp.complex64)
+    E = jnp.asarray(0.05 * (rng.normal(size=(P, R)) + 1j * rng.normal(size=(P, R))), jnp.complex64)
+    F = jnp.asarray(0.05 * (rng.normal(size=(R, P)) + 1j * rng.normal(size=(R, P))), jnp.complex64)
+    delta = jnp.asarray(rng.normal(size=(L, R)), jnp.float32)
+    sched = ssm_ex.time_scale(L, "sinusoidal")
+
+    def lowrank_recurrence(b):
+        def step(x, inp):
+            d, bt = inp
+            x = lam * x + E @ (d * (F @ x)) + bt
+            return x, x
+
+        return jax.lax.scan(step, jnp.zeros(P, b.dtype), (delta.astype(b.dtype), b))[1]
+
+    per_seq = {
+        "s5 scan": lambda b: ssm.linear_scan(lam, b),
+        "s5 recurrence": lambda b: ssm.linear_recurrence(lam, b),
+        "aux scan": lambda b: ssm.linear_scan(ssm_ex.aux_transitions(lam, E_aux, sched), b),
+        "aux recurrence": lambda b: ssm.linear_recurrence(ssm_ex.aux_transitions(lam, E_aux, sched), b),
+        "diag scan": lambda b: ssm.linear_scan(ssm_ex.extend_diag_transitions(lam, E, F, delta), b),
+        "diag recurrence": lambda b: ssm.linear_recurrence(ssm_ex.extend_diag_transitions(lam, E, F, delta), b),
+        "full chunked": lambda b: ssm_ex.lowrank_scan(lam, E, F, delta, b),
+        "full recurrence": lowrank_recurrence,
+    }
+    return {k: jax.vmap(f) for k, f in per_seq.items()}
+
+
+def bench_scans(shapes, repeats, on_gpu):
+    rows = []
+    for B, L, P in shapes:
+        key = jax.random.PRNGKey(0)
+        b = (jax.random.normal(key, (B, L, P)) + 1j * jax.random.normal(key, (B, L, P))).astype(jnp.complex64)
+        w = jnp.conj(b)
+        variants = scan_variants(P, L)
+        times = {}
+        for name, f in variants.items():
+            fwd = jax.jit(f)
+            fwd_bwd = jax.jit(jax.grad(lambda b, f=f, w=w: jnp.sum((w * f(b)).real)))
+            times[name] = (median_time(fwd, b, repeats=repeats), median_time(fwd_bwd, b, repeats=repeats))
+        base_f, base_fb = times["s5 scan"]
+        for name, (tf, tfb) in times.items():
+            row = dict(shape=f"({B}, {L}, {P})", variant=name, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
+                       fwd_ratio=tf / base_f, fwd_bwd_ratio=tfb / base_fb)
+            if name == "s5 scan":
+                # bytes that must cross memory at least once: read b, write the states (complex64 each)
+                row["fwd_GBps"] = 2 * B * L * P * 8 / tf / 1e9
+                row["fwd_bwd_GBps"] = 4 * B * L * P * 8 / tfb / 1e9  # + read the cotangent, write the gradient
+                peak = next((v for k, v in PEAK_BANDWIDTH.items() if on_gpu and k in jax.devices()[0].device_kind),
+                            None)
+                if peak:
+                    row["fwd_bwd_peak_fraction"] = row["fwd_bwd_GBps"] * 1e9 / peak
+            rows.append(row)
+            print(f"  {row['shape']:>16} {name:16} fwd {tf * 1e3:9.2f} ms ({tf / base_f:5.2f}x)   fwd+bwd "
+                  f"{tfb * 1e3:9.2f} ms ({tfb / base_fb:5.2f}x)" +
+                  (f"   {row['fwd_bwd_GBps']:.1f} GB/s" if "fwd_bwd_GBps" in row else ""), flush=True)
+    return rows
+
+
+def bench_train(recipes, repeats):
+    rows = []
+    for label, argv, L, tokens in recipes:
+        for ssm_type in ("s5", "aux", "extend"):
+            cfg = train_ex.parse_args([*argv, "--ssm_type", ssm_type])
+            meta = dict(n_classes=10, seq_len=L, in_dim=18 if tokens else 1, tokens=tokens, pair=False)
+            model = models.build_model(cfg, meta)
+            rng = np.random.default_rng(0)
+            shape = (cfg.bsz, L) if tokens else (cfg.bsz, L, 1)
+            batch = {"inputs": jnp.asarray(rng.integers(3, 18, shape) if tokens else rng.normal(size=shape),
+                                           jnp.int32 if tokens else jnp.float32),
+                     "lengths": jnp.full(cfg.bsz, L, jnp.int32), "labels": jnp.asarray(rng.integers(0, 10, cfg.bsz)),
+                     "weights": jnp.ones(cfg.bsz)}
+            variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+            tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+            state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+                     "opt_state": tx.init(variables["params"]), "acc": jnp.zeros(4)}
+            train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
+            step = jax.jit(train_step, donate_argnums=(0,))
+            t0 = time.perf_counter()
+            compiled = step.lower(state, batch, 0).compile()
+            compile_s = time.perf_counter() - t0
+            state = jax.block_until_ready(compiled(state, batch, 0))
+            times = []
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                state = jax.block_until_ready(compiled(state, batch, i + 1))
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times))
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            row = dict(recipe=label, ssm_type=ssm_type, bsz=cfg.bsz, L=L, steps_per_s=1 / t,
+                       samples_per_s=cfg.bsz / t, compile_s=compile_s,
+                       peak_mem_GB=peak / 1e9 if peak else None)
+            rows.append(row)
+            print(f"  {label:10} {ssm_type:7} {1 / t:8.2f} steps/s {cfg.bsz / t:9.1f} samples/s  compile "
+                  f"{compile_s:6.1f} s  peak mem {row['peak_mem_GB'] if peak else 'n/a'}", flush=True)
+    return rows
+
+
+def bench_data(data_dir, bsz, n_batches):
+    ds = dataloaders.load("listops-classification", data_dir)
+    buckets = (512, 1024, 1536)
+    n = min(n_batches, ds.train.num_batches(bsz, True, buckets))
+    it = dataloaders.prefetch(ds.train.batches(bsz, shuffle=True, seed=0, drop_last=True, buckets=buckets))
+    t0 = time.perf_counter()
+    for _ in zip(range(n), it):
+        pass
+    rate = n / (time.perf_counter() - t0)
+    print(f"  ListOps data path: {rate:,.0f} batches/s at bsz {bsz} ({ds.source})", flush=True)
+    return dict(batches_per_s=rate, bsz=bsz, source=ds.source)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and models (CPU)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sections", default="scans,train,data", help="comma-separated subset of scans,train,data")
+    p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
+    args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    print(f"backend {dev.platform}: {len(jax.devices())}× {dev.device_kind} | jax {jax.__version__}")
+    out = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__, "quick": args.quick}
+    sections = args.sections.split(",")
+    if "scans" in sections:
+        print("scans (B, L, P): median time, ratio to the S5 scan")
+        out["scans"] = bench_scans(QUICK_SHAPES if args.quick else FULL_SHAPES, args.repeats, on_gpu)
+    if "train" in sections:
+        print("training step (forward, backward, optimiser)")
+        if args.quick:
+            recipes = [("listops-s", ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16", "--bsz", "8",
+                                      "--R", "4"], 1024, True)]
+        else:
+            recipes = [("listops", ["--bsz", "32"], 2048, True)]
+            if on_gpu:
+                recipes.append(("path-x", ["--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--blocks",
+                                           "16", "--n_layers", "6", "--bidirectional", "--C_init", "complex_normal"],
+                                16384, False))
+        out["train"] = bench_train(recipes, args.repeats)
+    if "data" in sections:
+        print("data path")
+        if args.data_dir:
+            out["data"] = bench_data(args.data_dir, 32, 500)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                dataloaders.make_listops(Path(d) / "listops_generated", 2000, 100, 100, workers=1, progress=False)
+                out["data"] = bench_data(d, 32, 500)
+        if "train" in out:
+            slowest = min(r["steps_per_s"] for r in out["train"])
+            print(f"  data path / slowest training step: {out['data']['batches_per_s'] / slowest:,.0f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,16 +15,18 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+import s4
 import ssm
 import ssm_ex
 
-SSM_TYPES = ("s5", "aux", "extend")
+SSM_TYPES = ("s5", "aux", "extend", "s4", "s4d", "dss")  # the last three: the S4-family baselines
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 
 
 def ssm_class(ssm_type: str, **kw):
     """(module class, its options) for `--ssm_type`: options the class does not have are dropped."""
-    cls = {"s5": ssm.S5SSM, "aux": ssm_ex.S5SSMAux, "extend": ssm_ex.S5SSMExtend}.get(ssm_type)
+    cls = {"s5": ssm.S5SSM, "aux": ssm_ex.S5SSMAux, "extend": ssm_ex.S5SSMExtend, "s4": s4.S4SSM,
+           "s4d": s4.S4DSSM, "dss": s4.DSSSSM}.get(ssm_type)
     if cls is None:
         raise ValueError(f"unknown ssm_type {ssm_type!r}: use one of {SSM_TYPES}")
     fields = set(cls.__dataclass_fields__)
@@ -154,7 +156,8 @@ def build_model(cfg, ds_meta):
                   dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
                   auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
-                  delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale)
+                  delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
+                  s4d_init=cfg.s4d_init)
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum)
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,

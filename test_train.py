@@ -60,7 +60,8 @@ def token_batch(rng, B=4, L=24, vocab=12, min_len=5):
 
 SSM_VARIANTS = [["--ssm_type", "s5"], ["--ssm_type", "aux"], ["--enable_auxiliary_state"],
                 ["--ssm_type", "extend", "--extend_mode", "full", "--R", "2"],
-                ["--ssm_type", "extend", "--extend_mode", "diag", "--delta_type", "sinusoidal", "--R", "2"]]
+                ["--ssm_type", "extend", "--extend_mode", "diag", "--delta_type", "sinusoidal", "--R", "2"],
+                ["--ssm_type", "s4"], ["--ssm_type", "s4d", "--s4d_init", "lin"], ["--ssm_type", "dss"]]
 
 
 @pytest.mark.parametrize("variant", SSM_VARIANTS, ids=lambda v: "-".join(a.strip("-") for a in v))
@@ -150,6 +151,7 @@ def test_parameter_groups():
     (["--freeze", "base"], "needs --load_checkpoint"),
     (["--resume"], "needs --run_dir"),
     (["--downsample", "2"], "mnist"),
+    (["--ssm_type", "s4d", "--ssm_size_base", "7", "--blocks", "7", "--no-conj_sym"], "must be even"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

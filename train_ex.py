@@ -50,7 +50,8 @@ def make_parser():
     g.add_argument("--enable_auxiliary_state", action="store_true", help="the lab's spelling of --ssm_type aux")
     g.add_argument("--d_model", type=int, default=128)
     g.add_argument("--n_layers", type=int, default=4)
-    g.add_argument("--ssm_size_base", type=int, default=64, help="state size P")
+    g.add_argument("--ssm_size_base", type=int, default=64, help="state size P (N per feature for s4/s4d/dss)")
+    g.add_argument("--s4d_init", default="legs", choices=("legs", "lin"), help="S4D eigenvalues: S4D-LegS or S4D-Lin")
     g.add_argument("--blocks", type=int, default=1, help="HiPPO blocks in the initialisation")
     g.add_argument("--C_init", default="lecun_normal", choices=ssm.C_INITS)
     g.add_argument("--discretization", default="zoh", choices=("zoh", "bilinear"))
@@ -120,6 +121,9 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.ssm_size_base % args.blocks:
         parser.error(f"--ssm_size_base {args.ssm_size_base} is not divisible by --blocks {args.blocks}")
+    if args.ssm_type in ("s4", "s4d", "dss") and args.ssm_size_base % 2:
+        parser.error(f"--ssm_type {args.ssm_type} keeps conjugate pairs: --ssm_size_base must be even, got "
+                     f"{args.ssm_size_base}")
     if args.conj_sym and (args.ssm_size_base // args.blocks) % 2:
         parser.error(f"--conj_sym needs an even block size; ssm_size_base/blocks = "
                      f"{args.ssm_size_base // args.blocks}")
@@ -156,7 +160,7 @@ def param_label(path, cfg, frozen: bool) -> str:
         return "frozen"
     if not in_ssm:
         return "regular"
-    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im"):
+    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im", "P"):  # P: S4's low-rank term
         return "ssm"
     if leaf == "log_step":
         return "regular" if cfg.dt_global else "ssm"

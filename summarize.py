@@ -1,0 +1,318 @@
+"""Summarise a run_train_ex.sh series (or any folder of train_ex.py run directories).
+
+    python summarize.py runs/series-listops-classification
+
+Reads every results.json under the root (and the series_run.json that run_train_ex.sh puts beside it: group,
+setting, seed, exit code) and writes into the root (or --out):
+
+  summary.md       one row per setting: best validation accuracy and the test accuracy at the best validation
+                   epoch as mean ± sample std over seeds, epochs, wall time, steps/s, parameters, status; then
+                   one row per run
+  summary.csv      the settings table, numbers unformatted (accuracies as fractions)
+  runs.csv         one row per run
+  val_acc_<group>.png   validation accuracy per epoch, one curve per run
+  test_acc.png     test accuracy at the best validation epoch per setting, error bars = std over seeds
+
+Works on a partial series: a run still running or interrupted counts with what it has so far, a failed run
+(results.json status "failed", a non-zero exit code recorded by the series, or no results.json at all) is a
+failed row. The mean of a setting is over its finished runs; if none finished, over its partial ones; failed
+runs never count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+RESULTS, META = "results.json", "series_run.json"
+PARTIAL = ("running", "interrupted")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def num(v):
+    """A finite float, or None."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# reading runs
+# --------------------------------------------------------------------------------------------------
+
+
+def find_run_dirs(root: Path):
+    return sorted({p.parent for name in (RESULTS, META) for p in root.rglob(name) if "wandb" not in p.parts})
+
+
+def load_run(root: Path, d: Path) -> dict:
+    res = read_json(d / RESULTS)
+    meta = read_json(d / META) or {}
+    res = res if isinstance(res, dict) else None
+    cfg = (res or {}).get("config") or {}
+    rel = d.relative_to(root).parts if d != root else (d.name,)
+
+    # group / setting / seed: from the series' metadata, else from the layout <group>/<setting>/seed<k>
+    m = re.fullmatch(r"seed(\d+)", rel[-1])
+    parts = rel[:-1] if m else rel
+    group = meta.get("group_label") or (parts[-2] if len(parts) >= 2 else "-")
+    setting = meta.get("setting") or (parts[-1] if parts else d.name)
+    seed = meta.get("seed", cfg.get("jax_seed", int(m.group(1)) if m else None))
+
+    code = meta.get("exit_code")
+    crashed = code not in (None, 0, 130)
+    if res is not None:
+        status = res.get("status") or "unknown"
+        if status in PARTIAL and crashed:
+            status = "failed"  # the process died without writing its final status
+    elif meta:
+        status = "failed" if crashed else (meta.get("status") or "unknown")
+    else:
+        status = "unknown"
+
+    epochs = [e for e in ((res or {}).get("epochs") or []) if isinstance(e, dict)]
+    best = (res or {}).get("best") or {}
+    val, test, best_epoch = num(best.get("val_acc")), num(best.get("test_acc")), best.get("epoch")
+    if val is None:  # e.g. a hand-written or old results.json without `best`: take it from the epochs
+        scored = [e for e in epochs if num(e.get("val_acc")) is not None]
+        if scored:
+            e = max(scored, key=lambda e: e["val_acc"])  # first epoch with the highest validation accuracy
+            val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
+
+    note = meta.get("note") or ""
+    if status == "failed" and (d / "train.log").exists():
+        log = f"log {d.relative_to(root) / 'train.log'}"
+        note = f"{note}; {log}" if note else log
+    return dict(dir=str(d.relative_to(root)) if d != root else ".", group=group, setting=setting, seed=seed,
+                order=meta.get("order"), status=status, exit_code=code, val=val, test=test, best_epoch=best_epoch,
+                epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
+                wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
+                n_params=(res or {}).get("n_params"), device=(res or {}).get("device"), note=note)
+
+
+def summarise(runs):
+    """One row per (group, setting), in series order."""
+    keys = []
+    for r in sorted(runs, key=lambda r: (r["order"] is None, r["order"] or 0, r["dir"])):
+        if (r["group"], r["setting"]) not in keys:
+            keys.append((r["group"], r["setting"]))
+    rows = []
+    for group, setting in keys:
+        rs = sorted((r for r in runs if (r["group"], r["setting"]) == (group, setting)),
+                    key=lambda r: (r["seed"] is None, r["seed"] if isinstance(r["seed"], int) else 0, r["dir"]))
+        finished = [r for r in rs if r["status"] == "finished" and r["test"] is not None]
+        partial = [r for r in rs if r["status"] in PARTIAL and r["test"] is not None]
+        used = finished or partial
+        val_m, val_s = mean_std([r["val"] for r in used if r["val"] is not None])
+        test_m, test_s = mean_std([r["test"] for r in used])
+        counts = {}
+        for r in rs:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        status = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {s}" for s, n in counts.items())
+        if used and not finished:
+            status += " (partial)"
+        have = [r for r in rs if r["epochs_done"]]
+        walls = [r["wall"] for r in have if r["wall"] is not None]
+        sps = [r["steps_per_s"] for r in have if r["steps_per_s"] is not None]
+        done = sorted({r["epochs_done"] for r in rs})
+        totals = sorted({r["epochs_total"] for r in rs if r["epochs_total"] is not None})
+        params = sorted({r["n_params"] for r in rs if isinstance(r["n_params"], int)})
+        rows.append(dict(group=group, setting=setting, seeds=[r["seed"] for r in rs], n=len(used), val_mean=val_m,
+                         val_std=val_s, test_mean=test_m, test_std=test_s, epochs_done=done, epochs_total=totals,
+                         wall_time_s=sum(walls) / len(walls) if walls else None,
+                         steps_per_s=sum(sps) / len(sps) if sps else None, n_params=params, status=status,
+                         runs=rs))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------
+
+
+def pct(m, s=None):
+    if m is None:
+        return "—"
+    return f"{100 * m:.2f} ± {100 * s:.2f}" if s is not None else f"{100 * m:.2f}"
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def fmt_num(v):
+    return "—" if v is None else f"{v:.2f}"
+
+
+def fmt_epochs(done, totals):
+    d = "—" if not done else str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
+    return f"{d}/{'/'.join(map(str, totals))}" if totals else d
+
+
+def cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def join(xs):
+    return ",".join("?" if x is None else str(x) for x in xs)
+
+
+def write_markdown(path: Path, root: Path, rows, runs):
+    L = [f"# Series summary: {root.name}", "",
+         f"{len(runs)} run(s) in {len(rows)} setting(s) under `{root}`. Accuracies in %; *best val* = the best "
+         "validation accuracy, *test at best val* = the test accuracy at that epoch; each is mean ± sample std over "
+         "the seeds counted in *n* (finished runs; if none finished, the partial ones; failed runs never). "
+         "Wall time and steps/s: mean per run.", "",
+         "| group | setting | seeds | n | best val | test at best val | epochs | wall time | steps/s | params "
+         "| status |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['group']} | {r['setting']} | {join(r['seeds'])} | {r['n']} "
+                 f"| {pct(r['val_mean'], r['val_std'])} "
+                 f"| {pct(r['test_mean'], r['test_std'])} | {fmt_epochs(r['epochs_done'], r['epochs_total'])} "
+                 f"| {fmt_time(r['wall_time_s'])} | "
+                 f"{fmt_num(r['steps_per_s'])} "
+                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {r['status']} |")
+    L += ["", "## Runs", "", "| run | seed | status | epochs | best val | test at best val | wall time | note |",
+          "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in row["runs"]:
+            L.append(f"| {r['dir']} | {r['seed']} | {r['status']} | "
+                     f"{fmt_epochs([r['epochs_done']], [r['epochs_total']] if r['epochs_total'] else [])} | "
+                     f"{pct(r['val'])} | {pct(r['test'])} | {fmt_time(r['wall'])} | {cell(r['note'])} |")
+    path.write_text("\n".join(L) + "\n")
+
+
+def write_csvs(out: Path, rows):
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "setting", "seeds", "n", "val_mean", "val_std", "test_mean", "test_std", "epochs_done",
+                    "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status"])
+        for r in rows:
+            w.writerow([r["group"], r["setting"], " ".join(map(str, r["seeds"])), r["n"], r["val_mean"], r["val_std"],
+                        r["test_mean"], r["test_std"], " ".join(map(str, r["epochs_done"])),
+                        " ".join(map(str, r["epochs_total"])), r["wall_time_s"], r["steps_per_s"],
+                        " ".join(map(str, r["n_params"])), r["status"]])
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",
+                "epochs_total", "wall", "steps_per_s", "n_params", "device", "note"]
+        w.writerow(cols)
+        for row in rows:
+            for r in row["runs"]:
+                w.writerow([r[c] for c in cols])
+
+
+def safe(name):
+    return re.sub(r"[^\w.-]+", "_", str(name))
+
+
+def write_plots(out: Path, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    groups = []
+    for r in rows:
+        if r["group"] not in groups:
+            groups.append(r["group"])
+    colours = plt.get_cmap("tab10")
+    for group in groups:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        settings = [r for r in rows if r["group"] == group]
+        curves = 0
+        for i, row in enumerate(settings):
+            labelled = False
+            for run in row["runs"]:
+                pts = [(e.get("epoch"), num(e.get("val_acc"))) for e in run["epochs"]]
+                pts = [(x, y) for x, y in pts if x is not None and y is not None]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=3, color=colours(i % 10), alpha=0.85,
+                        label=None if labelled else row["setting"])
+                labelled, curves = True, curves + 1
+        if curves:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no finished epoch yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=f"{group}: validation accuracy", xlabel="epoch", ylabel="validation accuracy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / f"val_acc_{safe(group)}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(p)
+
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(rows) + 2), 4.5))
+    xs = range(len(rows))
+    heights = [r["test_mean"] or 0.0 for r in rows]
+    errs = [r["test_std"] or 0.0 for r in rows]
+    cols = [colours(groups.index(r["group"]) % 10) for r in rows]
+    ax.bar(xs, heights, yerr=errs, capsize=3, color=cols)
+    for x, r in zip(xs, rows):
+        if r["test_mean"] is None:
+            ax.text(x, 0.01, "failed" if "failed" in r["status"] else "no result", rotation=90, ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [f"{r['group']}/{r['setting']}" for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="test accuracy at best val", title="test accuracy per setting (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out / "test_acc.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    written.append(p)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="the series' output root (OUT_ROOT of run_train_ex.sh): searched recursively")
+    parser.add_argument("--out", default=None, help="where to write the summary (default: the root)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        print(f"summarize.py: error: no folder {root}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve() if args.out else root
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs = [load_run(root, d) for d in find_run_dirs(root)]
+    rows = summarise(runs)
+    write_markdown(out / "summary.md", root, rows, runs)
+    write_csvs(out, rows)
+    plots = write_plots(out, rows) if args.plots and rows else []
+    n_failed = sum(r["status"] == "failed" for r in runs)
+    print(f"summary of {len(runs)} run(s) in {len(rows)} setting(s), {n_failed} failed: {out / 'summary.md'}, "
+          f"summary.csv, runs.csv" + (f", {len(plots)} plot(s)" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""run_train_ex.sh and summarize.py: the smoke series end to end, skipping finished runs, failures, resume, summary.
+
+The end-to-end tests train 3 tiny models on a tiny generated ListOps on the CPU (about a minute on 2 cores);
+the bookkeeping tests (resume, warm start without its base, Ctrl-C, misuse) use a fake train_ex.py.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import summarize
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "run_train_ex.sh"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def series_env(out_root, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "OUT_ROOT": str(out_root), "SMOKE": "1"}
+    for var in ("RUN_GROUPS", "GROUPS", "DATASET", "DATA", "EPOCHS", "SEEDS", "EXTRA", "SERIES", "USE_WANDB",
+                "RETRY_FAILED", "FAIL_RUNS", "PYTHON", "TRAIN"):
+        env.pop(var, None)  # hermetic: only what the test sets
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def run_series(env, timeout=240):
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    return r, r.stdout + r.stderr
+
+
+def md_tables(text):
+    """The settings table and the runs table of summary.md, as lists of cell lists (header excluded)."""
+    settings_part, runs_part = text.split("## Runs")
+
+    def rows(part):
+        lines = [ln for ln in part.splitlines() if ln.startswith("|")]
+        return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+    return rows(settings_part), rows(runs_part)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def results_state(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("results.json")}
+
+
+# --------------------------------------------------------------------------------------------------
+# the smoke series end to end: groups 1 and 6 (the warm start), one run made to fail
+# --------------------------------------------------------------------------------------------------
+
+RUN_IDS = ["g1-aux/aux-off/seed0", "g1-aux/aux-on/seed0", "g6-warm-start/s5-base/seed0",
+           "g6-warm-start/extend-warm/seed0"]
+FAILING = "g1-aux/aux-on/seed0"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("series")
+    env = series_env(root, GROUPS="1 6", FAIL_RUNS="g1-aux/aux-on/*")
+    r, out = run_series(env)
+    assert r.returncode == 0, out
+    return root, env, out
+
+
+def test_smoke_series_runs_and_summarises(smoke):
+    root, _, out = smoke
+    for k, rid in enumerate(RUN_IDS, 1):
+        group, setting, _ = rid.split("/")
+        assert f"[{k}/4] {group} {setting} seed 0 → {root / rid}" in out
+    assert "3 run(s) trained, 0 skipped (finished before), 1 failed, of 4" in out
+    assert "--epochs must be at least 1" in out  # the failing run's error is shown
+
+    for rid in RUN_IDS:
+        res = json.loads((root / rid / "results.json").read_text()) if rid != FAILING else None
+        if res:
+            assert res["status"] == "finished" and len(res["epochs"]) == 1, rid
+            assert res["config"]["jax_seed"] == 0 and res["config"]["run_dir"] == str(root / rid)
+    assert not (root / FAILING / "results.json").exists()
+    assert "--epochs must be at least 1" in (root / FAILING / "train.log").read_text()  # the log is kept
+    assert json.loads((root / FAILING / "series_run.json").read_text())["exit_code"] == 2
+
+    cfg = lambda rid: json.loads((root / rid / "results.json").read_text())["config"]  # noqa: E731
+    assert cfg("g1-aux/aux-off/seed0")["ssm_type"] == "s5"
+    warm = cfg("g6-warm-start/extend-warm/seed0")
+    assert warm["ssm_type"] == "extend" and warm["freeze"] == "base"
+    assert warm["load_checkpoint"] == str(root / "g6-warm-start/s5-base/seed0/ckpt_best.msgpack")
+
+    # summary: printed, one row per setting (= per run: one seed) and per run, the failure marked
+    assert "# Series summary" in out
+    settings, runs = md_tables((root / "summary.md").read_text())
+    assert [(s[0], s[1]) for s in settings] == [tuple(rid.split("/")[:2]) for rid in RUN_IDS]
+    assert [r[0] for r in runs] == RUN_IDS
+    status = {f"{s[0]}/{s[1]}": s[-1] for s in settings}
+    assert status == {"g1-aux/aux-off": "finished", "g1-aux/aux-on": "failed", "g6-warm-start/s5-base": "finished",
+                      "g6-warm-start/extend-warm": "finished"}
+    rows = read_csv(root / "summary.csv")
+    assert len(rows) == 4 and len(read_csv(root / "runs.csv")) == 4
+    for row in rows:
+        ok = row["status"] == "finished"
+        assert (row["n"] == "1") == ok and (row["test_mean"] != "") == ok and (row["epochs_done"] == "1") == ok
+        if ok:
+            assert 0 <= float(row["test_mean"]) <= 1 and int(row["n_params"]) > 0
+    for png in ("val_acc_g1-aux.png", "val_acc_g6-warm-start.png", "test_acc.png"):
+        assert (root / png).read_bytes()[:8] == PNG, png
+
+
+def test_second_invocation_skips_finished_runs(smoke):
+    root, env, _ = smoke
+    before = results_state(root)
+    assert len(before) == 3
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    assert out.count("finished, skipped") == 3
+    for rid in RUN_IDS:
+        if rid != FAILING:
+            group, setting, _ = rid.split("/")
+            assert f"{group} {setting} seed 0 → {root / rid}: finished, skipped" in out
+    assert "0 run(s) trained, 3 skipped (finished before), 1 failed, of 4" in out  # the failed one was retried
+    assert results_state(root) == before  # no results.json touched
+    log = (root / FAILING / "train.log").read_text()
+    assert log.count("=== ") == 2 and log.count("--epochs must be at least 1") == 2  # both attempts kept
+    settings, _ = md_tables((root / "summary.md").read_text())
+    assert len(settings) == 4 and [s[-1] for s in settings].count("failed") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# bookkeeping with a fake train_ex.py: resume, rerun, warm start without its base, Ctrl-C, misuse
+# --------------------------------------------------------------------------------------------------
+
+FAKE = r'''
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+run_dir = Path(argv[argv.index("--run_dir") + 1])
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(argv) + "\n")
+epochs = [int(argv[i + 1]) for i, a in enumerate(argv) if a == "--epochs"][-1]
+if epochs < 1:
+    sys.exit("train_ex.py: error: --epochs must be at least 1")
+if os.environ.get("FAKE_INTERRUPT") and os.environ["FAKE_INTERRUPT"] in str(run_dir):
+    sys.exit(130)
+row = dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, test_loss=1.0, test_acc=0.4,
+           seconds=1.0, steps_per_s=2.0)
+(run_dir / "ckpt_best.msgpack").write_bytes(b"x")
+(run_dir / "results.json").write_text(json.dumps(dict(
+    config={"epochs": epochs, "jax_seed": int(argv[argv.index("--jax_seed") + 1])}, epochs=[row],
+    best=dict(epoch=1, val_acc=0.5, test_acc=0.4), wall_time_s=1.0, steps_per_s=2.0, n_params=10,
+    device="fake", status="finished")))
+'''
+
+
+def fake_env(tmp_path, **kw):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    calls = tmp_path / "calls.jsonl"
+    return series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", **kw), calls
+
+
+def calls_of(calls):
+    if not calls.exists():
+        return {}
+    out = {}
+    for line in calls.read_text().splitlines():
+        argv = json.loads(line)
+        out[str(Path(argv[argv.index("--run_dir") + 1]))] = argv
+    return out
+
+
+def put_results(d, status, ckpt=False):
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"status": status, "config": {"epochs": 1}, "epochs": []}))
+    (d / "train.log").write_text("old attempt\n")
+    if ckpt:
+        (d / "ckpt_latest.msgpack").write_bytes(b"old")
+
+
+def test_resume_rerun_and_warm_start_dependency(tmp_path):
+    env, calls = fake_env(tmp_path, GROUPS="1 6", SEEDS="0 1", FAIL_RUNS="g6-warm-start/s5-base/seed1")
+    out_root = tmp_path / "out"
+    put_results(out_root / "g1-aux/aux-off/seed0", "running", ckpt=True)   # killed: resume
+    put_results(out_root / "g1-aux/aux-off/seed1", "finished")             # skipped
+    put_results(out_root / "g1-aux/aux-on/seed0", "failed", ckpt=True)     # rerun from scratch
+    put_results(out_root / "g1-aux/aux-on/seed1", "interrupted")           # no checkpoint: rerun
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    c = calls_of(calls)
+    d = lambda rid: str(out_root / rid)  # noqa: E731
+    assert "--resume" in c[d("g1-aux/aux-off/seed0")]
+    assert d("g1-aux/aux-off/seed1") not in c
+    assert "--resume" not in c[d("g1-aux/aux-on/seed0")] and "--resume" not in c[d("g1-aux/aux-on/seed1")]
+    assert not (out_root / "g1-aux/aux-on/seed0/ckpt_latest.msgpack").exists()  # the stale checkpoint went
+    assert "old attempt" in (out_root / "g1-aux/aux-on/seed0/train.log").read_text()
+    assert "(resuming from ckpt_latest)" in out
+    # warm start: seed 0 builds on its own S5 run; seed 1's S5 run failed, so its extension is not started
+    warm0 = c[d("g6-warm-start/extend-warm/seed0")]
+    assert warm0[warm0.index("--load_checkpoint") + 1] == d("g6-warm-start/s5-base/seed0") + "/ckpt_best.msgpack"
+    assert d("g6-warm-start/extend-warm/seed1") not in c
+    assert "not started: its S5 run" in out
+    assert "5 run(s) trained, 1 skipped (finished before), 2 failed, of 8" in out
+    settings = [(r["group"], r["setting"]) for r in read_csv(out_root / "summary.csv")]
+    assert settings == [("g1-aux", "aux-off"), ("g1-aux", "aux-on"), ("g6-warm-start", "s5-base"),
+                        ("g6-warm-start", "extend-warm")]  # series order, also for a run skipped without metadata
+    runs = {r["dir"]: r for r in read_csv(out_root / "runs.csv")}
+    assert runs["g6-warm-start/extend-warm/seed1"]["status"] == "failed"
+    assert runs["g6-warm-start/s5-base/seed1"]["status"] == "failed"
+    # wandb: one group per series, a name per run
+    argv = c[d("g1-aux/aux-on/seed1")]
+    assert argv[argv.index("--wandb_run_name") + 1] == "out/g1-aux/aux-on/seed1"
+
+
+def test_ctrl_c_stops_the_series_and_run_groups_alias(tmp_path):
+    env, calls = fake_env(tmp_path, RUN_GROUPS="3", FAKE_INTERRUPT="strength-0.1/")
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 130, out
+    assert "[2/3] g3-aux-strength strength-0.1 seed 0" in out and "[3/3]" not in out
+    assert len(calls_of(calls)) == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"GROUPS": "1 7"}, "GROUPS must be numbers 1 to 6"),
+    ({"EPOCHS": "two"}, "EPOCHS must be a positive integer"),
+    ({"SEEDS": "0 x"}, "SEEDS must be non-negative integers"),
+    ({"SMOKE": "yes"}, "SMOKE must be 0 or 1"),
+    ({"EXTRA": "--no_such_flag 1"}, "rejects DATASET/EXTRA"),
+])
+def test_misuse_exits_2(tmp_path, bad, message):
+    env, calls = fake_env(tmp_path, **bad)
+    r, out = run_series(env, timeout=60)
+    assert r.returncode == 2 and message in out, out
+    assert not calls.exists()
+
+
+def test_help_lists_the_variables():
+    r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    for var in ("DATASET", "EPOCHS", "SEEDS", "EXTRA", "OUT_ROOT", "RUN_GROUPS", "DATA", "SMOKE"):
+        assert f"  {var} " in r.stdout, var
+    r = subprocess.run([sys.executable, str(HERE / "summarize.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "summary.md" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# summarize.py on hand-written results
+# --------------------------------------------------------------------------------------------------
+
+
+def write_run(root, rid, status, best=None, epochs=(), total=3, meta=None):
+    d = root / rid
+    d.mkdir(parents=True)
+    rows = [dict(epoch=i + 1, val_acc=v, test_acc=t, seconds=1.0, steps_per_s=4.0) for i, (v, t) in enumerate(epochs)]
+    body = dict(config={"epochs": total, "jax_seed": int(rid[-1])}, epochs=rows, wall_time_s=float(len(rows)),
+                steps_per_s=4.0, n_params=1234, device="cpu", status=status)
+    if best is not None:
+        body["best"] = dict(epoch=1, val_acc=best[0], test_acc=best[1])
+    if status is not None:
+        (d / "results.json").write_text(json.dumps(body))
+    if meta is not None:
+        (d / "series_run.json").write_text(json.dumps(meta))
+
+
+def test_summarize_mean_std_partial_and_failed(tmp_path):
+    root = tmp_path / "series"
+    three = [(0.1, 0.1)] * 3
+    write_run(root, "g1-aux/aux-on/seed0", "finished", (0.6, 0.5), three)
+    write_run(root, "g1-aux/aux-on/seed1", "finished", (0.8, 0.7), three)
+    write_run(root, "g1-aux/aux-on/seed2", "failed", (0.95, 0.9), three[:2])         # never counted
+    write_run(root, "g2-time-scale/linear/seed0", "running", None, [(0.3, 0.2), (0.4, 0.35)])  # best from epochs
+    write_run(root, "g2-time-scale/constant/seed0", None,                              # train_ex never got going
+              meta=dict(order=9, group_label="g2-time-scale", setting="constant", seed=0, status="failed",
+                        exit_code=2, note="exit code 2: bad flag"))
+    assert summarize.main([str(root)]) == 0
+
+    rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
+    assert set(rows) == {"aux-on", "linear", "constant"}
+    on = rows["aux-on"]
+    assert on["n"] == "2" and on["seeds"] == "0 1 2" and on["status"] == "2 finished, 1 failed"
+    assert math.isclose(float(on["test_mean"]), 0.6) and math.isclose(float(on["test_std"]), math.sqrt(0.02))
+    assert math.isclose(float(on["val_mean"]), 0.7) and math.isclose(float(on["val_std"]), math.sqrt(0.02))
+    lin = rows["linear"]
+    assert lin["n"] == "1" and lin["status"] == "running (partial)" and lin["test_std"] == ""
+    assert math.isclose(float(lin["val_mean"]), 0.4) and math.isclose(float(lin["test_mean"]), 0.35)
+    assert lin["epochs_done"] == "2" and lin["epochs_total"] == "3"
+    con = rows["constant"]
+    assert con["status"] == "failed" and con["n"] == "0" and con["test_mean"] == ""
+
+    settings, runs = md_tables((root / "summary.md").read_text())
+    by = {s[1]: s for s in settings}
+    assert by["aux-on"][4] == "70.00 ± 14.14" and by["aux-on"][5] == "60.00 ± 14.14"
+    assert by["linear"][5] == "35.00" and by["linear"][6] == "2/3"
+    assert by["constant"][4] == "—" and by["constant"][-1] == "failed"
+    assert len(runs) == 5 and any("bad flag" in r[-1] for r in runs)
+    for png in ("val_acc_g1-aux.png", "val_acc_g2-time-scale.png", "test_acc.png"):
+        assert (root / png).read_bytes()[:8] == PNG

@@ -157,7 +157,7 @@ def build_model(cfg, ds_meta):
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
                   auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
                   delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
-                  s4d_init=cfg.s4d_init)
+                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None)
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum)
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,

@@ -24,6 +24,8 @@ dense associative scan would carry L P×P matrices through log L levels (O(L P³
   3. all chunks in parallel again: rerun each chunk from its true start state s_{c-1}, keeping every state.
 Sequential depth 2·T_c + n ≈ 3√L instead of L, work O(L P² R), memory O(L P) besides pass 1's
 O(L P²) residuals under autodiff. Exact (no truncation): every state equals the step-by-step recurrence.
+The price is pass 1's P×P transitions, about P times the recurrence's arithmetic: it pays where the chunks
+run in parallel (a GPU); on a CPU a single chunk (chunk ≥ L: the plain recurrence) is faster (bench.py).
 
 Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
 time index (t counts from the sequence end), its states reversed back and concatenated as in S5.
@@ -154,6 +156,17 @@ def lowrank_scan(Lambda_bar, E, F, delta, b, row_scale=None, chunk=None):
     bc = jnp.pad(b, ((0, pad), (0, 0))).reshape(n, T, P)
     transition = _lowrank_transition(Lambda_bar, E, F)
 
+    def state_step(x, inp):
+        d_t, s_t, b_t = inp
+        x = transition(x[:, None], d_t, s_t)[:, 0] + b_t
+        return x, x
+
+    def chunk_states(x0, d_c, s_c, b_c):
+        return jax.lax.scan(state_step, x0, (d_c, s_c, b_c))[1]
+
+    if n == 1:  # one chunk (chunk ≥ L): the plain recurrence, no chunk transition to build
+        return chunk_states(jnp.zeros((P,), dtype), d[0], s[0], bc[0])[:L]
+
     # Pass 1: each chunk's transition M_c and zero-start end state h_c, carried side by side as [M | h].
     def summary_step(X, inp):
         d_t, s_t, b_t = inp
@@ -174,14 +187,6 @@ def lowrank_scan(Lambda_bar, E, F, delta, b, row_scale=None, chunk=None):
     _, starts = jax.lax.scan(across, jnp.zeros((P,), dtype), (M, h))
 
     # Pass 3: every state, each chunk rerun from its start state.
-    def state_step(x, inp):
-        d_t, s_t, b_t = inp
-        x = transition(x[:, None], d_t, s_t)[:, 0] + b_t
-        return x, x
-
-    def chunk_states(x0, d_c, s_c, b_c):
-        return jax.lax.scan(state_step, x0, (d_c, s_c, b_c))[1]
-
     xs = jax.vmap(chunk_states)(starts, d, s, bc)
     return xs.reshape(n * T, P)[:L]
 

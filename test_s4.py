@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import s4
+from test_ssm import c64, crandn, rel_err  # the shared float64-reference helpers
 
 # (N, L): N is the real state size (N/2 complex states); L = 1 and L not a power of two included.
 SHAPES = [(2, 1), (4, 7), (8, 16), (6, 33)]
@@ -29,20 +30,6 @@ apply_kernel = jax.jit(s4.apply_kernel)
 # --------------------------------------------------------------------------------------------------
 # helpers: numpy float64 references
 # --------------------------------------------------------------------------------------------------
-
-
-def crandn(rng, *shape):
-    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x), np.asarray(ref)
-    assert x.shape == ref.shape, (x.shape, ref.shape)
-    return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-12)
-
-
-def c64(x):
-    return jnp.asarray(x, jnp.complex64)
 
 
 def f32(x):

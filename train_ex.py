@@ -73,6 +73,8 @@ def make_parser():
     g.add_argument("--extend_mode", default="full", choices=ssm_ex.EXTEND_MODES)
     g.add_argument("--delta_type", default="learned", choices=ssm_ex.DELTA_TYPES)
     g.add_argument("--extend_init_scale", type=float, default=0.05)
+    g.add_argument("--extend_chunk", type=int, default=0, help="full mode: chunk length of the chunked scan "
+                   "(0: about sqrt(L); >= L: the plain sequential recurrence, faster on a CPU)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--lr", type=float, default=1e-3,

@@ -120,8 +120,7 @@ def bench_train(recipes, repeats):
                      "weights": jnp.ones(cfg.bsz)}
             variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
             tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
-            state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-                     "opt_state": tx.init(variables["params"]), "acc": jnp.zeros(4)}
+            state = train_ex.new_state(variables["params"], variables.get("batch_stats", {}), tx)
             train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
             step = jax.jit(train_step, donate_argnums=(0,))
             t0 = time.perf_counter()

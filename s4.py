@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from ssm import _as_complex, _real_pair, log_step_init, make_dplr_hippo
+from ssm import _as_complex, _real_pair, complex_normal_init, log_step_init, make_dplr_hippo
 
 S4D_INITS = ("legs", "lin")
 DSS_EPS = 1e-10  # regularises DSS's complex reciprocals: 1/z ≈ z̄ / (|z|² + ε)
@@ -243,11 +243,6 @@ def dss_discrete(Lambda, W, step, L: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _complex_normal(shape):
-    """Complex standard normal (unit variance, √½ per part) as a (re, im) pair array."""
-    return lambda key: jax.random.normal(key, (*shape, 2)) * np.sqrt(0.5)
-
-
 def _tiled(z, H):
     """(N,) complex numpy → (H, N, 2) real, the same for every feature."""
     return lambda key: jnp.tile(_real_pair(jnp.asarray(z, jnp.complex64))[None], (H, 1, 1))
@@ -316,7 +311,7 @@ class S4SSM(_ConvSSM):
         self._eigenvalue_params(Lambda)
         self.P_lr = self.param("P", _tiled(Pv, self.H))
         self.B = self.param("B", _tiled(B, self.H))
-        self.C = self.param("C", _complex_normal((self.H, self.n_dirs * self.N)))
+        self.C = self.param("C", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
     def kernel(self, L: int):
         return s4_kernel(self._stable_Lambda(), _as_complex(self.P_lr), _as_complex(self.B),
@@ -348,7 +343,7 @@ class S4DSSM(_ConvSSM):
         Lambda, B = s4d_init_eigs(self.P, self.s4d_init)
         self._eigenvalue_params(Lambda)
         self.B = self.param("B", _tiled(B, self.H))
-        self.C = self.param("C", _complex_normal((self.H, self.n_dirs * self.N)))
+        self.C = self.param("C", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
     def kernel(self, L: int):
         return s4d_kernel(self._stable_Lambda(), _as_complex(self.B), self._out_weights(self.C),
@@ -376,7 +371,7 @@ class DSSSSM(_ConvSSM):
     def _params(self):
         Lambda, _, _ = hippo_dplr_half(self.P)
         self._eigenvalue_params(Lambda)
-        self.W = self.param("W", _complex_normal((self.H, self.n_dirs * self.N)))
+        self.W = self.param("W", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
     def _Lambda(self):
         return self.Lambda_re + 1j * self.Lambda_im

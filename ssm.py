@@ -200,6 +200,16 @@ def _real_pair(z):
     return jnp.stack([z.real, z.imag], axis=-1).astype(jnp.float32)
 
 
+def complex_normal_init(scale: float = 1.0):
+    """Complex normal initialiser with E|z|² = scale² (std scale/√2 per part), stored as a trailing (re, im)
+    axis: init(key, shape) → shape + (2,)."""
+
+    def init(key, shape):
+        return scale * jax.random.normal(key, tuple(shape) + (2,)) * np.sqrt(0.5)
+
+    return init
+
+
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 
 
@@ -215,7 +225,7 @@ def init_C_tilde(key, C_init: str, H: int, V, Vinv_rows: int, n_dirs: int):
     blocks = []
     for k in keys:
         if C_init == "complex_normal":
-            blocks.append(jax.random.normal(k, (H, P_s, 2)) * np.sqrt(0.5))
+            blocks.append(complex_normal_init()(k, (H, P_s)))
             continue
         if C_init == "trunc_standard_normal":
             C = jax.random.truncated_normal(k, -2.0, 2.0, (H, P, 2)) / np.sqrt(P) / 0.87962566103423978

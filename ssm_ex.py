@@ -48,7 +48,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 import ssm
@@ -226,13 +225,6 @@ def apply_ssm_extend(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym: bool,
 # --------------------------------------------------------------------------------------------------
 
 
-def _complex_normal(scale):
-    def init(key, shape):
-        return scale * jax.random.normal(key, shape + (2,)) * np.sqrt(0.5)
-
-    return init
-
-
 class S5SSMAux(ssm.S5SSM):
     """S5 with the auxiliary state, (L, H) → (L, H). Extra parameter: E (P_s, 2), complex, scale
     `auxiliary_strength`. Transitions are modulus-clamped (see the module docstring)."""
@@ -244,7 +236,7 @@ class S5SSMAux(ssm.S5SSM):
         super().setup()
         if self.time_scale_type not in TIME_SCALES:
             raise ValueError(f"unknown time_scale_type {self.time_scale_type!r}: use one of {TIME_SCALES}")
-        self.E = self.param("E", _complex_normal(self.auxiliary_strength), (self.P_s,))
+        self.E = self.param("E", ssm.complex_normal_init(self.auxiliary_strength), (self.P_s,))
 
     def __call__(self, u):
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
@@ -282,8 +274,8 @@ class S5SSMExtend(ssm.S5SSM):
             raise ValueError(f"unknown extend mode {self.mode!r}: use one of {EXTEND_MODES}")
         if self.delta_type not in DELTA_TYPES:
             raise ValueError(f"unknown delta_type {self.delta_type!r}: use one of {DELTA_TYPES}")
-        self.E = self.param("E", _complex_normal(self.init_scale), (self.P_s, self.R))
-        self.F = self.param("F", _complex_normal(self.init_scale), (self.R, self.P_s))
+        self.E = self.param("E", ssm.complex_normal_init(self.init_scale), (self.P_s, self.R))
+        self.F = self.param("F", ssm.complex_normal_init(self.init_scale), (self.R, self.P_s))
         if self.delta_type == "learned":
             self.delta_table = self.param(
                 "delta_table", nn.initializers.normal(stddev=self.init_scale), (self.l_max, self.R))

@@ -261,13 +261,12 @@ def run(cfg):
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else utils.new_run_dir("runs", cfg.dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(cfg).items()}
+    config = dict(vars(cfg))
 
     if cfg.load_checkpoint and not cfg.resume:
         params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)
     tx, labels = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
-    state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-             "acc": jnp.zeros(4, jnp.float32)}
+    state = new_state(params, batch_stats, tx)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "wall_time_s": 0.0}
@@ -387,9 +386,6 @@ def run(cfg):
                 print(f"early stop: no better validation accuracy for {epochs_since_best} epochs")
                 break
         return 0
-    except RunError as e:
-        status = "failed"
-        raise e
     except Exception:
         status = "failed"
         raise
@@ -398,6 +394,15 @@ def run(cfg):
         write_results(status)
         if wandb_run:
             wandb_run.finish()
+
+
+def new_state(params, batch_stats, tx):
+    """The training state: parameters, BatchNorm statistics, optimiser state, and the on-device accumulator
+    (loss·n, correct, n, non-finite steps) that train_step adds to."""
+    import jax.numpy as jnp
+
+    return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+            "acc": jnp.zeros(4, jnp.float32)}
 
 
 def make_steps(model, tx, dropout_key):

@@ -25,7 +25,9 @@ S4 (DPLR). A = diag(Λ) − P Q* with Λ, P, B from the normal-plus-low-rank for
 
     K̂(z) = Σ_{k<L} C Ā^k B̄ z^k = C̃ (I − Ā z)⁻¹ B̄,      C̃ = C (I − Ā^L)     (exact at z^L = 1),
 
-evaluated at the L roots of unity z_j = exp(−2πi j/L), so K̂_j is the DFT of K and K = IFFT(K̂). Inserting the
+evaluated at the L roots of unity z_j = exp(−2πi j/L), so K̂_j is the DFT of K and K = IFFT(K̂). As in S4's own
+code, the learned parameter of the convolutional mode is C̃ itself (stored as `C`), so the kernel needs no dense
+N×N matrix, no matrix power and no linear solve: training is O(H·N·L) Cauchy sums plus an FFT. Inserting the
 bilinear Ā, B̄:  K̂(z) = Δ · C̃ M(z)⁻¹ B  with  M(z) = (1 − z) I − (Δ/2)(1 + z) A = diag(d(z)) + b(z) P Q*,
 d_n(z) = (1 − z) − b(z) Λ_n, b(z) = (Δ/2)(1 + z). The Woodbury identity reduces M⁻¹ to Cauchy kernels
 k_{vw}(z) = Σ_n v_n w_n / d_n(z):
@@ -34,7 +36,13 @@ k_{vw}(z) = Σ_n v_n w_n / d_n(z):
 
 (This homogeneous form of the Cauchy kernel, 1/((1 − z) − b(z)Λ), stays finite at z = −1 where the usual
 form 2/(1 + z) · 1/(g(z) − Λ), g = (2/Δ)(1 − z)/(1 + z), has a pole; d_n(z) = 0 only at |z| = 1/|Ā eigenvalue|
-> 1, never on the unit circle for a stable system.) The parameter is C; C̃ is formed from it for each L.
+> 1, never on the unit circle for a stable system.)
+
+Recurrent mode. Streaming needs the C of the recurrence, C = C̃ (I − Ā^L)⁻¹, which depends on L. It is formed
+once, when the recurrent mode is set up (`S4SSM.recurrent_system(L)`), in numpy float64 on the host: a dense
+solve never enters an XLA program (jaxlib's LAPACK kernels can deadlock XLA's CPU thread pool when two run at
+once). Ā and B̄ themselves need no solve: I − Δ/2·A = diag(1 − Δ/2·Λ) + (Δ/2) P P* is inverted exactly by the
+Sherman–Morrison formula (`dplr_bilinear`).
 
 S4D. A = diag(Λ), Λ from `s4d_init`: "legs" (the diagonal Λ of make_dplr_hippo, real parts −1/2; B from the
 same DPLR form) or "lin" (Λ_n = −1/2 + iπn, B = 1). Zero-order hold: Λ̄ = exp(ΔΛ), B̄ = (Λ̄ − 1)/Λ · B; the
@@ -133,14 +141,29 @@ def apply_kernel(u, K):
 
 
 def dplr_bilinear(Lambda, P, B, step):
-    """Dense bilinear discretisation of A = diag(Λ) − P P* for one feature.
+    """Dense bilinear discretisation of A = diag(Λ) − P P* for one feature, without a linear solve.
 
     Lambda, P, B (N,), step scalar → Ā (N, N) = (I − Δ/2·A)⁻¹(I + Δ/2·A), B̄ (N,) = (I − Δ/2·A)⁻¹ Δ B.
+    I − Δ/2·A = D + c P P* with D = diag(1 − Δ/2·Λ), c = Δ/2, and by Sherman–Morrison
+    (D + c P P*)⁻¹ = D⁻¹ − c D⁻¹P P*D⁻¹ / (1 + c P*D⁻¹P).
     """
+    c = step / 2.0
     A = jnp.diag(Lambda) - jnp.outer(P, P.conj())
+    d_inv = 1.0 / (1.0 - c * Lambda)
+    left = d_inv * P  # D⁻¹P
+    right = P.conj() * d_inv  # P*D⁻¹
+    inv = jnp.diag(d_inv) - c * jnp.outer(left, right) / (1.0 + c * jnp.sum(P.conj() * left))
     eye = jnp.eye(Lambda.shape[0], dtype=A.dtype)
-    left = eye - step / 2.0 * A
-    return jnp.linalg.solve(left, eye + step / 2.0 * A), jnp.linalg.solve(left, step * B)
+    return inv @ (eye + c * A), inv @ (step * B)
+
+
+def recurrent_C(A_bar, C_tilde, L: int):
+    """C = C̃ (I − Ā^L)⁻¹ in numpy float64 (host; no XLA LAPACK). A_bar (H, N, N), C_tilde (D, H, N) → (D, H, N)."""
+    A_bar, C_tilde = np.asarray(A_bar, np.complex128), np.asarray(C_tilde, np.complex128)
+    N = A_bar.shape[-1]
+    M = np.eye(N) - np.linalg.matrix_power(A_bar, int(L))  # (H, N, N)
+    # C M = C̃  ⇔  Mᵀ Cᵀ = C̃ᵀ, one solve per feature
+    return np.einsum("hnd->dhn", np.linalg.solve(np.swapaxes(M, -1, -2), np.einsum("dhn->hnd", C_tilde)))
 
 
 def cauchy(v, a, b, Lambda):
@@ -162,19 +185,17 @@ def s4_generating_function(Lambda, P, B, C_tilde, step, z):
     return step * (k_CB - b * k_CP * k_QB / (1.0 + b * k_QP))
 
 
-def s4_kernel_single(Lambda, P, B, C, step, L: int):
-    """S4 kernel of one feature: K_k = 2·Re(C Ā^k B̄), k < L. C (D, N) → (D, L) real."""
-    A_bar, _ = dplr_bilinear(Lambda, P, B, step)
-    C_tilde = C - C @ jnp.linalg.matrix_power(A_bar, L)  # C (I − Ā^L): the truncation is exact at z^L = 1
+def s4_kernel_single(Lambda, P, B, C_tilde, step, L: int):
+    """S4 kernel of one feature: K_k = 2·Re(C Ā^k B̄), k < L, with C = C̃ (I − Ā^L)⁻¹. C_tilde (D, N) → (D, L)."""
     z = jnp.exp(-2j * np.pi * jnp.arange(L) / L).astype(Lambda.dtype)
     K_hat = s4_generating_function(Lambda, P, B, C_tilde, step, z)
     return 2.0 * jnp.fft.ifft(K_hat, axis=-1).real
 
 
-def s4_kernel(Lambda, P, B, C, step, L: int):
-    """Lambda, P, B (H, N), C (D, H, N), step (H,) → K (D, L, H)."""
+def s4_kernel(Lambda, P, B, C_tilde, step, L: int):
+    """Lambda, P, B (H, N), C_tilde (D, H, N), step (H,) → K (D, L, H)."""
     return jax.vmap(lambda *args: s4_kernel_single(*args, L), in_axes=(0, 0, 0, 1, 0), out_axes=2)(
-        Lambda, P, B, C, step)
+        Lambda, P, B, C_tilde, step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +324,8 @@ class _ConvSSM(nn.Module):
 class S4SSM(_ConvSSM):
     """S4 with the DPLR HiPPO-LegS matrix, bilinear discretisation and the generating-function kernel.
 
-    Parameters: Lambda_re, Lambda_im (H, P/2); P, B (H, P/2, 2); C (H, dirs·P/2, 2); D (H,); log_step (H,).
+    Parameters: Lambda_re, Lambda_im (H, P/2); P, B (H, P/2, 2); C (H, dirs·P/2, 2) = C̃, the generating
+    function's output weights (see the module docstring); D (H,); log_step (H,).
     """
 
     def _params(self):
@@ -317,18 +339,30 @@ class S4SSM(_ConvSSM):
         return s4_kernel(self._stable_Lambda(), _as_complex(self.P_lr), _as_complex(self.B),
                          self._out_weights(self.C), self.step_size(), L)
 
-    def discrete_system(self):
-        """(Ā (H, N, N), B̄ (H, N), C (dirs, H, N)): dense bilinear matrices per feature."""
+    def recurrent_system(self, seq_len: int):
+        """(Ā (H, N, N), B̄ (H, N), C (H, N)): the forward recurrence whose length-seq_len kernel is this layer's.
+
+        Ā, B̄ in closed form (`dplr_bilinear`); C = C̃ (I − Ā^L)⁻¹ solved on the host in float64 (`recurrent_C`).
+        Set it up once and pass it to `step(..., system=...)` when streaming many steps.
+        """
+        self._check_streamable()
+        if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ValueError(f"S4's recurrent mode needs seq_len, the length L of the sequence (a positive Python "
+                             f"int), because its learned C̃ = C (I − Ā^L) depends on L; got {seq_len!r}")
         A_bar, B_bar = jax.vmap(dplr_bilinear)(self._stable_Lambda(), _as_complex(self.P_lr),
                                                _as_complex(self.B), self.step_size())
-        return A_bar, B_bar, self._out_weights(self.C)
+        C_tilde = self._out_weights(self.C)[:1]
+        C = jax.pure_callback(lambda a, c: recurrent_C(a, c, int(seq_len)).astype(np.complex64),
+                              jax.ShapeDtypeStruct(C_tilde.shape, jnp.complex64), A_bar, C_tilde,
+                              vmap_method="sequential")
+        return A_bar, B_bar, C[0]
 
-    def step(self, x_prev, u_t, t=None, seq_len=None):
-        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)). t, seq_len unused (C is the parameter, not C̃)."""
-        self._check_streamable()
-        A_bar, B_bar, C = self.discrete_system()
+    def step(self, x_prev, u_t, t=None, seq_len=None, system=None):
+        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)) for a sequence of length seq_len; t is unused.
+        `system` = recurrent_system(seq_len), set up once; without it, it is formed at every call."""
+        A_bar, B_bar, C = self.recurrent_system(seq_len) if system is None else system
         x = jnp.einsum("hnm,hm->hn", A_bar, x_prev) + B_bar * u_t[:, None]
-        return x, 2.0 * jnp.sum(C[0] * x, -1).real + self.D * u_t
+        return x, 2.0 * jnp.sum(C * x, -1).real + self.D * u_t
 
 
 class S4DSSM(_ConvSSM):

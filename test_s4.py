@@ -60,6 +60,12 @@ def np_s4_discrete(Lambda, P, B, step):
     return np.linalg.solve(left, np.eye(n) + step / 2 * A), np.linalg.solve(left, step * B)
 
 
+def np_C_from_C_tilde(A_bar, C_tilde, L):
+    """S4's learned C̃ = C (I − Ā^L) → the C of the recurrence (one feature). C_tilde (D, n)."""
+    n = A_bar.shape[0]
+    return C_tilde @ np.linalg.inv(np.eye(n) - np.linalg.matrix_power(A_bar, L))
+
+
 def np_s4d_discrete(Lambda, B, step):
     A_bar = np.exp(Lambda * step)
     return A_bar, (A_bar - 1) / Lambda * B
@@ -108,7 +114,7 @@ def module_kernel_reference(cls, params, L, dirs):
     for h in range(H):
         if cls is s4.S4SSM:
             A_bar, B_bar = np_s4_discrete(Lambda[h], p["P"][h], p["B"][h], step[h])
-            K[:, :, h] = np_powers_kernel(A_bar, B_bar, W[:, h], L, 2.0)
+            K[:, :, h] = np_powers_kernel(A_bar, B_bar, np_C_from_C_tilde(A_bar, W[:, h], L), L, 2.0)
         elif cls is s4.S4DSSM:
             A_bar, B_bar = np_s4d_discrete(Lambda[h], p["B"][h], step[h])
             K[:, :, h] = np_powers_kernel(A_bar, B_bar, W[:, h], L, 2.0)
@@ -135,7 +141,8 @@ def init_params(cls, kw, H, N, bidirectional=False, seed=0, perturb=True):
 
 @pytest.mark.parametrize("N,L", SHAPES)
 def test_s4_kernel_equals_dense_powers(N, L):
-    """Generating function + Woodbury + Cauchy + IFFT == 2·Re(C Ā^k B̄) with the dense bilinear Ā."""
+    """Generating function + Woodbury + Cauchy + IFFT == 2·Re(C Ā^k B̄) with the dense bilinear Ā and
+    C = C̃ (I − Ā^L)⁻¹ (the kernel's parameter is C̃)."""
     rng = np.random.default_rng(N * 100 + L)
     H, n, D = 3, N // 2, 2
     Lambda, step = random_diag_system(rng, H, n)
@@ -144,7 +151,7 @@ def test_s4_kernel_equals_dense_powers(N, L):
     ref = np.zeros((D, L, H))
     for h in range(H):
         A_bar, B_bar = np_s4_discrete(Lambda[h], P[h], B[h], step[h])
-        ref[:, :, h] = np_powers_kernel(A_bar, B_bar, C[:, h], L, 2.0)
+        ref[:, :, h] = np_powers_kernel(A_bar, B_bar, np_C_from_C_tilde(A_bar, C[:, h], L), L, 2.0)
     assert K.shape == (D, L, H) and K.dtype == jnp.float32
     assert rel_err(K, ref) < 2e-4
 
@@ -160,8 +167,19 @@ def test_s4_kernel_at_hippo_init_equals_dense_powers():
     ref = np.zeros((1, L, H))
     for h in range(H):
         A_bar, B_bar = np_s4_discrete(Lambda, P, B, step[h])
-        ref[:, :, h] = np_powers_kernel(A_bar, B_bar, C[:, h], L, 2.0)
+        ref[:, :, h] = np_powers_kernel(A_bar, B_bar, np_C_from_C_tilde(A_bar, C[:, h], L), L, 2.0)
     assert rel_err(K, ref) < 2e-4
+
+
+@pytest.mark.parametrize("N", [2, 6, 16])
+def test_dplr_bilinear_equals_dense_solve(N):
+    """Sherman–Morrison's closed form == numpy's dense solve of (I − Δ/2·A) for A = diag(Λ) − P P*."""
+    rng = np.random.default_rng(N)
+    Lambda, step = random_diag_system(rng, 1, N // 2)
+    P, B = crandn(rng, N // 2), crandn(rng, N // 2)
+    A_bar, B_bar = jax.jit(s4.dplr_bilinear)(c64(Lambda[0]), c64(P), c64(B), f32(step[0]))
+    A_ref, B_ref = np_s4_discrete(Lambda[0], P, B, step[0])
+    assert rel_err(A_bar, A_ref) < 1e-5 and rel_err(B_bar, B_ref) < 1e-5
 
 
 @pytest.mark.parametrize("N,L", SHAPES)

@@ -262,3 +262,59 @@ def test_real_mnist_learns(mnist_root, tmp_path):
     val_acc = res["epochs"][-1]["val_acc"]
     print(f"real MNIST (14x14, 8,000 train / 1,000 held out, 2 epochs): val accuracy {val_acc:.3f}")
     assert val_acc > 0.6, f"chance is 0.1; reached {val_acc}"
+
+
+# --------------------------------------------------------------------------------------------------
+# No dense linear algebra in any step, and no hang, for every ssm_type
+# --------------------------------------------------------------------------------------------------
+
+LINALG_TARGETS = ("lapack", "solver", "getrf", "geqrf", "geev", "heevd", "syevd", "potrf", "trsm", "gesdd")
+EVERY_TYPE = [["--ssm_type", t] for t in models.SSM_TYPES] + [["--ssm_type", "extend", "--extend_mode", "diag"]]
+
+
+def custom_call_targets(lowered_text):
+    import re
+
+    return set(re.findall(r"custom_call\s*@([\w.]+)", lowered_text)) | set(
+        re.findall(r'custom_call_target\s*=\s*"([\w.]+)"', lowered_text))
+
+
+@pytest.mark.parametrize("variant", EVERY_TYPE, ids=lambda v: "-".join(v[1::2]))
+def test_train_and_eval_steps_have_no_dense_linear_algebra(variant):
+    """jaxlib's LAPACK kernels can deadlock XLA's CPU thread pool (two at once on 2 cores): none may appear in a
+    lowered train or eval step (they would show as custom calls such as lapack_cgetrf_ffi)."""
+    cfg = train_ex.parse_args([*TINY, "--R", "2", *variant])
+    meta = dict(n_classes=3, seq_len=16, in_dim=1, tokens=False, pair=False)
+    model = models.build_model(cfg, meta)
+    batch = {"inputs": jnp.zeros((8, 16, 1)), "lengths": jnp.full(8, 16), "labels": jnp.zeros(8, jnp.int32),
+             "weights": jnp.ones(8)}
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))
+    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=10)
+    state = jax.eval_shape(lambda: train_ex.new_state(variables["params"], variables.get("batch_stats", {}), tx))
+    train_step, eval_step = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
+    for name, text in (("train", jax.jit(train_step).lower(state, batch, 0).as_text()),
+                       ("eval", jax.jit(eval_step).lower(state, batch).as_text())):
+        bad = {t for t in custom_call_targets(text) if any(k in t.lower() for k in LINALG_TARGETS)}
+        assert not bad, f"{name} step of {variant} calls dense linear algebra: {sorted(bad)}"
+
+
+def test_linalg_check_can_fail():
+    """The check above sees a solve when there is one."""
+    text = jax.jit(jnp.linalg.solve).lower(jnp.eye(3, dtype=jnp.complex64), jnp.ones(3, jnp.complex64)).as_text()
+    assert any("lapack" in t or "solver" in t for t in custom_call_targets(text))
+
+
+@pytest.mark.parametrize("variant", EVERY_TYPE, ids=lambda v: "-".join(v[1::2]))
+def test_real_training_steps_finish(variant, mnist_root, tmp_path):
+    """A few real training steps and an evaluation in a subprocess: a hang fails here in seconds, not in CI's
+    time limit."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    argv = mnist_args(mnist_root, tmp_path / "r", "--epochs", "1", "--max_train_samples", "24", "--R", "2",
+                      *variant)
+    try:
+        r = subprocess.run([sys.executable, str(HERE / "train_ex.py"), *argv], env=env, capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{variant}: 3 training steps and an evaluation did not finish in 120 s (a hang)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert results(tmp_path / "r")["status"] == "finished"

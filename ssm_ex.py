@@ -45,6 +45,7 @@ extension computes exactly the S5 function it started from.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -126,68 +127,151 @@ def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
 # --------------------------------------------------------------------------------------------------
 
 
-def _lowrank_transition(Lambda_bar, E, F):
-    def transition(X, d, s):
-        """Λ_ex(t) X for X (P, K), K states side by side: Λ̄ ⊙ X + (s ⊙ E)(δ ⊙ (F X))."""
-        return Lambda_bar[:, None] * X + (s[:, None] * E) @ (d[:, None] * (F @ X))
-
-    return transition
-
-
 def default_chunk(L: int) -> int:
-    return max(1, int(math.ceil(math.sqrt(L))))
+    """C ≈ √(L/2), which minimises the scan's sequential depth 2C + L/C."""
+    return max(1, int(math.ceil(math.sqrt(L / 2))))
+
+
+def _transition(Lambda_bar, E, F, transpose: bool):
+    """x ↦ Λ_ex(t) x (or Λ_ex(t)ᵀ x) for states stored as rows x (..., P), with Λ_ex(t) = diag(Λ̄) + diag(s) E diag(δ) F.
+
+    Λ_ex x  = Λ̄ ⊙ x + s ⊙ (E (δ ⊙ (F x)))        Λ_exᵀ x = Λ̄ ⊙ x + Fᵀ (δ ⊙ (Eᵀ (s ⊙ x)))
+    (transposes, not conjugate transposes: the adjoint of a complex-linear map in JAX's reverse mode).
+    s is (P,) or None (= 1); δ is (R,), cast to the state's dtype.
+    """
+    Ft, Et = F.T, E.T  # transposed once, outside the loops
+
+    def apply(x, d, s):
+        d = d.astype(x.dtype)
+        if transpose:
+            return Lambda_bar * x + (d * ((x if s is None else s * x) @ E)) @ F
+        out = (d * (x @ Ft)) @ Et
+        return Lambda_bar * x + (out if s is None else s * out)
+
+    return apply
+
+
+def _chunked(step, Phi_T, inputs, zero, reverse: bool, transpose: bool):
+    """All states of an affine recurrence x ← step(x, input_t), chunked. inputs: leaves (C, n, ...), step t of
+    chunk c at [t, c]; zero: the zero state (P,). Phi_T (n, P, P) holds each chunk's composed linear map as
+    Φ_cᵀ (so that h ↦ Φ_c h is h @ Φ_cᵀ); transpose applies Φ_cᵀ instead (the adjoint). Returns (C, n, P).
+
+    1. all chunks at once, each from a zero state → its end state e_c (per sample: C dependent steps);
+    2. across chunks, h_{c+1} = Φ_c h_c + e_c → every chunk's true start state (n dependent steps);
+    3. all chunks at once again, each from its true start state, keeping every state (C dependent steps).
+    """
+    def run(x0, keep):
+        body = lambda x, inp: (step(x, inp),) * 2 if keep else (step(x, inp), None)  # noqa: E731
+        return jax.lax.scan(body, x0, inputs, reverse=reverse)
+
+    n = jax.tree_util.tree_leaves(inputs)[0].shape[1]
+    zeros = jnp.broadcast_to(zero, (n, *zero.shape))
+    if n == 1:
+        return run(zeros, True)[1]
+    ends, _ = run(zeros, False)
+    apply_map = (lambda h, M: M @ h) if transpose else (lambda h, M: h @ M)
+
+    def across(h, M_e):
+        M, e = M_e
+        return apply_map(h, M) + e, h
+
+    _, starts = jax.lax.scan(across, zero, (Phi_T, ends), reverse=reverse)
+    return run(starts, True)[1]
+
+
+def _chunk_transitions(Lambda_bar, E, F, d, s):
+    """Φ_cᵀ (n, P, P) for every chunk c, Φ_c = Λ_ex(end)···Λ_ex(start): the identity's rows carried through the
+    chunk's steps. d (C, n, R), s (C, n, P) or None. Depends on parameters only: built once for the whole batch."""
+    P, n = Lambda_bar.shape[0], d.shape[1]
+    apply = _transition(Lambda_bar, E, F, transpose=False)
+
+    def body(X, inp):  # X (n, P, P): row k of chunk c is Φ e_k so far
+        d_t, s_t = inp
+        return apply(X, d_t[:, None, :], None if s_t is None else s_t[:, None, :]), None
+
+    X0 = jnp.broadcast_to(jnp.eye(P, dtype=Lambda_bar.dtype), (n, P, P))
+    return jax.lax.scan(body, X0, (d, s))[0]
+
+
+def _chunks(L: int, chunk):
+    T = min(chunk or default_chunk(L), L)
+    n = -(-L // T)
+    return T, n, n * T - L
+
+
+def _split(a, n, T, pad):
+    """(L, ...) → (T, n, ...): step t of chunk c at [t, c], zero-padded at the end (steps after the end cannot
+    change earlier states)."""
+    if a is None:
+        return None
+    return jnp.swapaxes(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(n, T, *a.shape[1:]), 0, 1)
+
+
+def _join(xs, L):
+    """(T, n, P) → (L, P)."""
+    return jnp.swapaxes(xs, 0, 1).reshape(-1, xs.shape[-1])[:L]
+
+
+def _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk):
+    L, P = b.shape
+    T, n, pad = _chunks(L, chunk)
+    cast = lambda a: None if a is None else a.astype(b.dtype)  # noqa: E731  (once, not in every step)
+    d, sc, bc = _split(cast(delta), n, T, pad), _split(cast(s), n, T, pad), _split(b, n, T, pad)
+    apply = _transition(Lambda_bar, E, F, transpose=False)
+    Phi_T = None if n == 1 else _chunk_transitions(Lambda_bar, E, F, d, sc)
+    xs = _chunked(lambda x, inp: apply(x, inp[0], inp[1]) + inp[2], Phi_T, (d, sc, bc), jnp.zeros((P,), b.dtype),
+                  reverse=False, transpose=False)
+    return _join(xs, L), Phi_T
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lowrank_states(Lambda_bar, E, F, delta, b, s, chunk):
+    return _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk)[0]
+
+
+def _lowrank_states_fwd(Lambda_bar, E, F, delta, b, s, chunk):
+    xs, Phi_T = _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk)
+    return xs, (Lambda_bar, E, F, delta, s, xs, Phi_T)
+
+
+def _lowrank_states_bwd(chunk, res, g):
+    """Reverse mode by the adjoint recurrence, run with the same chunked scan and the forward's chunk maps:
+    κ_t = Λ_ex(t)ᵀ (κ_{t+1} + ḡ_t), κ_L = 0, so x̄_t = κ_{t+1} + ḡ_t is the cotangent of state x_t; the
+    parameters' cotangents are sums over t of outer products of x̄_t with x_{t-1} (no stored P×P per step)."""
+    Lambda_bar, E, F, delta, s, xs, Phi_T = res
+    L, P = xs.shape
+    T, n, pad = _chunks(L, chunk)
+    cast = lambda a: None if a is None else a.astype(xs.dtype)  # noqa: E731
+    d, sc, gc = _split(cast(delta), n, T, pad), _split(cast(s), n, T, pad), _split(g, n, T, pad)
+    apply_T = _transition(Lambda_bar, E, F, transpose=True)
+    kappa = _join(_chunked(lambda k, inp: apply_T(k + inp[2], inp[0], inp[1]), Phi_T, (d, sc, gc),
+                           jnp.zeros((P,), xs.dtype), reverse=True, transpose=True), L)
+    x_bar = g + jnp.concatenate([kappa[1:], jnp.zeros((1, P), xs.dtype)])
+    x_prev = jnp.concatenate([jnp.zeros((1, P), xs.dtype), xs[:-1]])
+    v = x_prev @ F.T  # (L, R)  F x_{t-1}
+    w = delta.astype(xs.dtype) * v  # δ_t ⊙ F x_{t-1}
+    m_bar = x_bar if s is None else cast(s) * x_bar  # cotangent of E w_t
+    w_bar = m_bar @ E
+    v_bar = delta.astype(xs.dtype) * w_bar
+    s_bar = None if s is None else jnp.real(x_bar * (w @ E.T)).astype(s.dtype)
+    return (jnp.sum(x_bar * x_prev, axis=0), m_bar.T @ w, v_bar.T @ x_prev, jnp.real(w_bar * v).astype(delta.dtype),
+            x_bar, s_bar)
+
+
+_lowrank_states.defvjp(_lowrank_states_fwd, _lowrank_states_bwd)
 
 
 def lowrank_scan(Lambda_bar, E, F, delta, b, row_scale=None, chunk=None):
-    """All states of x_t = Λ̄ ⊙ x_{t-1} + (s_t ⊙ E)(δ(t) ⊙ (F x_{t-1})) + b_t, x_{-1} = 0, by the chunked
-    three-pass scan described at the top of this file.
+    """All states of x_t = Λ̄ ⊙ x_{t-1} + (s_t ⊙ E)(δ(t) ⊙ (F x_{t-1})) + b_t, x_{-1} = 0, by the chunked scan
+    with shared chunk maps and the adjoint reverse mode described at the top of this file.
 
-    Lambda_bar (P,), E (P,R), F (R,P), delta (L,R), b (L,P), row_scale s (L,P) or None (= 1).
+    Lambda_bar (P,), E (P,R), F (R,P), delta (L,R) real, b (L,P), row_scale s (L,P) real or None (= 1).
+    chunk: steps per chunk (default ≈ √(L/2); ≥ L: one chunk, the plain recurrence).
     """
-    L, P = b.shape
-    T = chunk or default_chunk(L)
-    n = -(-L // T)
-    pad = n * T - L  # steps appended after the end cannot change earlier states
     dtype = b.dtype
-    d = jnp.pad(delta.astype(dtype), ((0, pad), (0, 0))).reshape(n, T, -1)
-    s = jnp.ones((L, P), dtype) if row_scale is None else row_scale.astype(dtype)
-    s = jnp.pad(s, ((0, pad), (0, 0))).reshape(n, T, P)
-    bc = jnp.pad(b, ((0, pad), (0, 0))).reshape(n, T, P)
-    transition = _lowrank_transition(Lambda_bar, E, F)
-
-    def state_step(x, inp):
-        d_t, s_t, b_t = inp
-        x = transition(x[:, None], d_t, s_t)[:, 0] + b_t
-        return x, x
-
-    def chunk_states(x0, d_c, s_c, b_c):
-        return jax.lax.scan(state_step, x0, (d_c, s_c, b_c))[1]
-
-    if n == 1:  # one chunk (chunk ≥ L): the plain recurrence, no chunk transition to build
-        return chunk_states(jnp.zeros((P,), dtype), d[0], s[0], bc[0])[:L]
-
-    # Pass 1: each chunk's transition M_c and zero-start end state h_c, carried side by side as [M | h].
-    def summary_step(X, inp):
-        d_t, s_t, b_t = inp
-        return transition(X, d_t, s_t).at[:, P].add(b_t), None
-
-    def chunk_summary(d_c, s_c, b_c):
-        X0 = jnp.eye(P, P + 1, dtype=dtype)
-        X, _ = jax.lax.scan(summary_step, X0, (d_c, s_c, b_c))
-        return X[:, :P], X[:, P]
-
-    M, h = jax.vmap(chunk_summary)(d, s, bc)
-
-    # Pass 2: the true start state of every chunk, sequentially across the n chunks.
-    def across(x, Mh):
-        M_c, h_c = Mh
-        return M_c @ x + h_c, x
-
-    _, starts = jax.lax.scan(across, jnp.zeros((P,), dtype), (M, h))
-
-    # Pass 3: every state, each chunk rerun from its start state.
-    xs = jax.vmap(chunk_states)(starts, d, s, bc)
-    return xs.reshape(n * T, P)[:L]
+    s = None if row_scale is None else jnp.asarray(row_scale, jnp.float32)
+    return _lowrank_states(jnp.asarray(Lambda_bar, dtype), jnp.asarray(E, dtype), jnp.asarray(F, dtype),
+                           jnp.asarray(delta, jnp.float32), b, s, chunk)
 
 
 # --------------------------------------------------------------------------------------------------

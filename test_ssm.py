@@ -435,6 +435,145 @@ def test_lowrank_scan_any_chunk_equals_loop(L, chunk):
     assert rel_err(xs, np.array(ref)) < 1e-5
 
 
+# Full mode against a float64 loop with the dense Λ_ex(t): states, outputs and gradients (the chunked scan's
+# reverse mode is a hand-written adjoint, so its gradients get their own float64 reference).
+
+
+def x64_dense_loop_output(Lambda_bar, B_bar, C, E, F, delta, s, u, conj_sym, bidirectional):
+    """y from x_t = (diag(Λ̄) + diag(s_t) E diag(δ_t) F) x_{t-1} + B̄ u_t, one dense P×P matrix per step
+    (call inside jax.enable_x64 with float64/complex128 arguments; s None means no row scale)."""
+    P = Lambda_bar.shape[0]
+    s = jnp.ones((u.shape[0], P)) if s is None else s
+
+    def states(v, d, sc):
+        def step(x, inp):
+            d_t, s_t, v_t = inp
+            A = jnp.diag(Lambda_bar) + s_t[:, None] * (E @ jnp.diag(d_t.astype(E.dtype)) @ F)
+            x = A @ x + B_bar @ v_t.astype(B_bar.dtype)
+            return x, x
+
+        return jax.lax.scan(step, jnp.zeros(P, B_bar.dtype), (d, sc, v))[1]
+
+    xs = states(u, delta, s)
+    if bidirectional:  # own time index: the reversed sequence runs through the same δ(t), s_t from t = 0
+        xs = jnp.concatenate([xs, states(u[::-1], delta, s)[::-1]], axis=1)
+    y = (xs @ C.T).real
+    return 2 * y if conj_sym else y
+
+
+def full_mode_case(L, P, R, H, bidirectional, guarded, seed):
+    rng = np.random.default_rng(seed)
+    Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
+    E, F, delta = crandn(rng, P, R, scale=0.3), crandn(rng, R, P, scale=0.3), rng.normal(size=(L, R))
+    s = rng.uniform(0.2, 1.0, size=(L, P)) if guarded else None
+    return [0.9 * Lambda_bar, B_bar, C, E, F, delta, s, u]
+
+
+FULL_CASES = [  # (L, P, R, chunk, guarded, bidirectional, conj_sym)
+    (1, 4, 2, None, False, False, True),  # L = 1
+    (1, 4, 3, 2, True, True, False),
+    (23, 6, 1, 5, True, False, True),  # R = 1, L not a multiple of the chunk
+    (23, 6, 4, 5, False, True, False),  # R > P/2
+    (40, 8, 5, None, True, True, True),  # default chunk, R > P/2
+    (37, 5, 3, 4, True, True, False),
+    (64, 4, 2, 8, False, False, False),  # L a multiple of the chunk
+]
+
+
+@pytest.mark.parametrize("L,P,R,chunk,guarded,bidirectional,conj_sym", FULL_CASES)
+def test_full_mode_outputs_and_gradients_equal_float64_dense_loop(L, P, R, chunk, guarded, bidirectional, conj_sym):
+    H = 3
+    case = full_mode_case(L, P, R, H, bidirectional, guarded, seed=L * 7 + P + R)
+    diff = [i for i, a in enumerate(case) if a is not None]  # every argument, the row scale included
+    w = np.random.default_rng(1).normal(size=(L, H))
+
+    def fast(Lambda_bar, B_bar, C, E, F, delta, s, u):
+        return ssm_ex._apply_lowrank(Lambda_bar, B_bar, C, E, F, delta, u, conj_sym, bidirectional, s, chunk)
+
+    def ref(*a):
+        return x64_dense_loop_output(*a, conj_sym, bidirectional)
+
+    def grads(fn, args):
+        loss = lambda *d: jnp.sum(jnp.asarray(w, d[0].real.dtype) * fn(*d[:6], d[6] if guarded else None, d[7]))
+        return jax.jit(jax.grad(loss, argnums=tuple(diff)))(*[a if a is not None else 0.0 for a in args])
+
+    as32 = [None if a is None else (c64(a) if np.iscomplexobj(a) else jnp.asarray(a, jnp.float32)) for a in case]
+    y = jax.jit(fast)(*as32)
+    g = grads(fast, as32)
+    with jax.enable_x64(True):
+        as64 = [None if a is None else jnp.asarray(a) for a in case]
+        y_ref = np.asarray(jax.jit(ref)(*as64))
+        g_ref = [np.asarray(x) for x in grads(ref, as64)]
+    assert rel_err(y, y_ref) < 1e-5
+    names = ["Lambda_bar", "B_bar", "C", "E", "F", "delta", "row_scale", "u"]
+    for i, gf, gr in zip(diff, g, g_ref):
+        assert rel_err(gf, gr) < 1e-4, f"gradient of {names[i]}"
+
+
+def test_full_mode_batched_gradients_equal_float64_dense_loop():
+    """Under vmap (how the model runs it) the chunk maps are shared and the parameter cotangents are summed
+    over the batch."""
+    L, P, R, H, Bsz = 29, 6, 4, 2, 3
+    Lambda_bar, B_bar, C, E, F, delta, s, _ = full_mode_case(L, P, R, H, True, True, seed=11)
+    u = np.random.default_rng(2).normal(size=(Bsz, L, H))
+    w = np.random.default_rng(3).normal(size=(Bsz, L, H))
+    params = [Lambda_bar, B_bar, C, E, F, delta, s]
+
+    def loss(fn, p, u):
+        return jnp.sum(jnp.asarray(w, u.dtype) * jax.vmap(lambda v: fn(*p, v))(u))
+
+    fast = lambda *a: ssm_ex._apply_lowrank(*a[:6], a[7], True, True, a[6], 5)  # noqa: E731
+    p32 = [c64(a) if np.iscomplexobj(a) else jnp.asarray(a, jnp.float32) for a in params]
+    g = jax.jit(jax.grad(lambda p, u: loss(fast, p, u), argnums=(0, 1)))(p32, jnp.asarray(u, jnp.float32))
+    with jax.enable_x64(True):
+        ref = lambda *a: x64_dense_loop_output(*a, True, True)  # noqa: E731
+        g_ref = jax.jit(jax.grad(lambda p, u: loss(ref, p, u), argnums=(0, 1)))([jnp.asarray(a) for a in params],
+                                                                            jnp.asarray(u))
+        g_ref = jax.tree_util.tree_map(np.asarray, g_ref)
+    for gf, gr in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        assert rel_err(gf, gr) < 1e-4
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_guarded_full_module_equals_float64_reference(bidirectional):
+    """The module (discretisation, modulus clamp, row-scale guard, chunked scan) against the same layer written
+    out in float64 from its raw parameters, with the guard active; outputs and every parameter's gradient."""
+    L, H, P, R = 33, 3, 8, 5
+    model = ssm_ex.S5SSMExtend(H=H, P=P, R=R, l_max=40, mode="full", bidirectional=bidirectional, chunk=6)
+    params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
+    params["E"], params["F"] = params["E"] * 20, params["F"] * 20  # large enough that the guard scales rows
+    params["Lambda_re"] = params["Lambda_re"].at[0].set(0.3)  # and one unstable base eigenvalue to clamp
+    params["log_step"] = jnp.full_like(params["log_step"], np.log(0.5))  # |λ̄| well inside the circle: room
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    w = jax.random.normal(jax.random.PRNGKey(2), (L, H))
+
+    def reference(p, u):
+        cplx = lambda a: a[..., 0] + 1j * a[..., 1]  # noqa: E731
+        Lambda = p["Lambda_re"] + 1j * p["Lambda_im"]
+        Lb = jnp.exp(Lambda * jnp.exp(p["log_step"]))
+        B_bar = ((Lb - 1) / Lambda)[:, None] * cplx(p["B"])
+        Lb = Lb * jnp.minimum(1.0, 1.0 / jnp.abs(Lb))
+        E, F, delta = cplx(p["E"]), cplx(p["F"]), p["delta_table"][:L]
+        row = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # bound on Σ_q |(E δ F)_pq|
+        s = jnp.minimum(1.0, jnp.maximum(1.0 - jnp.abs(Lb), 0.0)[None, :] / row)
+        y = x64_dense_loop_output(Lb, B_bar, cplx(p["C"]), E, F, delta, s, u, True, bidirectional)
+        return y + p["D"] * u, s
+
+    y = jax.jit(model.apply)({"params": params}, u)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(w * model.apply({"params": p}, u))))(params)
+    with jax.enable_x64(True):
+        p64 = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()}
+        u64, w64 = jnp.asarray(np.asarray(u), jnp.float64), jnp.asarray(np.asarray(w), jnp.float64)
+        y_ref, s = jax.jit(reference)(p64, u64)
+        s = np.asarray(s)
+        g_ref = jax.jit(jax.grad(lambda p: jnp.sum(w64 * reference(p, u64)[0])))(p64)
+        g_ref = {k: np.asarray(v) for k, v in g_ref.items()}
+    assert np.mean((s > 0.05) & (s < 0.95)) > 0.3, "the guard must act in this test (not only by zeroing rows)"
+    assert rel_err(y, np.asarray(y_ref)) < 1e-5
+    for k in params:
+        assert rel_err(g[k], g_ref[k]) < 1e-4, f"gradient of {k}"
+
+
 # Gradients: the parallel / chunked implementations against plain unrolled JAX loops of the equations.
 
 

@@ -1,10 +1,19 @@
-"""Speed of every scan, of a training step, and of the data path, on whatever backend JAX has.
+"""Speed of every scan, of a training step, and of the data path, on whatever backend JAX has; the memory a
+training step needs at every S5 recipe's size; and every scan's sequential depth.
 
     python bench.py --quick                  # CPU-sized shapes, a few minutes
     python bench.py --out bench.json         # the full shapes (a GPU)
+    python bench.py --sections memory        # XLA's memory estimate at the S5 recipes (compile only, any backend)
 
 Times are medians over --repeats calls after a warm-up call, each ended by block_until_ready. Every scan
 is reported as a ratio to the S5 scan of the same shape and pass, measured in the same run.
+
+Sequential depth: the number of dependent steps on the longest path of a function's jaxpr, where a scan of
+length n whose body has depth d counts n·max(d, 1) and every other operation 0 (a parallel associative scan's
+O(log L) levels count 0). It is what a GPU pays in kernel-launch latency, however wide it is.
+
+Memory: `jax.jit(train_step).lower(...).compile().memory_analysis()` on abstract shapes (nothing is allocated),
+XLA's own estimate of the temporary bytes one step needs on the backend it compiles for.
 """
 
 from __future__ import annotations
@@ -30,6 +39,38 @@ FULL_SHAPES = [(32, 1024, 64), (32, 2048, 64), (8, 16384, 128)]
 QUICK_SHAPES = [(8, 256, 16), (8, 1024, 32), (2, 4096, 32)]
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 R = 10
+
+
+def _jaxpr_depth(jaxpr) -> int:
+    depth = {}
+    get = lambda v: 0 if type(v).__name__ == "Literal" else depth.get(v, 0)  # noqa: E731
+    for eqn in jaxpr.eqns:
+        d = max((get(v) for v in eqn.invars), default=0) + _eqn_depth(eqn)
+        for v in eqn.outvars:
+            depth[v] = d
+    return max((get(v) for v in jaxpr.outvars), default=0)
+
+
+def _sub_jaxprs(params):
+    for v in params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            inner = getattr(x, "jaxpr", x)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _eqn_depth(eqn) -> int:
+    name = eqn.primitive.name
+    if name == "scan":
+        return eqn.params["length"] * max(1, _jaxpr_depth(eqn.params["jaxpr"].jaxpr))
+    if name == "while":
+        raise ValueError("a while loop has no static trip count: its depth is unknown")
+    return max((_jaxpr_depth(j) for j in _sub_jaxprs(eqn.params)), default=0)
+
+
+def sequential_depth(fn, *args) -> int:
+    """Dependent steps on the longest path of fn's jaxpr (see the module docstring)."""
+    return _jaxpr_depth(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def median_time(fn, *args, repeats=5):
@@ -79,17 +120,19 @@ def bench_scans(shapes, repeats, on_gpu):
         key = jax.random.PRNGKey(0)
         b = (jax.random.normal(key, (B, L, P)) + 1j * jax.random.normal(key, (B, L, P))).astype(jnp.complex64)
         variants = scan_variants(P, L)
-        times = {}
+        times, depths = {}, {}
         for name, f in variants.items():
             fwd = jax.jit(f)
             # |x|² keeps the gradient a function of the input: the gradient of a loss linear in b would be a
             # constant that the compiler can fold away, timing nothing
-            fwd_bwd = jax.jit(jax.grad(lambda b, f=f: jnp.sum(jnp.abs(f(b)) ** 2)))
-            times[name] = (median_time(fwd, b, repeats=repeats), median_time(fwd_bwd, b, repeats=repeats))
+            grad = jax.grad(lambda b, f=f: jnp.sum(jnp.abs(f(b)) ** 2))
+            times[name] = (median_time(fwd, b, repeats=repeats), median_time(jax.jit(grad), b, repeats=repeats))
+            depths[name] = (sequential_depth(f, b), sequential_depth(grad, b))
         base_f, base_fb = times["s5 scan"]
         for name, (tf, tfb) in times.items():
             row = dict(shape=f"({B}, {L}, {P})", variant=name, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
-                       fwd_ratio=tf / base_f, fwd_bwd_ratio=tfb / base_fb)
+                       fwd_ratio=tf / base_f, fwd_bwd_ratio=tfb / base_fb, fwd_depth=depths[name][0],
+                       fwd_bwd_depth=depths[name][1], depth_target=L // 4)
             if name == "s5 scan":
                 # bytes that must cross memory at least once: read b, write the states (complex64 each)
                 row["fwd_GBps"] = 2 * B * L * P * 8 / tf / 1e9
@@ -100,7 +143,8 @@ def bench_scans(shapes, repeats, on_gpu):
                     row["fwd_bwd_peak_fraction"] = row["fwd_bwd_GBps"] * 1e9 / peak
             rows.append(row)
             print(f"  {row['shape']:>16} {name:16} fwd {tf * 1e3:9.2f} ms ({tf / base_f:5.2f}x)   fwd+bwd "
-                  f"{tfb * 1e3:9.2f} ms ({tfb / base_fb:5.2f}x)" +
+                  f"{tfb * 1e3:9.2f} ms ({tfb / base_fb:5.2f}x)   depth {depths[name][0]:6d} fwd "
+                  f"{depths[name][1]:6d} fwd+bwd" +
                   (f"   {row['fwd_bwd_GBps']:.1f} GB/s" if "fwd_bwd_GBps" in row else ""), flush=True)
     return rows
 
@@ -144,6 +188,69 @@ def bench_train(recipes, repeats):
     return rows
 
 
+# The S5 release's recipe per LRA task (its run_train.py flags; all prenorm, batchnorm, bidirectional, conj_sym)
+# and the task's shapes: (flags, seq_len, in_dim, tokens, pair, n_classes). Token vocabularies as in the
+# release (Text: 135 byte-level tokens; Retrieval: 97).
+S5_RECIPES = {
+    "listops": (["--blocks", "8", "--bsz", "50", "--d_model", "128", "--ssm_size_base", "16", "--n_layers", "8",
+                 "--activation_fn", "half_glu2"], 2048, 18, True, False, 10),
+    "text": (["--blocks", "12", "--bsz", "50", "--d_model", "256", "--ssm_size_base", "192", "--n_layers", "6",
+              "--activation_fn", "half_glu2"], 4096, 135, True, False, 2),
+    "retrieval": (["--blocks", "16", "--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--n_layers", "6",
+                   "--C_init", "trunc_standard_normal"], 4000, 97, True, True, 2),
+    "image": (["--blocks", "3", "--bsz", "50", "--d_model", "512", "--ssm_size_base", "384", "--n_layers", "6",
+               "--clip_eigs"], 1024, 1, False, False, 10),
+    "pathfinder": (["--blocks", "8", "--bsz", "64", "--d_model", "192", "--ssm_size_base", "256", "--n_layers", "6",
+                    "--C_init", "trunc_standard_normal"], 1024, 1, False, False, 2),
+    "path-x": (["--blocks", "16", "--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--n_layers", "6",
+                "--C_init", "complex_normal", "--dt_min", "1e-4"], 16384, 1, False, False, 2),
+}
+S5_COMMON = ["--prenorm", "--batchnorm", "--bidirectional", "--conj_sym", "--R", str(R)]
+MEMORY_VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
+                   "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
+                   "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
+
+
+def abstract_batch(bsz, L, in_dim, tokens, pair):
+    x = jax.ShapeDtypeStruct((bsz, L) if tokens else (bsz, L, in_dim), jnp.int32 if tokens else jnp.float32)
+    n = jax.ShapeDtypeStruct((bsz,), jnp.int32)
+    batch = {"inputs": x, "lengths": n, "labels": n, "weights": jax.ShapeDtypeStruct((bsz,), jnp.float32)}
+    if pair:
+        batch.update(inputs2=x, lengths2=n)
+    return batch
+
+
+def step_memory(argv, L, in_dim, tokens, pair, n_classes):
+    """XLA's compiled memory estimate of one training step (abstract shapes: nothing is allocated)."""
+    cfg = train_ex.parse_args(argv)
+    model = models.build_model(cfg, dict(n_classes=n_classes, seq_len=L, in_dim=in_dim, tokens=tokens, pair=pair))
+    batch = abstract_batch(cfg.bsz, L, in_dim, tokens, pair)
+    variables = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)
+    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+    state = jax.eval_shape(lambda v: train_ex.new_state(v["params"], v.get("batch_stats", {}), tx), variables)
+    train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
+    t0 = time.perf_counter()
+    mem = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile().memory_analysis()
+    return dict(temp_GB=mem.temp_size_in_bytes / 1e9, argument_GB=mem.argument_size_in_bytes / 1e9,
+                output_GB=mem.output_size_in_bytes / 1e9, compile_s=time.perf_counter() - t0)
+
+
+def bench_memory(recipes):
+    rows = []
+    for label in recipes:
+        flags, L, in_dim, tokens, pair, n_classes = S5_RECIPES[label]
+        base = None
+        for variant, extra in MEMORY_VARIANTS.items():
+            row = dict(recipe=label, variant=variant, L=L,
+                       **step_memory([*S5_COMMON, *flags, *extra], L, in_dim, tokens, pair, n_classes))
+            base = base or row["temp_GB"]
+            row["temp_ratio"] = row["temp_GB"] / base
+            rows.append(row)
+            print(f"  {label:10} {variant:12} temp {row['temp_GB']:8.2f} GB ({row['temp_ratio']:5.2f}x S5)   "
+                  f"arguments {row['argument_GB']:6.3f} GB   compile {row['compile_s']:5.1f} s", flush=True)
+    return rows
+
+
 def bench_data(data_dir, bsz, n_batches):
     ds = dataloaders.load("listops-classification", data_dir)
     buckets = (512, 1024, 1536)
@@ -162,7 +269,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and models (CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", default="scans,train,data", help="comma-separated subset of scans,train,data")
+    p.add_argument("--sections", default="scans,train,data,memory",
+                   help="comma-separated subset of scans,train,data,memory")
+    p.add_argument("--recipes", default=",".join(S5_RECIPES),
+                   help=f"memory section: which S5 recipes (of {','.join(S5_RECIPES)})")
     p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -185,6 +295,12 @@ def main(argv=None):
                                            "16", "--n_layers", "6", "--bidirectional", "--C_init", "complex_normal"],
                                 16384, False))
         out["train"] = bench_train(recipes, args.repeats)
+    if "memory" in sections:
+        print(f"memory of one training step at the S5 recipes (XLA's estimate on {dev.platform}; R = {R})")
+        unknown = set(args.recipes.split(",")) - set(S5_RECIPES)
+        if unknown:
+            p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(S5_RECIPES)}")
+        out["memory"] = bench_memory(args.recipes.split(","))
     if "data" in sections:
         print("data path")
         if args.data_dir:

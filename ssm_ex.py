@@ -15,17 +15,30 @@ Lambda extension (E ∈ C^{P×R}, F ∈ C^{R×P}, δ(t) ∈ R^R):   Λ_ex(t) = d
   full: x_t = Λ̄ ⊙ x_{t-1} + E (δ(t) ⊙ (F x_{t-1})) + B̄ u_t     (dense transition, rank-R correction)
   diag: x_t = (Λ̄ + diag(E diag(δ(t)) F)) ⊙ x_{t-1} + B̄ u_t       (diagonal only: parallel scan)
 
-Chunking (full mode). The transition is dense, so the diagonal associative scan does not apply, and a
-dense associative scan would carry L P×P matrices through log L levels (O(L P³ log L) work). Instead
-`lowrank_scan` splits the sequence into n ≈ √L chunks of T_c steps and makes three passes:
-  1. all chunks in parallel, sequential inside: propagate [I | 0] through the chunk's T_c steps to get
-     its transition M_c = A_{end}···A_{start} (P×P) and its zero-start state h_c;
-  2. sequentially across chunks: s_c = M_c s_{c-1} + h_c (n steps of a P×P mat-vec);
-  3. all chunks in parallel again: rerun each chunk from its true start state s_{c-1}, keeping every state.
-Sequential depth 2·T_c + n ≈ 3√L instead of L, work O(L P² R), memory O(L P) besides pass 1's
-O(L P²) residuals under autodiff. Exact (no truncation): every state equals the step-by-step recurrence.
-The price is pass 1's P×P transitions, about P times the recurrence's arithmetic: it pays where the chunks
-run in parallel (a GPU); on a CPU a single chunk (chunk ≥ L: the plain recurrence) is faster (bench.py).
+Full mode: a time-varying linear system shared by the batch. Λ̄, E, F, δ(t) and the guard's scale s_t do not
+depend on the sample; only b_t = B̄u_t does. So every P×P operator is built once per step of training, for the
+whole batch, and the per-sample work is P-vectors only. `lowrank_scan` splits the sequence into n = ⌈L/C⌉
+chunks of C steps (C ≈ √(L/2) by default) and makes three passes:
+  0. shared:  each chunk's transition Φ_c = Λ_ex(end)···Λ_ex(start) (P×P), the identity carried through the
+     chunk's C steps, all chunks at once: O(L P² R) work, once for the batch, C dependent steps;
+  1. per sample, all chunks at once, each from a zero state: its end state e_c (C dependent steps);
+  2. per sample, across chunks: h_{c+1} = Φ_c h_c + e_c, the true start state of every chunk (n steps);
+  3. per sample, all chunks at once again from their true start states, keeping every state (C steps).
+Every state equals the step-by-step recurrence (no truncation). Per sample: two runs of the recurrence,
+O(L P R) each, plus O(L P²/C) across chunks; the batch is a matmul dimension in every step.
+Sequential depth (dependent steps on the longest path): 2C + n ≈ 2√(2L) per direction and pass (L = 1024:
+2·23 + 45 = 91 instead of 1024; L = 16,384: 2·91 + 181 = 363).
+
+Reverse mode (`jax.custom_vjp`): nothing of the passes is stored but the states x_t and the n chunk maps. With
+x̄_t the cotangent of state x_t and ḡ_t the cotangent arriving from the output, the adjoint recurrence runs
+backwards with the transposed transitions, which are again diagonal plus rank R,
+    κ_t = Λ_ex(t)ᵀ (κ_{t+1} + ḡ_t),  κ_L = 0,   x̄_t = κ_{t+1} + ḡ_t,   Λ_ex(t)ᵀ = diag(Λ̄) + Fᵀ diag(δ_t) Eᵀ diag(s_t),
+by the same chunked scan, reusing the forward's Φ_cᵀ as its chunk maps; then, with v_t = F x_{t-1},
+w_t = δ_t ⊙ v_t and m̄_t = s_t ⊙ x̄_t:
+    Λ̄̄ = Σ_t x̄_t ⊙ x_{t-1},  Ē = Σ_t m̄_t w_tᵀ,  F̄ = Σ_t (δ_t ⊙ Eᵀm̄_t) x_{t-1}ᵀ,  δ̄_t = Re(Eᵀm̄_t ⊙ v_t),
+    s̄_t = Re(x̄_t ⊙ E w_t),  b̄_t = x̄_t
+(transposes, not conjugates: JAX's reverse mode of complex-linear maps). Memory: O(L (P + R)) per sample
+(the states), O(n P²) shared, the same order as S5's scan, instead of O(L P²) per sample.
 
 Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
 time index (t counts from the sequence end), its states reversed back and concatenated as in S5.

@@ -69,9 +69,9 @@ class SequenceLayer(nn.Module):
         elif self.activation == "half_glu1":
             x = drop(nn.gelu(x))
             x = x * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x))
-        elif self.activation == "half_glu2":
+        elif self.activation == "half_glu2":  # the gate sees GELU(x); the gated value is the raw SSM output
             x1 = drop(nn.gelu(x))
-            x = x1 * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x1))
+            x = x * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x1))
         elif self.activation == "gelu":
             x = nn.gelu(x)
         else:

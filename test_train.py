@@ -318,3 +318,83 @@ def test_real_training_steps_finish(variant, mnist_root, tmp_path):
         pytest.fail(f"{variant}: 3 training steps and an evaluation did not finish in 120 s (a hang)")
     assert r.returncode == 0, r.stderr[-2000:]
     assert results(tmp_path / "r")["status"] == "finished"
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole model against the S5 release's equations, written out here
+# --------------------------------------------------------------------------------------------------
+
+
+def np_gelu(x):  # flax's (and the release's) default GELU: the tanh approximation
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def np_dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_batchnorm(p, stats, x, eps=1e-5):
+    """Evaluation mode: running statistics."""
+    mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_activation(kind, p, y):
+    """The release's SequenceLayer activations (dropout off)."""
+    g = np_gelu(y)
+    if kind == "full_glu":
+        return np_dense(p["out1"], g) * np_sigmoid(np_dense(p["out2"], g))
+    if kind == "half_glu1":
+        return g * np_sigmoid(np_dense(p["out2"], g))
+    if kind == "half_glu2":
+        return y * np_sigmoid(np_dense(p["out2"], g))
+    assert kind == "gelu"
+    return g
+
+
+@pytest.mark.parametrize("activation", models.ACTIVATIONS)
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_whole_model_equals_release_equations(activation, prenorm):
+    from test_ssm import module_reference
+
+    cfg = train_ex.parse_args(["--d_model", "6", "--n_layers", "2", "--ssm_size_base", "8", "--blocks", "2",
+                               "--bidirectional", "--conj_sym", "--batchnorm", "--activation_fn", activation,
+                               "--prenorm" if prenorm else "--no-prenorm"])
+    L, B, in_dim = 13, 3, 2
+    model = models.build_model(cfg, dict(n_classes=4, seq_len=L, in_dim=in_dim, tokens=False, pair=False))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.normal(size=(B, L, in_dim)), jnp.float32), "lengths": jnp.full(B, L),
+             "labels": jnp.zeros(B, jnp.int32), "weights": jnp.ones(B)}
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    stats = jax.tree_util.tree_map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
+                                   variables["batch_stats"])  # running statistics away from (0, 1)
+    logits = model.apply({"params": variables["params"], "batch_stats": stats}, batch, training=False)
+
+    p = variables["params"]["encoder"]
+    x = np_dense(p["encoder"], np.asarray(batch["inputs"], np.float64))
+    for i in range(cfg.n_layers):
+        lp, ls = p[f"layer_{i}"], stats["encoder"][f"layer_{i}"]
+        skip = x
+        if prenorm:
+            x = np_batchnorm(lp["norm"], ls["norm"], x)
+        y = np.stack([module_reference(lp["ssm"], x[b], True, True, "zoh") for b in range(B)])
+        x = skip + np_activation(activation, lp, y)
+        if not prenorm:
+            x = np_batchnorm(lp["norm"], ls["norm"], x)
+    ref = np_dense(variables["params"]["decoder"], x.mean(axis=1))
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=2e-4, atol=2e-5 * np.abs(ref).max())
+
+
+def test_the_four_activations_differ():
+    """The equations above tell the activations apart on the same input (so the test above can fail)."""
+    rng = np.random.default_rng(1)
+    p = {k: {"kernel": rng.normal(size=(4, 4)), "bias": rng.normal(size=4)} for k in ("out1", "out2")}
+    y = rng.normal(size=(5, 4))
+    outs = [np_activation(a, p, y) for a in models.ACTIVATIONS]
+    for i in range(len(outs)):
+        for j in range(i):
+            assert np.max(np.abs(outs[i] - outs[j])) > 1e-2

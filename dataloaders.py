@@ -1,14 +1,18 @@
 """Datasets of the Long Range Arena and sequential MNIST/CIFAR, as compact numpy arrays, batched fast.
 
-    ds = dataloaders.load("listops-classification", "./data", seed=42)
+    ds = dataloaders.load("listops-classification", "./data", seed=42)   # seed: the held-out splits' seed
     ds.train.inputs (N, L) tokens | (N, L, C) uint8 pixels,  .lengths (N,),  .labels (N,)   [pairs: inputs2, lengths2]
     for batch in dataloaders.prefetch(ds.train.batches(50, shuffle=True, seed=42, epoch=0)): ...
 
 Every source is parsed once into a cache of numpy arrays under `<data root>/cache/` (keyed by the dataset,
 every option that changes the arrays, the cache version and a fingerprint of the source files) and loaded
-from there memory-mapped afterwards. Seeded choices (hold-out splits, the psMNIST permutation) are applied at
-load time, so one cache serves every seed. Conventions (REFERENCE.md §1): pad token 0, lengths count the
-appended end token, pooling must average the real positions only.
+from there memory-mapped afterwards. Seeded choices (hold-out splits) are applied at load time, so one cache
+serves every seed. Conventions (REFERENCE.md §1): pad token 0, lengths count the appended end token, pooling
+must average the real positions only.
+
+Splits as in the S5 release: held-out sets are drawn by torch's `random_split` with a fixed seed (42 by
+default, `seed`, independent of the training seed), so the indices are the release's exactly (same source
+order, same `torch.randperm`); psMNIST uses the release's fixed bit-reversal permutation of the pixels.
 
 Command line:
     python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
@@ -468,7 +472,7 @@ def build_aan(root: Path, seq_len=4000, min_freq=15):
 
 CIFAR_GRAY_MEAN, CIFAR_GRAY_STD = 122.6 / 255, 61.0 / 255
 CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_MEAN, MNIST_STD = 0.0, 1.0  # the S5 release feeds MNIST pixels on the 0-1 scale, unnormalised
 
 
 def _cifar_batches(root: Path):
@@ -643,18 +647,35 @@ def _load_cache(path: Path):
     return dict(splits), meta
 
 
-def _hold_out(split: dict, fraction: float, seed: int):
-    n = len(split["labels"])
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * fraction))
-    def take(idx):
-        return {k: np.asarray(v[np.sort(idx)]) for k, v in split.items()}
+def release_split(n: int, lengths, seed: int):
+    """Row indices of consecutive parts of sizes `lengths` of n rows, as torch.utils.data.random_split draws
+    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order."""
+    import torch  # the release's generator, for its exact split indices
 
-    return take(perm[n_val:]), take(perm[:n_val])
+    if sum(lengths) != n:
+        raise ValueError(f"split sizes {lengths} do not add up to {n} rows")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    return np.split(perm, np.cumsum(lengths)[:-1])
+
+
+def _take(split: dict, idx):
+    return {k: np.asarray(v[np.sort(idx)]) for k, v in split.items()}
+
+
+def bitreversal_permutation(n: int) -> np.ndarray:
+    """psMNIST's pixel order in the S5 release: the indices 0..2^m−1 (2^m ≥ n) in bit-reversed order, keeping
+    those below n. For n = 784 it starts 0, 512, 256, 768, 128."""
+    m = max(1, int(np.ceil(np.log2(n))))
+    idx = np.arange(2 ** m)
+    rev = np.zeros_like(idx)
+    for bit in range(m):
+        rev |= ((idx >> bit) & 1) << (m - 1 - bit)
+    return rev[rev < n]
 
 
 def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
     """Load a dataset by its `--dataset` name from the data root `dir_name` (see the module docstring).
+    `seed` draws the held-out splits (the S5 release uses 42 for every run).
 
     Options override the dataset's defaults (e.g. seq_len, min_freq); the cache is keyed by them.
     """
@@ -684,14 +705,18 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
 
     if rule == "val=test":  # LRA Text has no validation split: as in S4/S5, validate on the test split
         splits["val"] = splits["test"]
-    elif isinstance(rule, float):
-        splits["train"], splits["val"] = _hold_out(splits["train"], rule, seed)
-    elif rule == "80/10/10":
-        rest, test = _hold_out(splits.pop("all"), 0.1, seed)
-        splits["train"], splits["val"] = _hold_out(rest, 1 / 9, seed + 1)
-        splits["test"] = test
+    elif isinstance(rule, float):  # the release: train = the first ⌊n(1 − f)⌋ of one randperm, val the rest
+        n = len(splits["train"]["labels"])
+        n_train = int(n * (1.0 - rule))
+        tr, va = release_split(n, [n_train, n - n_train], seed)
+        splits["train"], splits["val"] = _take(splits["train"], tr), _take(splits["train"], va)
+    elif rule == "80/10/10":  # the release: val and test ⌊n/10⌋ each, train the rest (first)
+        everything = splits.pop("all")
+        n = len(everything["labels"])
+        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed)
+        splits.update(train=_take(everything, tr), val=_take(everything, va), test=_take(everything, te))
     if name == "pmnist-classification":
-        perm = np.random.default_rng(seed).permutation(meta["seq_len"])
+        perm = bitreversal_permutation(meta["seq_len"])
         splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
 
     mean = std = None

@@ -292,15 +292,22 @@ def test_mnist_and_permuted(tmp_path):
     ds = dl.load("mnist-classification", tmp_path)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (45, 5, 20) and ds.seq_len == 784
     assert ds.train.inputs.shape == (45, 784, 1)
+    b = next(ds.test.batches(3))  # the release's MNIST: pixels on the 0-1 scale, no mean/std normalisation
+    np.testing.assert_allclose(b["inputs"], ds.test.inputs[:3] / 255.0, rtol=0, atol=1e-7)
     p1 = dl.load("pmnist-classification", tmp_path, seed=1)
-    p1b = dl.load("pmnist-classification", tmp_path, seed=1)
     p2 = dl.load("pmnist-classification", tmp_path, seed=2)
-    np.testing.assert_array_equal(p1.test.inputs, p1b.test.inputs)
-    assert not np.array_equal(p1.test.inputs, p2.test.inputs)
-    # the same permutation of the 784 pixels for every image
+    # one fixed permutation of the 784 pixels for every image and every seed: the release's bit reversal
+    np.testing.assert_array_equal(p1.test.inputs, p2.test.inputs)
     perm = [int(np.flatnonzero(np.all(ds.test.inputs[:, :, 0] == p1.test.inputs[:, j:j + 1, 0], axis=0))[0])
             for j in range(5)]
-    np.testing.assert_array_equal(p1.test.inputs[:, :5, 0], ds.test.inputs[:, perm, 0])
+    assert perm == [0, 512, 256, 768, 128]
+
+
+def test_bitreversal_permutation():
+    """Against the bit-reversed binary strings of 0..1023 (10 bits), keeping those below 784."""
+    ref = [r for r in (int(format(i, "010b")[::-1], 2) for i in range(1024)) if r < 784]
+    np.testing.assert_array_equal(dl.bitreversal_permutation(784), ref)
+    np.testing.assert_array_equal(dl.bitreversal_permutation(8), [0, 4, 2, 6, 1, 5, 3, 7])
 
 
 def test_mnist_bad_idx(tmp_path):
@@ -352,7 +359,7 @@ def test_pathfinder_split_and_empty_image(tmp_path, capsys):
     ds = dl.load("pathfinder-classification", tmp_path, workers=1)
     assert "skipped 1 unreadable" in capsys.readouterr().err
     assert len(ds.train) + len(ds.val) + len(ds.test) == 29
-    assert (len(ds.val), len(ds.test)) == (3, 3)
+    assert (len(ds.val), len(ds.test)) == (2, 2)  # the release: ⌊n/10⌋ each
     assert ds.train.inputs.shape[1:] == (1024, 1)
     img = np.asarray(Image.open(base / "imgs/1/sample_3.png"))
     all_inputs = np.concatenate([ds.train.inputs, ds.val.inputs, ds.test.inputs])[:, :, 0]
@@ -363,6 +370,33 @@ def test_pathfinder_split_and_empty_image(tmp_path, capsys):
     np.testing.assert_allclose(b["inputs"], (ds.test.inputs[:2] / 255 - 0.5) / 0.5, rtol=0, atol=1e-6)  # float32
     other = dl.load("pathfinder-classification", tmp_path, seed=7)
     assert not np.array_equal(other.test.inputs, ds.test.inputs)  # the split is seeded
+
+
+def test_splits_are_the_release_random_split(tmp_path):
+    """Held-out splits are exactly torch's random_split with the release's generator seed 42."""
+    import torch
+
+    make_pathfinder(tmp_path, empty=())
+    ds = dl.load("pathfinder-classification", tmp_path, workers=1)
+    n = 30
+    parts = torch.utils.data.random_split(range(n), [24, 3, 3], generator=torch.Generator().manual_seed(42))
+    source = np.concatenate([ds.train.inputs, ds.val.inputs, ds.test.inputs])  # to find rows by content
+    order = {}
+    for k in range(3):  # the source order: metadata files by number, rows in file order
+        for i in range(10):
+            img = np.asarray(Image.open(tmp_path / "lra_release/pathfinder32/curv_contour_length_14" /
+                                        f"imgs/{k}/sample_{i}.png")).reshape(-1)
+            order[10 * k + i] = img
+    for split, idx in zip((ds.train, ds.val, ds.test), parts):
+        expected = np.stack([order[i] for i in sorted(idx.indices)])
+        np.testing.assert_array_equal(split.inputs[:, :, 0], expected)
+    assert source.shape[0] == n
+    make_mnist(tmp_path)  # MNIST/CIFAR: train = the first ⌊0.9 n⌋ of the randperm, val the rest
+    mn = dl.load("mnist-classification", tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (50, 28, 28)).reshape(50, 784)  # make_mnist's train file
+    tr, va = torch.utils.data.random_split(range(50), [45, 5], generator=torch.Generator().manual_seed(42))
+    np.testing.assert_array_equal(mn.train.inputs[:, :, 0], images[sorted(tr.indices)])
+    np.testing.assert_array_equal(mn.val.inputs[:, :, 0], images[sorted(va.indices)])
 
 
 def test_pathx_reads_128(tmp_path):

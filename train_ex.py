@@ -92,7 +92,9 @@ def make_parser():
     g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm (off by default)")
     g.add_argument("--early_stop_patience", type=int, default=None, help="stop after this many epochs without "
                    "a better validation accuracy")
-    g.add_argument("--jax_seed", type=int, default=1919)
+    g.add_argument("--jax_seed", type=int, default=1919, help="initialisation, dropout and shuffling")
+    g.add_argument("--split_seed", type=int, default=42, help="the held-out splits (val; Pathfinder/Path-X val and "
+                   "test): fixed at the S5 release's 42 so that every run is tested on the same images")
     g = p.add_argument_group("runs, checkpoints, logging")
     g.add_argument("--run_dir", default=None, help="default: a new folder under runs/")
     g.add_argument("--resume", action="store_true", help="continue the run in --run_dir from ckpt_latest")
@@ -234,17 +236,7 @@ def run(cfg):
     data_sharding, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
 
     # ---- data ----
-    try:
-        opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
-        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.jax_seed, **opts)
-    except dataloaders.DataError as e:
-        raise RunError(str(e), 2) from None
-    train, val, test = ds.train, ds.val, ds.test
-    if cfg.max_train_samples:
-        train = train.subset(np.arange(min(cfg.max_train_samples, len(train))))
-    if cfg.max_eval_samples:
-        val = val.subset(np.arange(min(cfg.max_eval_samples, len(val))))
-        test = test.subset(np.arange(min(cfg.max_eval_samples, len(test))))
+    ds, train, val, test = load_data(cfg)
     buckets = tuple(ds.seq_len * k // 4 for k in (1, 2, 3)) if (cfg.buckets and ds.padded) else None
     steps_per_epoch = train.num_batches(cfg.bsz, drop_last=True, buckets=buckets)
     if steps_per_epoch == 0:
@@ -394,6 +386,22 @@ def run(cfg):
         write_results(status)
         if wandb_run:
             wandb_run.finish()
+
+
+def load_data(cfg):
+    """(dataset, train, val, test) for a config: splits drawn with --split_seed, subsets by --max_*_samples."""
+    try:
+        opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
+        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, **opts)
+    except dataloaders.DataError as e:
+        raise RunError(str(e), 2) from None
+    train, val, test = ds.train, ds.val, ds.test
+    if cfg.max_train_samples:
+        train = train.subset(np.arange(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        val = val.subset(np.arange(min(cfg.max_eval_samples, len(val))))
+        test = test.subset(np.arange(min(cfg.max_eval_samples, len(test))))
+    return ds, train, val, test
 
 
 def new_state(params, batch_stats, tx):

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Text/Retrieval vocabularies counted over the truncated text, as in the S5 release
 PAD, UNK, EOS = 0, 1, 2
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
@@ -438,7 +438,7 @@ def build_imdb(root: Path, seq_len=4096, min_freq=15):
             for p in sorted(folder.glob("*.txt")):
                 texts[split].append(p.read_text(encoding="utf-8", errors="replace"))
                 labels[split].append(label)
-    vocab = char_vocab(texts["train"], min_freq)
+    vocab = char_vocab((t[:seq_len - 1] for t in texts["train"]), min_freq)  # counted over what the model sees
     lookup, dtype = {c: i for i, c in enumerate(vocab)}, _smallest_int(len(vocab))
     splits = {}
     for split in ("train", "test"):
@@ -448,13 +448,13 @@ def build_imdb(root: Path, seq_len=4096, min_freq=15):
                         source=str(base))
 
 
-def build_aan(root: Path, seq_len=4000, min_freq=15):
+def build_aan(root: Path, seq_len=4000, min_freq=1):
     base = root / "lra_release" / "tsv_data"
     rows = {}
     for split, fname in (("train", "train"), ("val", "eval"), ("test", "test")):
         path = _need(base / f"new_aan_pairs.{fname}.tsv", "the AAN retrieval pairs", _download_cmd(root, "lra"))
         rows[split] = (path, read_tsv(path, 5))
-    vocab = char_vocab((r[3] + r[4] for r in rows["train"][1]), min_freq)
+    vocab = char_vocab((d[:seq_len - 1] for r in rows["train"][1] for d in (r[3], r[4])), min_freq)
     lookup, dtype = {c: i for i, c in enumerate(vocab)}, _smallest_int(len(vocab))
     splits = {}
     for split, (path, r) in rows.items():
@@ -589,7 +589,7 @@ def build_pathfinder(root: Path, resolution: int, workers=None):
 DATASETS = {
     "listops-classification": (build_listops, dict(seq_len=2048), None, None),
     "imdb-classification": (build_imdb, dict(seq_len=4096, min_freq=15), None, "val=test"),
-    "aan-classification": (build_aan, dict(seq_len=4000, min_freq=15), None, None),
+    "aan-classification": (build_aan, dict(seq_len=4000, min_freq=1), None, None),
     "lra-cifar-classification": (build_cifar, dict(gray=True), (CIFAR_GRAY_MEAN, CIFAR_GRAY_STD), 0.1),
     "cifar-classification": (build_cifar, dict(gray=False), (CIFAR_RGB_MEAN, CIFAR_RGB_STD), 0.1),
     "pathfinder-classification": (build_pathfinder, dict(resolution=32), (0.5, 0.5), "80/10/10"),

@@ -171,8 +171,8 @@ def make_imdb(root: Path, n=6, seed=0):
             d = root / "aclImdb" / split / sub
             d.mkdir(parents=True)
             for i in range(n):
-                (d / f"{i}_{rng.randint(1, 10)}.txt").write_text(random_text(rng, rng.randint(50, 300)) +
-                                                                 ("é" if i == 0 else ""))
+                (d / f"{i}_{rng.randint(1, 10)}.txt").write_text(("é" if i == 0 else "") +
+                                                                 random_text(rng, rng.randint(50, 300)))
 
 
 def test_imdb(tmp_path):
@@ -191,6 +191,22 @@ def test_imdb(tmp_path):
     expected = [ds.vocab.index(c) if c in ds.vocab else dl.UNK for c in text[:127]] + [dl.EOS]
     assert row.tolist() == expected
     assert np.all(ds.train.lengths <= 128) and ds.train.lengths.max() == 128  # truncated, end token kept
+
+
+def test_text_vocabularies_count_only_what_the_model_sees(tmp_path):
+    """As in the release: characters are counted over the truncated text (seq_len − 1 characters + the end
+    token); Retrieval keeps every character seen (no minimum frequency)."""
+    make_imdb(tmp_path)
+    for i, f in enumerate(sorted((tmp_path / "aclImdb/train/pos").glob("*.txt"))):
+        f.write_text("a" * 200 + "Z" * 5 + ("Q" if i == 0 else ""))  # Z only after position 127
+    vocab = dl.load("imdb-classification", tmp_path, seq_len=128, min_freq=3).vocab
+    assert "Z" not in vocab and "a" in vocab
+    assert "Z" in dl.load("imdb-classification", tmp_path, seq_len=256, min_freq=3).vocab
+    write_aan(tmp_path)
+    rows = [line.split("\t") for line in (tmp_path / "lra_release/tsv_data/new_aan_pairs.train.tsv").read_text()
+            .splitlines()]
+    seen = set("".join(r[3][:63] + r[4][:63] for r in rows))
+    assert set(dl.load("aan-classification", tmp_path, seq_len=64).vocab[3:]) == seen
 
 
 def write_aan(root: Path, n=8, bad_line=None, bad_label=False):

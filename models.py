@@ -3,9 +3,13 @@
 Shapes: a batch of sequences x (B, L, H); `mask` (B, L) is 1 on real positions and 0 on padding.
 The SSMs work on one sequence and are vmapped over the batch here (parameters shared).
 
-Padding: inputs at padded positions are zeroed before every SSM, so padding adds nothing to the states of
-real positions in either direction (the S5 release instead runs the scans over the padding tokens and only
-masks the pooling); pooling averages the real positions only.
+Padding (`mask_padding`): by default inputs at padded positions are zeroed before every SSM, so padding adds
+nothing to the states of real positions in either direction. With mask_padding=False the model computes what
+the S5 release computes: the scans run over the padding tokens (the backward scan meets them first) and
+BatchNorm's statistics include them. Either way pooling averages the real positions only.
+
+Token encoder (`token_encoder`): "onehot" is the release's Dense layer with bias on one-hot tokens (computed as
+a row lookup, kernel lecun-normal: std 1/√vocab); "embed" is flax's nn.Embed (std 1/√H), no bias.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class SequenceLayer(nn.Module):
     prenorm: bool = True
     batchnorm: bool = True
     bn_momentum: float = 0.9
+    mask_padding: bool = True
     training: bool = False
 
     def norm(self, x, name):
@@ -59,7 +64,8 @@ class SequenceLayer(nn.Module):
         skip = x
         if self.prenorm:
             x = self.norm(x, "norm")
-        x = x * mask[..., None]
+        if self.mask_padding:
+            x = x * mask[..., None]
         cls, kw = self.ssm
         BatchSSM = nn.vmap(cls, in_axes=0, out_axes=0, variable_axes={"params": None}, split_rngs={"params": False})
         x = BatchSSM(H=self.d_model, P=self.P, name="ssm", **kw)(x)
@@ -82,8 +88,24 @@ class SequenceLayer(nn.Module):
         return x
 
 
+class OneHotDense(nn.Module):
+    """nn.Dense(features) applied to one_hot(tokens, vocab), without building the one-hot array."""
+
+    vocab: int
+    features: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.vocab, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return jnp.take(kernel, tokens, axis=0) + bias
+
+
+TOKEN_ENCODERS = ("onehot", "embed")
+
+
 class StackedEncoder(nn.Module):
-    """Token embedding (token datasets) or a dense encoder (continuous inputs), then n_layers layers."""
+    """Token encoder (token datasets) or a dense encoder (continuous inputs), then n_layers layers."""
 
     ssm: Any
     d_model: int
@@ -92,10 +114,15 @@ class StackedEncoder(nn.Module):
     tokens: bool
     in_dim: int
     layer_kw: dict
+    token_encoder: str = "onehot"
 
     @nn.compact
     def __call__(self, inputs, mask, training=False):
-        if self.tokens:
+        if self.tokens and self.token_encoder == "onehot":
+            x = OneHotDense(self.in_dim, self.d_model, name="encoder")(inputs)
+        elif self.tokens:
+            if self.token_encoder != "embed":
+                raise ValueError(f"unknown token_encoder {self.token_encoder!r}: use one of {TOKEN_ENCODERS}")
             x = nn.Embed(self.in_dim, self.d_model, name="encoder")(inputs)
         else:
             x = nn.Dense(self.d_model, name="encoder")(inputs)
@@ -135,7 +162,8 @@ class ClassificationModel(nn.Module):
 
 
 class RetrievalModel(nn.Module):
-    """One shared encoder for both documents; features [a, b, a*b, a-b] → Dense(H) → GELU → Dense(classes)."""
+    """One shared encoder for both documents, run once on the 2B batch [first documents; second documents] (as
+    the S5 release: one set of BatchNorm statistics); features [a, b, a-b, a*b] → Dense(H) → GELU → Dense."""
 
     encoder: StackedEncoder
     n_classes: int
@@ -143,9 +171,13 @@ class RetrievalModel(nn.Module):
 
     @nn.compact
     def __call__(self, batch, training=False):
-        a = encode_pooled(self.encoder, batch["inputs"], batch["lengths"], self.mode, training)
-        b = encode_pooled(self.encoder, batch["inputs2"], batch["lengths2"], self.mode, training)
-        h = nn.gelu(nn.Dense(self.encoder.d_model, name="mlp")(jnp.concatenate([a, b, a * b, a - b], axis=-1)))
+        x1, x2 = batch["inputs"], batch["inputs2"]
+        width = max(x1.shape[1], x2.shape[1])
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+        both = encode_pooled(self.encoder, jnp.concatenate([pad(x1), pad(x2)]),
+                             jnp.concatenate([batch["lengths"], batch["lengths2"]]), self.mode, training)
+        a, b = jnp.split(both, 2)
+        h = nn.gelu(nn.Dense(self.encoder.d_model, name="mlp")(jnp.concatenate([a, b, a - b, a * b], axis=-1)))
         return nn.Dense(self.n_classes, name="decoder")(h)
 
 
@@ -159,8 +191,8 @@ def build_model(cfg, ds_meta):
                   delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
                   s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None)
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
-                    batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum)
+                    batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum, mask_padding=cfg.mask_padding)
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
-                             ds_meta["tokens"], ds_meta["in_dim"], layer_kw)
+                             ds_meta["tokens"], ds_meta["in_dim"], layer_kw, cfg.token_encoder)
     head = RetrievalModel if ds_meta["pair"] else ClassificationModel
     return head(encoder, ds_meta["n_classes"], cfg.mode)

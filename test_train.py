@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
+import dataloaders
 import models
 import train_ex
 
@@ -398,3 +399,91 @@ def test_the_four_activations_differ():
     for i in range(len(outs)):
         for j in range(i):
             assert np.max(np.abs(outs[i] - outs[j])) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# S5 parity: padding, token encoder, retrieval batch, learning-rate schedule, splits
+# --------------------------------------------------------------------------------------------------
+
+
+def test_no_mask_padding_lets_the_scans_see_the_padding():
+    """--no-mask_padding is the release's behaviour: the bidirectional scan crosses the pads, so what they hold
+    changes the output (pooling still averages the real positions only)."""
+    cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4", "--bidirectional",
+                               "--no-mask_padding"])
+    model = models.build_model(cfg, dict(n_classes=3, seq_len=40, in_dim=12, tokens=True, pair=False))
+    batch = token_batch(np.random.default_rng(1), L=20)
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    padded = dict(batch, inputs=jnp.pad(batch["inputs"], ((0, 0), (0, 20))))
+    assert np.max(np.abs(np.asarray(model.apply(variables, padded) - model.apply(variables, batch)))) > 1e-4
+
+
+def test_onehot_token_encoder_is_a_dense_layer_on_one_hot_tokens():
+    cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4"])
+    assert cfg.token_encoder == "onehot"
+    enc = models.OneHotDense(12, 8)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 12, (3, 5)))
+    p = enc.init(jax.random.PRNGKey(0), tokens)["params"]
+    p = {"kernel": p["kernel"], "bias": jnp.linspace(-1, 1, 8)}
+    ref = jax.nn.one_hot(tokens, 12) @ p["kernel"] + p["bias"]
+    np.testing.assert_allclose(enc.apply({"params": p}, tokens), ref, rtol=1e-6, atol=1e-6)
+    std = float(np.std(np.asarray(models.OneHotDense(135, 256).init(jax.random.PRNGKey(1), tokens)["params"]
+                                  ["kernel"])))
+    assert abs(std - 1 / np.sqrt(135)) < 0.1 / np.sqrt(135)  # lecun-normal over the vocabulary, as nn.Dense
+
+
+def test_retrieval_encodes_both_documents_in_one_batch():
+    """One BatchNorm statistic over both documents (the release's single 2B pass): after one training-mode call
+    the first norm's running mean is (1 − momentum) × the mean of the encoder outputs of all 2B documents."""
+    cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4", "--bn_momentum", "0.9"])
+    model = models.build_model(cfg, dict(n_classes=2, seq_len=20, in_dim=12, tokens=True, pair=True))
+    rng = np.random.default_rng(0)
+    a, b = token_batch(rng, L=20), token_batch(rng, L=20)
+    batch = dict(a, inputs2=b["inputs"], lengths2=b["lengths"])
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    _, upd = model.apply(variables, batch, training=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    enc = variables["params"]["encoder"]["encoder"]
+    x = np.concatenate([np.asarray(enc["kernel"])[np.asarray(t)] for t in (a["inputs"], b["inputs"])])
+    x = x + np.asarray(enc["bias"])
+    np.testing.assert_allclose(upd["batch_stats"]["encoder"]["layer_0"]["norm"]["mean"], 0.1 * x.mean(axis=(0, 1)),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_end,cosine", [(1, True), (0, True), (2, False)])
+def test_schedule_is_the_release_per_step_update(warmup_end, cosine):
+    """Emulates the release's loop: the rate starts at base, and after every step it is set to
+    decay(step, base, end_step) with the epoch's decay function and the global step counter."""
+    spe, epochs, base, lr_min = 4, 5, 2e-3, 1e-5
+    cfg = train_ex.parse_args(["--epochs", str(epochs), "--warmup_end", str(warmup_end), "--lr_min", str(lr_min),
+                               "--cosine_anneal" if cosine else "--no-cosine_anneal"])
+    rates, current, step = [], base, 0
+    for epoch in range(epochs):
+        if epoch < warmup_end:
+            decay, end = (lambda s, e: base * (s + 1) / e), spe * warmup_end
+        elif cosine:
+            decay, end = (lambda s, e: (base - lr_min) * 0.5 * (1 + np.cos(np.pi * min(s, e) / e)) + lr_min,
+                          spe * epochs - spe * warmup_end)
+        else:
+            decay, end = (lambda s, e: base), None
+        for _ in range(spe):
+            rates.append(current)
+            current = decay(step, end)
+            step += 1
+    lr = train_ex.schedule(base, cfg, spe)
+    np.testing.assert_allclose([float(lr(k)) for k in range(len(rates))], rates, rtol=1e-5, atol=1e-9)
+
+
+def test_split_does_not_move_with_jax_seed(tmp_path):
+    from test_data import make_pathfinder
+
+    make_pathfinder(tmp_path, empty=())
+    dataloaders.load("pathfinder-classification", tmp_path, workers=1)  # the cache, built without a process pool
+    tests = []
+    for seed in ("1", "2"):
+        cfg = train_ex.parse_args(["--dataset", "pathfinder-classification", "--dir_name", str(tmp_path),
+                                   "--jax_seed", seed])
+        tests.append(np.asarray(train_ex.load_data(cfg)[3].inputs))
+    np.testing.assert_array_equal(tests[0], tests[1])
+    cfg = train_ex.parse_args(["--dataset", "pathfinder-classification", "--dir_name", str(tmp_path),
+                               "--split_seed", "7"])
+    assert not np.array_equal(np.asarray(train_ex.load_data(cfg)[3].inputs), tests[0])

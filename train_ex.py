@@ -30,7 +30,7 @@ import utils
 
 ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
                "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
-               "time_scale_type")
+               "time_scale_type", "token_encoder")
 
 
 def make_parser():
@@ -44,7 +44,11 @@ def make_parser():
     g.add_argument("--max_eval_samples", type=int, default=None, help="use only this many val/test samples")
     g.add_argument("--downsample", type=int, default=1, help="MNIST only: k×k average pooling (28/k)² steps")
     g.add_argument("--buckets", action=B, default=True,
-                   help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes")
+                   help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
+                   "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
+    g.add_argument("--mask_padding", action=B, default=True,
+                   help="zero padded positions before every SSM, so padding changes no real position's state "
+                   "(the S5 release: --no-mask_padding, its scans and BatchNorm see the padding)")
     g = p.add_argument_group("model")
     g.add_argument("--ssm_type", default="s5", choices=models.SSM_TYPES)
     g.add_argument("--enable_auxiliary_state", action="store_true", help="the lab's spelling of --ssm_type aux")
@@ -66,6 +70,9 @@ def make_parser():
     g.add_argument("--bn_momentum", type=float, default=0.95)
     g.add_argument("--p_dropout", type=float, default=0.1)
     g.add_argument("--mode", default="pool", choices=("pool", "last"), help="pooling over time")
+    g.add_argument("--token_encoder", default="onehot", choices=models.TOKEN_ENCODERS,
+                   help="token datasets: onehot = the S5 release's Dense with bias on one-hot tokens; embed = "
+                   "nn.Embed")
     g = p.add_argument_group("extensions")
     g.add_argument("--time_scale_type", default="sinusoidal", choices=ssm_ex.TIME_SCALES)
     g.add_argument("--auxiliary_strength", type=float, default=0.1)
@@ -174,13 +181,29 @@ def param_label(path, cfg, frozen: bool) -> str:
 
 
 def schedule(base, cfg, steps_per_epoch):
-    warm = max(cfg.warmup_end * steps_per_epoch, 1)
-    total = max(cfg.epochs * steps_per_epoch, warm + 1)
-    import optax
+    """The S5 release's learning rate at optimiser step k (its loop sets the rate after every step, from the
+    number of steps taken so far), with W = warmup_end·steps_per_epoch and T = epochs·steps_per_epoch:
 
-    after = (optax.cosine_decay_schedule(base, total - warm, alpha=cfg.lr_min / base if base else 0.0)
-             if cfg.cosine_anneal else optax.constant_schedule(base))
-    return optax.join_schedules([optax.linear_schedule(cfg.lr_min, base, warm), after], [warm])
+        k = 0: base;   k ≥ 1: f(k − 1),   f(j) = base·(j + 1)/W                                   if j < W
+                                          f(j) = lr_min + (base − lr_min)·½(1 + cos(π·min(j, T−W)/(T−W)))  otherwise
+    (f(j) = base without --cosine_anneal). The cosine runs on the global step, so it reaches lr_min W steps
+    before the end and stays there.
+    """
+    import jax.numpy as jnp
+
+    W = cfg.warmup_end * steps_per_epoch
+    span = max(cfg.epochs * steps_per_epoch - W, 1)
+
+    def lr(count):
+        j = count - 1
+        warm = base * (j + 1) / max(W, 1)
+        if cfg.cosine_anneal:
+            after = cfg.lr_min + (base - cfg.lr_min) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(j, span) / span))
+        else:
+            after = base
+        return jnp.where(count == 0, base, jnp.where(j < W, warm, after))
+
+    return lr
 
 
 def make_optimizer(params, cfg, steps_per_epoch, frozen=False):

@@ -162,10 +162,20 @@ class Dataset:
     cached: bool = False  # loaded from the cache without preprocessing
     source: str = ""  # where the data came from
     vocab: list = field(default_factory=list)
+    generated: bool = False  # generated here (ListOps without the release), not the published data
+    generator_seed: int | None = None  # its generator's seed, when known
+    split_seed: int | None = None  # the seed of the held-out splits, when they were drawn here
 
     @property
     def tokens(self):
         return self.train.mean is None
+
+    def provenance(self) -> dict:
+        """What results.json records about the data a run used."""
+        return {"dataset": self.name, "source": self.source, "generated": self.generated,
+                "generator_seed": self.generator_seed, "split_seed": self.split_seed,
+                "vocab_size": self.in_dim if self.tokens else None,
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
 
 
 # ==================================================================================================
@@ -276,6 +286,7 @@ def char_vocab(texts, min_freq: int):
 LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
 LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + LISTOPS_OPS + ["]"]
 LISTOPS_SIZES = {"n_train": 96000, "n_val": 2000, "n_test": 2000}  # the LRA release's
+LISTOPS_GENERATOR_SEED = 0  # the seed of the set generated when the release is missing
 LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
 
 
@@ -369,6 +380,8 @@ def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, worker
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    (tmp / "generator.json").write_text(json.dumps({"seed": seed, "n_train": n_train, "n_val": n_val,
+                                                    "n_test": n_test}) + "\n")  # provenance for results.json
     start = 0
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         with open(tmp / f"basic_{split}.tsv", "w", encoding="utf-8") as f:
@@ -399,7 +412,7 @@ def _listops_dir(root: Path, generate: bool, workers=None):
                   "comparable in\ndistribution, not sample for sample. Download the release with: " +
                   _download_cmd(root, "lra") + "\n" + "=" * 100)
         print(banner, file=sys.stderr, flush=True)
-        make_listops(generated, **LISTOPS_SIZES, workers=workers)
+        make_listops(generated, **LISTOPS_SIZES, seed=LISTOPS_GENERATOR_SEED, workers=workers)
     return generated, "a GENERATED ListOps set (not the LRA release)"
 
 
@@ -419,8 +432,11 @@ def build_listops(root: Path, seq_len=2048, generate=True, workers=None):
             lengths[i] = len(ids)
             labels[i] = _label(target, 10, f"{path}:{i + 2}")
         splits[split] = dict(inputs=tokens, lengths=lengths, labels=labels)
+    generated = folder.name == "listops_generated"
+    info = folder / "generator.json"
+    seed = json.loads(info.read_text()).get("seed") if generated and info.exists() else None
     return splits, dict(n_classes=10, seq_len=seq_len, in_dim=len(LISTOPS_VOCAB), padded=True, pair=False,
-                        vocab=LISTOPS_VOCAB, source=source)
+                        vocab=LISTOPS_VOCAB, source=source, generated=generated, generator_seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -731,7 +747,8 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
             raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")
     return Dataset(name, made["train"], made["val"], made["test"], meta["n_classes"], meta["seq_len"],
                    meta["in_dim"], meta["padded"], meta["pair"], cached, meta.get("source", ""),
-                   meta.get("vocab", []))
+                   meta.get("vocab", []), meta.get("generated", False), meta.get("generator_seed"),
+                   seed if rule not in (None, "val=test") else None)
 
 
 # ==================================================================================================

@@ -99,6 +99,11 @@ def load_run(root: Path, d: Path) -> dict:
             val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
 
     note = meta.get("note") or ""
+    data = (res or {}).get("data") or {}
+    generated = bool(data.get("generated"))
+    if generated:  # not the published data set: its numbers do not compare with the papers' tables
+        seed_text = f", generator seed {data['generator_seed']}" if data.get("generator_seed") is not None else ""
+        note = f"GENERATED data{seed_text}; {note}" if note else f"GENERATED data{seed_text}"
     if status == "failed" and (d / "train.log").exists():
         log = f"log {d.relative_to(root) / 'train.log'}"
         note = f"{note}; {log}" if note else log
@@ -106,7 +111,8 @@ def load_run(root: Path, d: Path) -> dict:
                 order=meta.get("order"), status=status, exit_code=code, val=val, test=test, best_epoch=best_epoch,
                 epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
                 wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
-                n_params=(res or {}).get("n_params"), device=(res or {}).get("device"), note=note)
+                n_params=(res or {}).get("n_params"), device=(res or {}).get("device"), note=note,
+                generated=generated)
 
 
 def summarise(runs):
@@ -130,6 +136,8 @@ def summarise(runs):
         status = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {s}" for s, n in counts.items())
         if used and not finished:
             status += " (partial)"
+        if any(r.get("generated") for r in rs):
+            status += "; GENERATED data"
         have = [r for r in rs if r["epochs_done"]]
         walls = [r["wall"] for r in have if r["wall"] is not None]
         sps = [r["steps_per_s"] for r in have if r["steps_per_s"] is not None]

@@ -119,6 +119,9 @@ def test_listops_official_format_and_generated_read_the_same(tmp_path, generated
     shutil.copytree(generated_listops, root2 / "listops_generated")
     b = dl.load("listops-classification", root2)
     assert "GENERATED" in b.source
+    assert a.provenance()["generated"] is False and a.provenance()["generator_seed"] is None
+    assert b.provenance()["generated"] is True and b.provenance()["generator_seed"] == 3  # the fixture's seed
+    assert a.provenance()["vocab_size"] == 18 and a.provenance()["sizes"] == {"train": 300, "val": 30, "test": 30}
     for s in ("train", "val", "test"):
         np.testing.assert_array_equal(getattr(a, s).inputs, getattr(b, s).inputs)
         np.testing.assert_array_equal(getattr(a, s).labels, getattr(b, s).labels)

@@ -304,3 +304,18 @@ def test_summarize_mean_std_partial_and_failed(tmp_path):
     assert len(runs) == 5 and any("bad flag" in r[-1] for r in runs)
     for png in ("val_acc_g1-aux.png", "val_acc_g2-time-scale.png", "test_acc.png"):
         assert (root / png).read_bytes()[:8] == PNG
+
+
+def test_summarize_marks_runs_on_generated_data(tmp_path):
+    root = tmp_path / "series"
+    write_run(root, "g/real/seed0", "finished", (0.6, 0.5), [(0.6, 0.5)])
+    write_run(root, "g/gen/seed0", "finished", (0.7, 0.6), [(0.7, 0.6)])
+    res = json.loads((root / "g/gen/seed0/results.json").read_text())
+    res["data"] = {"generated": True, "generator_seed": 0, "source": "a GENERATED ListOps set"}
+    (root / "g/gen/seed0/results.json").write_text(json.dumps(res))
+    assert summarize.main([str(root)]) == 0
+    rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
+    assert "GENERATED" in rows["gen"]["status"] and "GENERATED" not in rows["real"]["status"]
+    _, runs = md_tables((root / "summary.md").read_text())
+    assert any("GENERATED data, generator seed 0" in r[-1] for r in runs)
+    assert not any("GENERATED" in r[-1] for r in runs if "real" in r[0])

@@ -325,7 +325,8 @@ def run(cfg):
             "best": {k: best.get(k) for k in ("epoch", "val_acc", "test_acc")},
             "wall_time_s": progress["wall_time_s"],
             "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
-            "n_params": n_params, "device": f"{len(devices)}× {devices[0].device_kind}", "status": status})
+            "n_params": n_params, "device": f"{len(devices)}× {devices[0].device_kind}", "data": ds.provenance(),
+            "status": status})
 
     if cfg.eval_only:
         val_loss, val_acc = evaluate(val)

@@ -22,6 +22,10 @@ Runs the ablation series of train_ex.py, in this order (one run per setting and 
   group 5  g5-extend       --ssm_type extend, --R 4/10/16 x --extend_mode full/diag
   group 6  g6-warm-start   an S5 run, then --ssm_type extend fine-tuned on its ckpt_best.msgpack (--freeze base)
 
+Every run uses train_ex.py's defaults for padded sets: padding masked before every SSM (--mask_padding) and
+length-bucketed batches (--buckets), not the S5 release's unmasked, full-length batches; for the release's
+behaviour pass EXTRA="--no-mask_padding --no-buckets". Held-out splits are the release's (--split_seed 42).
+
 Each run writes OUT_ROOT/<group>/<setting>/seed<k>/ (results.json, checkpoints, train.log, series_run.json).
 A run whose results.json says "finished" is skipped; one left "running"/"interrupted" with a checkpoint is
 continued with --resume; any other is (re)started from scratch. A failed run is logged (train.log keeps every

@@ -487,3 +487,47 @@ def test_split_does_not_move_with_jax_seed(tmp_path):
     cfg = train_ex.parse_args(["--dataset", "pathfinder-classification", "--dir_name", str(tmp_path),
                                "--split_seed", "7"])
     assert not np.array_equal(np.asarray(train_ex.load_data(cfg)[3].inputs), tests[0])
+
+
+# The S5 release's run_train.py settings per task (its published recipe table), written out here.
+RELEASE_RECIPES = {  # dataset: (C_init, blocks, bsz, d_model, ssm_size, n_layers, epochs, ssm_lr, lr_factor,
+    #                            opt_config, dropout, weight_decay, other settings)
+    "listops-classification": ("lecun_normal", 8, 50, 128, 16, 8, 40, 1e-3, 3, "BfastandCdecay", 0.0, 0.04,
+                               dict(activation_fn="half_glu2")),
+    "imdb-classification": ("lecun_normal", 12, 50, 256, 192, 6, 35, 1e-3, 4, "standard", 0.1, 0.07,
+                            dict(activation_fn="half_glu2", dt_global=True, warmup_end=0)),
+    "aan-classification": ("trunc_standard_normal", 16, 32, 128, 256, 6, 20, 1e-3, 2, "standard", 0.0, 0.05,
+                           dict(dt_global=True)),
+    "lra-cifar-classification": ("lecun_normal", 3, 50, 512, 384, 6, 250, 1e-3, 4.5, "BfastandCdecay", 0.1, 0.07,
+                                 dict(clip_eigs=True)),
+    "pathfinder-classification": ("trunc_standard_normal", 8, 64, 192, 256, 6, 200, 9e-4, 5, "standard", 0.05,
+                                  0.03, dict(bn_momentum=0.9)),
+    "pathx-classification": ("complex_normal", 16, 32, 128, 256, 6, 75, 6e-4, 3, "BandCdecay", 0.0, 0.06,
+                             dict(dt_min=1e-4, bn_momentum=0.9)),
+}
+RELEASE_COMMON = dict(prenorm=True, batchnorm=True, bidirectional=True, conj_sym=True, discretization="zoh",
+                      mode="pool", mask_padding=False, buckets=False, token_encoder="onehot", split_seed=42,
+                      ssm_type="s5", clip_eigs=False, dt_global=False, activation_fn="half_glu1", warmup_end=1,
+                      bn_momentum=0.95, dt_min=0.001, lr_min=0.0, cosine_anneal=True)
+
+
+def test_readme_s5_recipes_parse_to_the_release_settings():
+    import shlex
+
+    text = (HERE / "README.md").read_text()
+    s5 = next(line for line in text.splitlines() if line.startswith('S5="'))[4:-1]
+    commands = [line for line in text.splitlines() if line.startswith("python train_ex.py $S5 ")]
+    assert len(commands) == 6
+    seen = set()
+    for line in commands:
+        argv = shlex.split(line.replace("$S5", s5))[2:]
+        cfg = train_ex.parse_args(argv)
+        seen.add(cfg.dataset)
+        c_init, blocks, bsz, d, p, n, epochs, ssm_lr, factor, opt, drop, wd, other = RELEASE_RECIPES[cfg.dataset]
+        want = {**RELEASE_COMMON, **other, "C_init": c_init, "blocks": blocks, "bsz": bsz, "d_model": d,
+                "ssm_size_base": p, "n_layers": n, "epochs": epochs, "ssm_lr": ssm_lr,
+                "global_lr": pytest.approx(factor * ssm_lr), "opt_config": opt, "p_dropout": drop,
+                "weight_decay": wd}
+        got = {k: getattr(cfg, k) for k in want}
+        assert got == want, cfg.dataset
+    assert seen == set(RELEASE_RECIPES)

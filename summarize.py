@@ -136,8 +136,7 @@ def summarise(runs):
         status = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{n} {s}" for s, n in counts.items())
         if used and not finished:
             status += " (partial)"
-        if any(r.get("generated") for r in rs):
-            status += "; GENERATED data"
+        data = "generated" if any(r.get("generated") for r in rs) else "release"
         have = [r for r in rs if r["epochs_done"]]
         walls = [r["wall"] for r in have if r["wall"] is not None]
         sps = [r["steps_per_s"] for r in have if r["steps_per_s"] is not None]
@@ -148,7 +147,7 @@ def summarise(runs):
                          val_std=val_s, test_mean=test_m, test_std=test_s, epochs_done=done, epochs_total=totals,
                          wall_time_s=sum(walls) / len(walls) if walls else None,
                          steps_per_s=sum(sps) / len(sps) if sps else None, n_params=params, status=status,
-                         runs=rs))
+                         data=data, runs=rs))
     return rows
 
 
@@ -202,6 +201,10 @@ def write_markdown(path: Path, root: Path, rows, runs):
                  f"| {fmt_time(r['wall_time_s'])} | "
                  f"{fmt_num(r['steps_per_s'])} "
                  f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {r['status']} |")
+    generated = [f"{r['group']}/{r['setting']}" for r in rows if r["data"] == "generated"]
+    if generated:
+        L += ["", f"**Generated data**, not the published release (numbers do not compare with the papers' tables): "
+              f"{', '.join(generated)}."]
     L += ["", "## Runs", "", "| run | seed | status | epochs | best val | test at best val | wall time | note |",
           "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -216,12 +219,12 @@ def write_csvs(out: Path, rows):
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "setting", "seeds", "n", "val_mean", "val_std", "test_mean", "test_std", "epochs_done",
-                    "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status"])
+                    "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status", "data"])
         for r in rows:
             w.writerow([r["group"], r["setting"], " ".join(map(str, r["seeds"])), r["n"], r["val_mean"], r["val_std"],
                         r["test_mean"], r["test_std"], " ".join(map(str, r["epochs_done"])),
                         " ".join(map(str, r["epochs_total"])), r["wall_time_s"], r["steps_per_s"],
-                        " ".join(map(str, r["n_params"])), r["status"]])
+                        " ".join(map(str, r["n_params"])), r["status"], r["data"]])
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",

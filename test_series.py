@@ -315,7 +315,9 @@ def test_summarize_marks_runs_on_generated_data(tmp_path):
     (root / "g/gen/seed0/results.json").write_text(json.dumps(res))
     assert summarize.main([str(root)]) == 0
     rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
-    assert "GENERATED" in rows["gen"]["status"] and "GENERATED" not in rows["real"]["status"]
+    assert rows["gen"]["data"] == "generated" and rows["real"]["data"] == "release"
+    assert rows["gen"]["status"] == rows["real"]["status"] == "finished"
+    assert "**Generated data**, not the published release" in (root / "summary.md").read_text()
     _, runs = md_tables((root / "summary.md").read_text())
     assert any("GENERATED data, generator seed 0" in r[-1] for r in runs)
     assert not any("GENERATED" in r[-1] for r in runs if "real" in r[0])

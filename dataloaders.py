@@ -103,20 +103,28 @@ class Split:
             plan = [plan[i] for i in rng.permutation(len(plan))]
         return plan
 
-    def batches(self, bsz, *, shuffle=False, seed=0, epoch=0, drop_last=False, buckets=None, start=0):
+    def batches(self, bsz, *, shuffle=False, seed=0, epoch=0, drop_last=False, buckets=None, start=0,
+                shard=(0, 1)):
         """Yield batches as dicts of numpy arrays: inputs, lengths, labels, weights [, inputs2, lengths2].
 
         Every batch has exactly `bsz` rows, so the model compiles one shape per width: a last partial batch
         is filled with copies of its first row carrying weight 0 (`drop_last=True` drops it instead, for
         training). `buckets` (e.g. (512, 1024, 2048)) groups sequences by length and cuts each batch to the
         smallest bucket that holds it. `start` skips the first batches (resuming inside an epoch).
+        `shard=(k, n)`: only the k-th of n equal parts of every batch (bsz/n rows; one process's share of a
+        global batch of bsz rows). Every part has the same number of batches and the same shapes.
         """
+        k, n_parts = shard
+        if bsz % n_parts:
+            raise ValueError(f"batch size {bsz} is not divisible into {n_parts} equal parts")
+        part = bsz // n_parts
         for rows, width in self._plan(bsz, shuffle, seed, epoch, drop_last, buckets)[start:]:
             n = len(rows)
             weights = np.zeros(bsz, np.float32)
             weights[:n] = 1.0
             if n < bsz:
                 rows = np.concatenate([rows, np.full(bsz - n, rows[0])])
+            rows, weights = rows[k * part:(k + 1) * part], weights[k * part:(k + 1) * part]
             batch = {"inputs": self._features(self.inputs[rows, :width]),
                      "lengths": np.minimum(self.lengths[rows], width).astype(np.int32),
                      "labels": self.labels[rows].astype(np.int32), "weights": weights}

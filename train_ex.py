@@ -80,8 +80,8 @@ def make_parser():
     g.add_argument("--extend_mode", default="full", choices=ssm_ex.EXTEND_MODES)
     g.add_argument("--delta_type", default="learned", choices=ssm_ex.DELTA_TYPES)
     g.add_argument("--extend_init_scale", type=float, default=0.05)
-    g.add_argument("--extend_chunk", type=int, default=0, help="full mode: chunk length of the chunked scan "
-                   "(0: about sqrt(L); >= L: the plain sequential recurrence, faster on a CPU)")
+    g.add_argument("--extend_chunk", type=int, default=0, help="full mode: steps per chunk of the chunked scan "
+                   "(0: about sqrt(L/2), the smallest sequential depth; >= L: one chunk, the plain recurrence)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--lr", type=float, default=1e-3,
@@ -110,7 +110,13 @@ def make_parser():
                    "extension on top of a loaded S5 model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --load_checkpoint and exit")
     g.add_argument("--max_steps", type=int, default=None, help="stop (resumably) after this many steps")
-    g.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    g.add_argument("--ckpt_every_min", type=float, default=30.0, help="also write ckpt_latest inside an epoch every "
+                   "this many minutes (0: only at epoch ends), so a killed job loses at most about that much")
+    g.add_argument("--distributed", action="store_true", help="several processes (hosts) with jax.distributed: "
+                   "alone under SLURM / Open MPI (peers found from the environment), elsewhere with the next three")
+    g.add_argument("--coordinator", default=None, help="--distributed: HOST:PORT of process 0")
+    g.add_argument("--num_processes", type=int, default=None, help="--distributed: how many processes")
+    g.add_argument("--process_id", type=int, default=None, help="--distributed: this process's index, 0..N-1")
     g.add_argument("--use_wandb", action="store_true", help="log to wandb online (default: offline; WANDB_MODE "
                    "wins when set)")
     g.add_argument("--wandb_project", default="s5-ex")
@@ -152,6 +158,15 @@ def parse_args(argv=None):
         parser.error("--eval_only needs --load_checkpoint (or --resume with --run_dir)")
     if args.resume and not args.run_dir:
         parser.error("--resume needs --run_dir (the run to continue)")
+    manual = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if any(manual) and not (all(manual) and args.distributed):
+        parser.error("--coordinator, --num_processes and --process_id go together, with --distributed")
+    if all(manual) and not 0 <= args.process_id < args.num_processes:
+        parser.error(f"--process_id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    if args.distributed and not args.run_dir and not args.eval_only:
+        parser.error("--distributed needs --run_dir (every process must name the same run)")
+    if args.ckpt_every_min < 0:
+        parser.error(f"--ckpt_every_min must be >= 0, got {args.ckpt_every_min}")
     if args.ssm_lr_base is not None:
         args.ssm_lr, args.global_lr = args.ssm_lr_base, args.lr_factor * args.ssm_lr_base
     else:
@@ -243,23 +258,201 @@ def check_architecture(saved: dict, cfg):
         raise RunError("the checkpoint was made by a different architecture:\n  " + "\n  ".join(diff), 2)
 
 
+# --------------------------------------------------------------------------------------------------
+# Runtime: processes, devices, shardings
+# --------------------------------------------------------------------------------------------------
+
+STOP_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports a killed job
+
+
+class Runtime:
+    """This process's place in the run: the device mesh over every process's devices, the data and replicated
+    shardings, and the few host-side agreements every process must reach together."""
+
+    def __init__(self, cfg):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if cfg.distributed:
+            try:  # CPU hosts exchange collectives over gloo; a no-op on GPU, absent from some JAX releases
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            except (AttributeError, ValueError):
+                pass
+            kw = {}
+            if cfg.coordinator:
+                kw = dict(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                          process_id=cfg.process_id)
+            jax.distributed.initialize(**kw)  # under SLURM / Open MPI it finds its peers itself
+        self.jax = jax
+        self.devices = jax.devices()
+        self.index, self.count = jax.process_index(), jax.process_count()
+        if cfg.bsz % len(self.devices):
+            raise RunError(f"--bsz {cfg.bsz} must be divisible by the {len(self.devices)} devices "
+                           f"({self.count} process(es))", 2)
+        mesh = Mesh(np.array(self.devices), ("batch",))
+        self.data_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+
+    @property
+    def main(self) -> bool:
+        """Process 0 alone writes checkpoints, results.json, wandb and the console summary."""
+        return self.index == 0
+
+    @property
+    def shard(self):
+        return (self.index, self.count)
+
+    def global_batch(self, local):
+        """This process's rows of a global batch → one global array per leaf (no collective)."""
+        return {k: self.jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}
+
+    def agree(self, flags):
+        """The element-wise maximum of `flags` (small ints) over every process: decisions all processes share."""
+        flags = np.asarray(flags, np.int32)
+        if self.count == 1:
+            return flags
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(flags)).max(axis=0)
+
+    def barrier(self, name):
+        if self.count > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+    def host(self, x):
+        """A replicated array's value on this host."""
+        return np.asarray(x.addressable_data(0))
+
+    def describe(self):
+        d = self.devices[0]
+        return f"{len(self.devices)}× {d.device_kind}" + (f" on {self.count} processes" if self.count > 1 else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and reports (process 0 writes; every process reads)
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """ckpt_{latest,best}.msgpack (flax msgpack of the whole training state, written atomically) and a .json
+    beside each (config, progress: epoch, batch within it, step, history, best)."""
+
+    def __init__(self, run_dir: Path, rt: Runtime, config: dict):
+        self.dir, self.rt, self.config = run_dir, rt, config
+
+    def save(self, kind, state, progress):
+        if not self.rt.main:
+            return
+        from flax import serialization
+
+        host_state = self.rt.jax.tree_util.tree_map(self.rt.host, state)
+        utils.atomic_write(self.dir / f"ckpt_{kind}.msgpack", serialization.to_bytes(host_state))
+        utils.write_json(self.dir / f"ckpt_{kind}.json", {"config": self.config, "progress": progress})
+
+    def restore(self, cfg, state):
+        """(state, progress) from ckpt_latest, or a RunError saying what is missing or different."""
+        from flax import serialization
+
+        latest = self.dir / "ckpt_latest.msgpack"
+        if not latest.exists():
+            raise RunError(f"--resume: no checkpoint at {latest} (a run that never saved one starts without "
+                           f"--resume)", 2)
+        saved = utils.read_json(latest.with_suffix(".json"))
+        check_architecture(saved["config"], cfg)
+        return serialization.from_bytes(state, latest.read_bytes()), saved["progress"]
+
+
+class Report:
+    """results.json, wandb and the console, all from process 0."""
+
+    def __init__(self, cfg, rt: Runtime, run_dir: Path, config: dict, ds, n_params: int):
+        self.cfg, self.rt, self.dir, self.config, self.ds, self.n_params = cfg, rt, run_dir, config, ds, n_params
+        self.wandb = start_wandb(cfg, config, run_dir) if rt.main else None
+
+    def say(self, text):
+        if self.rt.main:
+            print(text, flush=True)
+
+    def results(self, progress, status):
+        if not self.rt.main:
+            return
+        best = progress["best"] or {}
+        utils.write_json(self.dir / "results.json", {
+            "config": self.config, "epochs": progress["history"],
+            "best": {k: best.get(k) for k in ("epoch", "val_acc", "test_acc")},
+            "wall_time_s": progress["wall_time_s"],
+            "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
+            "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status})
+
+    def epoch(self, row, progress):
+        if self.wandb:
+            self.wandb.log(row, step=row["epoch"])
+        best = progress["best"]
+        self.say(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
+                 f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f} | best val "
+                 f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}) | {row['seconds']:.1f}s, "
+                 f"{row['steps_per_s']:.1f} steps/s")
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: data, state, the step loop, evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what SLURM and Kubernetes send before a kill) only set a flag; the step loop saves
+    and stops at the next agreed point."""
+
+    def __enter__(self):
+        self.caught = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught = self.caught or signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts):
+    """(state on the devices, tx, progress, n_params, dropout key): fresh, warm-started or resumed."""
+    import jax
+
+    sample = next(train.batches(cfg.bsz, shard=rt.shard))
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+    variables = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))(init_key, sample)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    if cfg.load_checkpoint and not cfg.resume:
+        params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)
+    tx, _ = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
+    state = new_state(params, batch_stats, tx)
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "wall_time_s": 0.0}
+    if cfg.resume:
+        state, progress = ckpts.restore(cfg, state)
+        if rt.main:
+            print(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    return jax.device_put(state, rt.replicated), tx, progress, n_params, dropout_key
+
+
 def run(cfg):
     import jax
-    import jax.numpy as jnp
-    from flax import serialization
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from tqdm import tqdm
 
-    if cfg.distributed:
-        jax.distributed.initialize()
-    devices = jax.devices()
-    if cfg.bsz % len(devices):
-        raise RunError(f"--bsz {cfg.bsz} must be divisible by the {len(devices)} devices", 2)
-    mesh = Mesh(np.array(devices), ("batch",))
-    data_sharding, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
-
-    # ---- data ----
-    ds, train, val, test = load_data(cfg)
+    rt = Runtime(cfg)
+    # ---- data: process 0 builds any cache first, so processes sharing a disk never write it together ----
+    if rt.main:
+        ds, train, val, test = load_data(cfg)
+    rt.barrier("data")
+    if not rt.main:
+        ds, train, val, test = load_data(cfg)
     buckets = tuple(ds.seq_len * k // 4 for k in (1, 2, 3)) if (cfg.buckets and ds.padded) else None
     steps_per_epoch = train.num_batches(cfg.bsz, drop_last=True, buckets=buckets)
     if steps_per_epoch == 0:
@@ -268,148 +461,128 @@ def run(cfg):
 
     # ---- model and state ----
     model = models.build_model(cfg, meta)
-    sample = next(train.batches(cfg.bsz))
-    key = jax.random.PRNGKey(cfg.jax_seed)
-    init_key, dropout_key = jax.random.split(key)
-    variables = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))(init_key, sample)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-
     run_dir = Path(cfg.run_dir) if cfg.run_dir else utils.new_run_dir("runs", cfg.dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rt.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = dict(vars(cfg))
-
-    if cfg.load_checkpoint and not cfg.resume:
-        params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)
-    tx, labels = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
-    state = new_state(params, batch_stats, tx)
-    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
-
-    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "wall_time_s": 0.0}
-    if cfg.resume:
-        latest = run_dir / "ckpt_latest.msgpack"
-        if not latest.exists():
-            raise RunError(f"--resume: no checkpoint at {latest}", 2)
-        saved = utils.read_json(latest.with_suffix(".json"))
-        check_architecture(saved["config"], cfg)
-        state = serialization.from_bytes(state, latest.read_bytes())
-        progress = saved["progress"]
-        print(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
-    state = jax.device_put(state, replicated)
-
+    ckpts = Checkpoints(run_dir, rt, config)
+    state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
     train_step, eval_step = make_steps(model, tx, dropout_key)
-    train_step = jax.jit(train_step, donate_argnums=(0,))
-    eval_step = jax.jit(eval_step)
+    train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated)
+    eval_step = jax.jit(eval_step, out_shardings=rt.replicated)
 
-    def to_device(it):
-        for b in it:
-            yield jax.device_put(b, data_sharding)
-
-    def evaluate(split):
+    def evaluate(state, split):
+        """(loss, accuracy) over a split; every process runs the same number of batches of the same shapes."""
         if len(split) == 0:
             return float("nan"), float("nan")
-        tot = jnp.zeros(3)
-        for b in dataloaders.prefetch(to_device(split.batches(cfg.bsz, buckets=buckets))):
-            tot = tot + eval_step(state, b)
-        loss_sum, correct, n = np.asarray(tot)
+        tot = None
+        for b in dataloaders.prefetch(split.batches(cfg.bsz, buckets=buckets, shard=rt.shard)):
+            out = eval_step(state, rt.global_batch(b))
+            tot = out if tot is None else tot + out
+        loss_sum, correct, n = rt.host(tot)
         return float(loss_sum / n), float(correct / n)
 
-    def save(kind, extra=None):
-        body = {"config": config, "progress": progress, **(extra or {})}
-        utils.atomic_write(run_dir / f"ckpt_{kind}.msgpack", serialization.to_bytes(jax.device_get(state)))
-        utils.write_json(run_dir / f"ckpt_{kind}.json", body)
-
-    def write_results(status):
-        best = progress["best"] or {}
-        utils.write_json(run_dir / "results.json", {
-            "config": config, "epochs": progress["history"],
-            "best": {k: best.get(k) for k in ("epoch", "val_acc", "test_acc")},
-            "wall_time_s": progress["wall_time_s"],
-            "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
-            "n_params": n_params, "device": f"{len(devices)}× {devices[0].device_kind}", "data": ds.provenance(),
-            "status": status})
-
     if cfg.eval_only:
-        val_loss, val_acc = evaluate(val)
-        test_loss, test_acc = evaluate(test)
-        print(f"eval: val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}")
+        (val_loss, val_acc), (test_loss, test_acc) = evaluate(state, val), evaluate(state, test)
+        if rt.main:
+            print(f"eval: val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}")
         return 0
 
-    wandb_run = start_wandb(cfg, config, run_dir)
-    print(f"{cfg.dataset} ({ds.source}): train {len(train):,} val {len(val):,} test {len(test):,} | "
-          f"{cfg.ssm_type} model, {n_params:,} parameters | {len(devices)}× {devices[0].device_kind} | run {run_dir}")
-
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
+    report = Report(cfg, rt, run_dir, config, ds, n_params)
+    report.say(f"{cfg.dataset} ({ds.source}): train {len(train):,} val {len(val):,} test {len(test):,} | "
+               f"{cfg.ssm_type} model, {n_params:,} parameters | {rt.describe()} | run {run_dir}")
     status, code = "finished", 0
-    try:
-        epochs_since_best = 0
-        while progress["epoch"] < cfg.epochs:
-            epoch = progress["epoch"]
-            t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", leave=False, dynamic_ncols=True)
-            batches = train.batches(cfg.bsz, shuffle=True, seed=cfg.jax_seed, epoch=epoch, drop_last=True,
-                                    buckets=buckets, start=progress["batch"])
-            for b in dataloaders.prefetch(to_device(batches)):
-                state = train_step(state, b, progress["step"])
-                progress["batch"] += 1
-                progress["step"] += 1
-                bar.update(1)
-                last = progress["batch"] == steps_per_epoch
-                if progress["batch"] % cfg.log_every == 0 or last or interrupted or progress["step"] == cfg.max_steps:
-                    loss_sum, correct, n, bad = np.asarray(state["acc"])  # the only host sync, every log_every
-                    if bad:
-                        progress["wall_time_s"] += time.perf_counter() - t0
-                        raise RunError(f"non-finite loss in epoch {epoch + 1} within steps "
-                                       f"{progress['step'] - cfg.log_every + 1}..{progress['step']}: stopped; the "
-                                       f"last good checkpoint is {run_dir / 'ckpt_latest.msgpack'}", 3)
-                    bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{correct / max(n, 1):.3f}")
-                if interrupted or progress["step"] == cfg.max_steps:
+    with StopSignals() as signals:
+        try:
+            state, status, code = train_epochs(cfg, rt, state, progress, (train, val, test), buckets,
+                                               steps_per_epoch, train_step, evaluate, ckpts, report, signals)
+            return code
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            report.results(progress, status)
+            report.close()
+
+
+def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, train_step, evaluate, ckpts, report,
+                 signals):
+    """The step loop over the remaining epochs. → (state, status, exit code).
+
+    Every --log_every steps (and at the end of an epoch) the host reads the on-device accumulator (loss, NaN
+    count) and, with all processes, agrees on whether to stop (a signal, --max_steps) or to write a mid-epoch
+    checkpoint (--ckpt_every_min); between those points no step waits for the host. A single process checks
+    signals and the checkpoint clock after every step (host-side flags, no device sync).
+    """
+    from tqdm import tqdm
+
+    train, val, test = splits
+    epochs_since_best = 0
+    last_save = time.monotonic()
+    sync_every = 1 if rt.count == 1 else cfg.log_every
+    while progress["epoch"] < cfg.epochs:
+        epoch = progress["epoch"]
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", leave=False, dynamic_ncols=True, disable=not rt.main)
+        batches = train.batches(cfg.bsz, shuffle=True, seed=cfg.jax_seed, epoch=epoch, drop_last=True,
+                                buckets=buckets, start=progress["batch"], shard=rt.shard)
+        for b in dataloaders.prefetch(batches):
+            state = train_step(state, rt.global_batch(b), progress["step"])
+            progress["batch"] += 1
+            progress["step"] += 1
+            bar.update(1)
+            last = progress["batch"] == steps_per_epoch
+            if progress["batch"] % cfg.log_every == 0 or last:
+                loss_sum, correct, n, bad = rt.host(state["acc"])  # the only device sync, every log_every
+                if bad:
                     progress["wall_time_s"] += time.perf_counter() - t0
-                    save("latest")
-                    status = "interrupted"
-                    code = 130 if interrupted else 0
-                    print(f"\nstopped at epoch {epoch + 1}, batch {progress['batch']}; continue with "
-                          f"--resume --run_dir {run_dir}")
-                    return code
-            bar.close()
-            loss_sum, correct, n, _ = np.asarray(state["acc"])
-            train_loss, train_acc = loss_sum / max(n, 1), correct / max(n, 1)
-            val_loss, val_acc = evaluate(val)
-            test_loss, test_acc = evaluate(test)
-            seconds = time.perf_counter() - t0
-            progress["wall_time_s"] += seconds
-            row = dict(epoch=epoch + 1, train_loss=float(train_loss), train_acc=float(train_acc), val_loss=val_loss,
-                       val_acc=val_acc, test_loss=test_loss, test_acc=test_acc, seconds=seconds,
-                       steps_per_s=steps_per_epoch / seconds)
-            progress["history"].append(row)
-            improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
-            if improved:
-                progress["best"] = dict(epoch=epoch + 1, val_acc=val_acc, test_acc=test_acc)
-            epochs_since_best = 0 if improved else epochs_since_best + 1
-            progress["epoch"], progress["batch"] = epoch + 1, 0
-            state["acc"] = jnp.zeros(4, jnp.float32)
-            save("latest")
-            if improved:
-                save("best")
-            write_results("running")
-            if wandb_run:
-                wandb_run.log(row, step=epoch + 1)
-            print(f"epoch {epoch + 1:3d} | train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} "
-                  f"acc {val_acc:.4f} | test acc {test_acc:.4f} | best val {progress['best']['val_acc']:.4f} "
-                  f"(test {progress['best']['test_acc']:.4f}) | {seconds:.1f}s, {row['steps_per_s']:.1f} steps/s")
-            if cfg.early_stop_patience and epochs_since_best >= cfg.early_stop_patience:
-                print(f"early stop: no better validation accuracy for {epochs_since_best} epochs")
-                break
-        return 0
-    except Exception:
-        status = "failed"
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        write_results(status)
-        if wandb_run:
-            wandb_run.finish()
+                    raise RunError(f"non-finite loss in epoch {epoch + 1} within steps "
+                                   f"{progress['step'] - cfg.log_every + 1}..{progress['step']}: stopped; the "
+                                   f"last good checkpoint is {ckpts.dir / 'ckpt_latest.msgpack'}", 3)
+                bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{correct / max(n, 1):.3f}")
+            if progress["step"] % sync_every and progress["step"] != cfg.max_steps:
+                continue
+            due = cfg.ckpt_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.ckpt_every_min
+            sig = {None: 0, "SIGINT": 1, "SIGTERM": 2}[signals.caught]
+            stop_sig, max_steps, save_now = rt.agree([sig, progress["step"] == cfg.max_steps, due])
+            if stop_sig or max_steps:
+                progress["wall_time_s"] += time.perf_counter() - t0
+                ckpts.save("latest", state, progress)
+                bar.close()
+                name = {1: "SIGINT", 2: "SIGTERM"}.get(int(stop_sig))
+                print(f"\nprocess {rt.index}: {'stopped by ' + name if name else 'reached --max_steps'} at epoch "
+                      f"{epoch + 1}, batch {progress['batch']} (step {progress['step']}); continue with "
+                      f"--resume --run_dir {ckpts.dir}", flush=True)
+                return state, "interrupted", STOP_CODES[name] if name else 0
+            if save_now:  # the saved wall time includes this epoch so far; the live count adds it at the end
+                ckpts.save("latest", state, dict(progress, wall_time_s=progress["wall_time_s"] + time.perf_counter() - t0))
+                last_save = time.monotonic()
+        bar.close()
+        loss_sum, correct, n, _ = rt.host(state["acc"])
+        (val_loss, val_acc), (test_loss, test_acc) = evaluate(state, val), evaluate(state, test)
+        seconds = time.perf_counter() - t0
+        progress["wall_time_s"] += seconds
+        row = dict(epoch=epoch + 1, train_loss=float(loss_sum / max(n, 1)), train_acc=float(correct / max(n, 1)),
+                   val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc, seconds=seconds,
+                   steps_per_s=steps_per_epoch / seconds)
+        progress["history"].append(row)
+        improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
+        if improved:
+            progress["best"] = dict(epoch=epoch + 1, val_acc=val_acc, test_acc=test_acc)
+        epochs_since_best = 0 if improved else epochs_since_best + 1
+        progress["epoch"], progress["batch"] = epoch + 1, 0
+        state["acc"] = rt.jax.device_put(np.zeros(4, np.float32), rt.replicated)
+        ckpts.save("latest", state, progress)
+        last_save = time.monotonic()
+        if improved:
+            ckpts.save("best", state, progress)
+        report.results(progress, "running")
+        report.epoch(row, progress)
+        if cfg.early_stop_patience and epochs_since_best >= cfg.early_stop_patience:
+            report.say(f"early stop: no better validation accuracy for {epochs_since_best} epochs")
+            break
+    return state, "finished", 0
 
 
 def load_data(cfg):

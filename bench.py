@@ -149,11 +149,20 @@ def bench_scans(shapes, repeats, on_gpu):
     return rows
 
 
+TRAIN_VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
+                  "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
+                  "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
+
+
 def bench_train(recipes, repeats):
+    """Steps/s of a training step per variant. All variants are compiled first, then timed in interleaved rounds
+    (one step of each in turn), so a slow spell of a noisy machine hits every variant alike; the ratio to S5
+    is the median of the per-round ratios."""
     rows = []
     for label, argv, L, tokens in recipes:
-        for ssm_type in ("s5", "aux", "extend"):
-            cfg = train_ex.parse_args([*argv, "--ssm_type", ssm_type])
+        runs = {}
+        for name, extra in TRAIN_VARIANTS.items():
+            cfg = train_ex.parse_args([*argv, *extra])
             meta = dict(n_classes=10, seq_len=L, in_dim=18 if tokens else 1, tokens=tokens, pair=False)
             model = models.build_model(cfg, meta)
             rng = np.random.default_rng(0)
@@ -166,25 +175,28 @@ def bench_train(recipes, repeats):
             tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
             state = train_ex.new_state(variables["params"], variables.get("batch_stats", {}), tx)
             train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
-            step = jax.jit(train_step, donate_argnums=(0,))
             t0 = time.perf_counter()
-            compiled = step.lower(state, batch, 0).compile()
+            compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile()
             compile_s = time.perf_counter() - t0
             state = jax.block_until_ready(compiled(state, batch, 0))
-            times = []
-            for i in range(repeats):
+            runs[name] = dict(cfg=cfg, compiled=compiled, state=state, batch=batch, compile_s=compile_s, times=[])
+        for i in range(repeats):
+            for r in runs.values():
                 t0 = time.perf_counter()
-                state = jax.block_until_ready(compiled(state, batch, i + 1))
-                times.append(time.perf_counter() - t0)
-            t = float(np.median(times))
+                r["state"] = jax.block_until_ready(r["compiled"](r["state"], r["batch"], i + 1))
+                r["times"].append(time.perf_counter() - t0)
+        base = np.asarray(runs["s5"]["times"])
+        for name, r in runs.items():
+            t = float(np.median(r["times"]))
+            ratio = float(np.median(base / np.asarray(r["times"])))  # steps/s relative to S5, per round
             stats = jax.devices()[0].memory_stats() or {}
             peak = stats.get("peak_bytes_in_use")
-            row = dict(recipe=label, ssm_type=ssm_type, bsz=cfg.bsz, L=L, steps_per_s=1 / t,
-                       samples_per_s=cfg.bsz / t, compile_s=compile_s,
+            row = dict(recipe=label, ssm_type=name, bsz=r["cfg"].bsz, L=L, steps_per_s=1 / t,
+                       samples_per_s=r["cfg"].bsz / t, ratio_to_s5=ratio, compile_s=r["compile_s"],
                        peak_mem_GB=peak / 1e9 if peak else None)
             rows.append(row)
-            print(f"  {label:10} {ssm_type:7} {1 / t:8.2f} steps/s {cfg.bsz / t:9.1f} samples/s  compile "
-                  f"{compile_s:6.1f} s  peak mem {row['peak_mem_GB'] if peak else 'n/a'}", flush=True)
+            print(f"  {label:10} {name:12} {1 / t:8.2f} steps/s ({ratio:4.2f}x S5) {r['cfg'].bsz / t:9.1f} samples/s  "
+                  f"compile {r['compile_s']:6.1f} s  peak mem {row['peak_mem_GB'] if peak else 'n/a'}", flush=True)
     return rows
 
 

@@ -671,14 +671,24 @@ def _load_cache(path: Path):
     return dict(splits), meta
 
 
-def release_split(n: int, lengths, seed: int):
+def release_split(n: int, lengths, seed: int, cache: Path | None = None):
     """Row indices of consecutive parts of sizes `lengths` of n rows, as torch.utils.data.random_split draws
-    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order."""
-    import torch  # the release's generator, for its exact split indices
-
+    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order. With `cache` (a
+    dataset's cache folder) the permutation is kept there, so later loads need no torch import."""
     if sum(lengths) != n:
         raise ValueError(f"split sizes {lengths} do not add up to {n} rows")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    stored = None if cache is None else cache / "splits" / f"randperm-{n}-seed{int(seed)}.npy"
+    if stored is not None and stored.exists():
+        perm = np.load(stored)
+    else:
+        import torch  # the release's generator, for its exact split indices
+
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+        if stored is not None:
+            stored.parent.mkdir(exist_ok=True)
+            tmp = stored.with_name(f".{stored.name}.tmp{os.getpid()}.npy")
+            np.save(tmp, perm)
+            os.replace(tmp, stored)
     return np.split(perm, np.cumsum(lengths)[:-1])
 
 
@@ -732,12 +742,12 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
     elif isinstance(rule, float):  # the release: train = the first ⌊n(1 − f)⌋ of one randperm, val the rest
         n = len(splits["train"]["labels"])
         n_train = int(n * (1.0 - rule))
-        tr, va = release_split(n, [n_train, n - n_train], seed)
+        tr, va = release_split(n, [n_train, n - n_train], seed, path)
         splits["train"], splits["val"] = _take(splits["train"], tr), _take(splits["train"], va)
     elif rule == "80/10/10":  # the release: val and test ⌊n/10⌋ each, train the rest (first)
         everything = splits.pop("all")
         n = len(everything["labels"])
-        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed)
+        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed, path)
         splits.update(train=_take(everything, tr), val=_take(everything, va), test=_take(everything, te))
     if name == "pmnist-classification":
         perm = bitreversal_permutation(meta["seq_len"])

@@ -491,8 +491,11 @@ def run(cfg):
     report = Report(cfg, rt, run_dir, config, ds, n_params)
     report.say(f"{cfg.dataset} ({ds.source}): train {len(train):,} val {len(val):,} test {len(test):,} | "
                f"{cfg.ssm_type} model, {n_params:,} parameters | {rt.describe()} | run {run_dir}")
-    status, code = "finished", 0
+    status = "finished"
     with StopSignals() as signals:
+        if rt.count > 1:  # after the handlers are in place: from here a SIGTERM saves and stops
+            print(f"process {rt.index} of {rt.count}: {jax.local_device_count()} local device(s), training",
+                  flush=True)
         try:
             state, status, code = train_epochs(cfg, rt, state, progress, (train, val, test), buckets,
                                                steps_per_epoch, train_step, evaluate, ckpts, report, signals)

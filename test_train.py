@@ -74,7 +74,7 @@ def test_train_steps_lower_the_loss(variant):
     meta = dict(n_classes=3, seq_len=24, in_dim=12, tokens=True, pair=False)
     model = models.build_model(cfg, meta)
     batch = token_batch(np.random.default_rng(0))
-    variables = model.init(jax.random.PRNGKey(0), batch)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
     tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
 
     def loss_fn(params, stats):
@@ -103,12 +103,13 @@ def test_padding_does_not_change_outputs(variant, mode):
     cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "2", "--ssm_size_base", "4", "--mode", mode, *variant])
     model = models.build_model(cfg, dict(n_classes=3, seq_len=40, in_dim=12, tokens=True, pair=False))
     batch = token_batch(np.random.default_rng(1), L=20)
-    variables = model.init(jax.random.PRNGKey(0), batch)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
     padded = dict(batch, inputs=jnp.pad(batch["inputs"], ((0, 0), (0, 20))))
     padded_junk = dict(batch, inputs=padded["inputs"].at[:, 20:].set(7))  # whatever the padding holds
-    out = model.apply(variables, batch)
-    np.testing.assert_allclose(model.apply(variables, padded), out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model.apply(variables, padded_junk), out, rtol=1e-5, atol=1e-5)
+    apply = jax.jit(model.apply)
+    out = apply(variables, batch)
+    np.testing.assert_allclose(apply(variables, padded), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply(variables, padded_junk), out, rtol=1e-5, atol=1e-5)
 
 
 def test_pool_averages_real_positions_only():
@@ -123,8 +124,8 @@ def test_retrieval_head_shapes():
     rng = np.random.default_rng(0)
     a, b = token_batch(rng, L=20), token_batch(rng, L=20)
     batch = dict(a, inputs2=b["inputs"], lengths2=b["lengths"])
-    variables = model.init(jax.random.PRNGKey(0), batch)
-    assert model.apply(variables, batch).shape == (4, 2)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+    assert jax.jit(model.apply)(variables, batch).shape == (4, 2)
 
 
 def test_parameter_groups():
@@ -258,8 +259,8 @@ def test_real_mnist_learns(mnist_root, tmp_path):
     """A small S5 on the real MNIST test images (8,000 for training, 1,000 held out, 14×14 pixels)."""
     args = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--downsample", "2", "--run_dir",
             str(tmp_path / "m"), "--epochs", "2", "--bsz", "64", "--d_model", "32", "--n_layers", "2",
-            "--ssm_size_base", "16", "--blocks", "2", "--max_train_samples", "8000", "--lr", "4e-3",
-            "--p_dropout", "0", "--warmup_end", "0"]
+            "--ssm_size_base", "16", "--blocks", "2", "--max_train_samples", "8000", "--max_eval_samples", "1000",
+            "--lr", "4e-3", "--p_dropout", "0", "--warmup_end", "0"]
     assert train_ex.main(args) == 0
     res = results(tmp_path / "m")
     val_acc = res["epochs"][-1]["val_acc"]
@@ -307,20 +308,31 @@ def test_linalg_check_can_fail():
     assert any("lapack" in t or "solver" in t for t in custom_call_targets(text))
 
 
-@pytest.mark.parametrize("variant", EVERY_TYPE, ids=lambda v: "-".join(v[1::2]))
-def test_real_training_steps_finish(variant, mnist_root, tmp_path):
-    """A few real training steps and an evaluation in a subprocess: a hang fails here in seconds, not in CI's
-    time limit."""
-    env = {**os.environ, **SUBPROCESS_ENV}
-    argv = mnist_args(mnist_root, tmp_path / "r", "--epochs", "1", "--max_train_samples", "24", "--R", "2",
-                      *variant)
+def test_real_training_steps_of_every_type_finish(mnist_root, tmp_path):
+    """A few real training steps and an evaluation of every ssm_type, in one subprocess with a time limit: a
+    hang fails here, naming the type, in minutes rather than in CI's time limit."""
+    runs = [(v[1] + ("-" + v[3] if len(v) > 2 else ""),
+             mnist_args(mnist_root, tmp_path / f"r{i}", "--epochs", "1", "--max_train_samples", "24", "--R", "2", *v))
+            for i, v in enumerate(EVERY_TYPE)]
+    driver = ("import json, sys, train_ex\n"
+              "for name, argv in json.loads(sys.argv[1]):\n"
+              "    print('start', name, flush=True)\n"
+              "    print('exit', name, train_ex.main(argv), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver, json.dumps(runs)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **SUBPROCESS_ENV})
     try:
-        r = subprocess.run([sys.executable, str(HERE / "train_ex.py"), *argv], env=env, capture_output=True,
-                           text=True, timeout=120)
+        out = proc.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{variant}: 3 training steps and an evaluation did not finish in 120 s (a hang)")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert results(tmp_path / "r")["status"] == "finished"
+        proc.kill()
+        out = proc.communicate()[0]
+        started = [line.split()[1] for line in out.splitlines() if line.startswith("start ")]
+        pytest.fail(f"{started[-1] if started else 'the first type'}: a few training steps and an evaluation did "
+                    f"not finish (a hang); output:\n{out[-1500:]}")
+    assert proc.returncode == 0, out[-2000:]
+    exits = {line.split()[1]: line.split()[2] for line in out.splitlines() if line.startswith("exit ")}
+    assert exits == {name: "0" for name, _ in runs}, out[-2000:]
+    for i in range(len(runs)):
+        assert results(tmp_path / f"r{i}")["status"] == "finished"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,10 +384,10 @@ def test_whole_model_equals_release_equations(activation, prenorm):
     rng = np.random.default_rng(0)
     batch = {"inputs": jnp.asarray(rng.normal(size=(B, L, in_dim)), jnp.float32), "lengths": jnp.full(B, L),
              "labels": jnp.zeros(B, jnp.int32), "weights": jnp.ones(B)}
-    variables = model.init(jax.random.PRNGKey(0), batch)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
     stats = jax.tree_util.tree_map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
                                    variables["batch_stats"])  # running statistics away from (0, 1)
-    logits = model.apply({"params": variables["params"], "batch_stats": stats}, batch, training=False)
+    logits = jax.jit(model.apply)({"params": variables["params"], "batch_stats": stats}, batch)
 
     p = variables["params"]["encoder"]
     x = np_dense(p["encoder"], np.asarray(batch["inputs"], np.float64))
@@ -415,9 +427,10 @@ def test_no_mask_padding_lets_the_scans_see_the_padding():
                                "--no-mask_padding"])
     model = models.build_model(cfg, dict(n_classes=3, seq_len=40, in_dim=12, tokens=True, pair=False))
     batch = token_batch(np.random.default_rng(1), L=20)
-    variables = model.init(jax.random.PRNGKey(0), batch)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
     padded = dict(batch, inputs=jnp.pad(batch["inputs"], ((0, 0), (0, 20))))
-    assert np.max(np.abs(np.asarray(model.apply(variables, padded) - model.apply(variables, batch)))) > 1e-4
+    apply = jax.jit(model.apply)
+    assert np.max(np.abs(np.asarray(apply(variables, padded) - apply(variables, batch)))) > 1e-4
 
 
 def test_onehot_token_encoder_is_a_dense_layer_on_one_hot_tokens():
@@ -442,8 +455,9 @@ def test_retrieval_encodes_both_documents_in_one_batch():
     rng = np.random.default_rng(0)
     a, b = token_batch(rng, L=20), token_batch(rng, L=20)
     batch = dict(a, inputs2=b["inputs"], lengths2=b["lengths"])
-    variables = model.init(jax.random.PRNGKey(0), batch)
-    _, upd = model.apply(variables, batch, training=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+    _, upd = jax.jit(lambda v, b: model.apply(v, b, training=True, mutable=["batch_stats"],
+                                              rngs={"dropout": jax.random.key(0)}))(variables, batch)
     enc = variables["params"]["encoder"]["encoder"]
     x = np.concatenate([np.asarray(enc["kernel"])[np.asarray(t)] for t in (a["inputs"], b["inputs"])])
     x = x + np.asarray(enc["bias"])

@@ -494,7 +494,9 @@ def test_full_mode_outputs_and_gradients_equal_float64_dense_loop(L, P, R, chunk
         return x64_dense_loop_output(*a, conj_sym, bidirectional)
 
     def grads(fn, args):
-        loss = lambda *d: jnp.sum(jnp.asarray(w, d[0].real.dtype) * fn(*d[:6], d[6] if guarded else None, d[7]))
+        def loss(*d):
+            return jnp.sum(jnp.asarray(w, d[0].real.dtype) * fn(*d[:6], d[6] if guarded else None, d[7]))
+
         return jax.jit(jax.grad(loss, argnums=tuple(diff)))(*[a if a is not None else 0.0 for a in args])
 
     as32 = [None if a is None else (c64(a) if np.iscomplexobj(a) else jnp.asarray(a, jnp.float32)) for a in case]

@@ -1,9 +1,8 @@
-"""models.py and train_ex.py: learning, padding, resume, multi-device, NaN, freeze, the CLI, real MNIST."""
+"""models.py and train_ex.py in one process: learning, the release's equations, padding, resume, NaN, freeze, the
+CLI and the README's recipes, real MNIST. Subprocess, multi-device and multi-process runs: test_cluster.py."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,25 +16,10 @@ import models
 import train_ex
 
 HERE = Path(__file__).resolve().parent
-SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 os.environ["WANDB_MODE"] = "disabled"
 TINY = ["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4", "--bsz", "8", "--p_dropout", "0"]
 # training subprocesses compile as the in-process tests do (conftest.py): XLA's heavy passes off
 SUBPROCESS_ENV = {"JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "WANDB_MODE": "disabled"}
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    """The real MNIST test split, in torchvision's layout (as both the train and the test files)."""
-    if not SHARED_MNIST.exists():
-        pytest.skip("../shared/data/mnist is not beside the checkout")
-    root = tmp_path_factory.mktemp("mnist")
-    d = root / "MNIST" / "raw"
-    d.mkdir(parents=True)
-    for kind in ("images-idx3", "labels-idx1"):
-        for prefix in ("train", "t10k"):
-            os.symlink(SHARED_MNIST / f"t10k-{kind}-ubyte.gz", d / f"{prefix}-{kind}-ubyte.gz")
-    return root
 
 
 def mnist_args(root, run_dir, *extra):
@@ -238,23 +222,6 @@ def test_freeze_trains_only_the_extension(mnist_root, tmp_path):
         assert np.abs(leaf).max() > 0, "E started at zero and must have been trained"
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="forced host devices")
-def test_one_and_two_devices_give_the_same_losses(mnist_root, tmp_path):
-    def run(n, d):
-        env = {**os.environ, **SUBPROCESS_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        r = subprocess.run([sys.executable, str(HERE / "train_ex.py"),
-                            *mnist_args(mnist_root, tmp_path / d, "--epochs", "2")], env=env, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return results(tmp_path / d)
-
-    one, two = run(1, "one"), run(2, "two")
-    assert two["device"].startswith("2×") and one["device"].startswith("1×")
-    for a, b in zip(one["epochs"], two["epochs"]):
-        for k in ("train_loss", "val_loss", "test_loss"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4), k
-
-
 def test_real_mnist_learns(mnist_root, tmp_path):
     """A small S5 on the real MNIST test images (8,000 for training, 1,000 held out, 14×14 pixels)."""
     args = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--downsample", "2", "--run_dir",
@@ -306,33 +273,6 @@ def test_linalg_check_can_fail():
     """The check above sees a solve when there is one."""
     text = jax.jit(jnp.linalg.solve).lower(jnp.eye(3, dtype=jnp.complex64), jnp.ones(3, jnp.complex64)).as_text()
     assert any("lapack" in t or "solver" in t for t in custom_call_targets(text))
-
-
-def test_real_training_steps_of_every_type_finish(mnist_root, tmp_path):
-    """A few real training steps and an evaluation of every ssm_type, in one subprocess with a time limit: a
-    hang fails here, naming the type, in minutes rather than in CI's time limit."""
-    runs = [(v[1] + ("-" + v[3] if len(v) > 2 else ""),
-             mnist_args(mnist_root, tmp_path / f"r{i}", "--epochs", "1", "--max_train_samples", "24", "--R", "2", *v))
-            for i, v in enumerate(EVERY_TYPE)]
-    driver = ("import json, sys, train_ex\n"
-              "for name, argv in json.loads(sys.argv[1]):\n"
-              "    print('start', name, flush=True)\n"
-              "    print('exit', name, train_ex.main(argv), flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", driver, json.dumps(runs)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **SUBPROCESS_ENV})
-    try:
-        out = proc.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out = proc.communicate()[0]
-        started = [line.split()[1] for line in out.splitlines() if line.startswith("start ")]
-        pytest.fail(f"{started[-1] if started else 'the first type'}: a few training steps and an evaluation did "
-                    f"not finish (a hang); output:\n{out[-1500:]}")
-    assert proc.returncode == 0, out[-2000:]
-    exits = {line.split()[1]: line.split()[2] for line in out.splitlines() if line.startswith("exit ")}
-    assert exits == {name: "0" for name, _ in runs}, out[-2000:]
-    for i in range(len(runs)):
-        assert results(tmp_path / f"r{i}")["status"] == "finished"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,139 +487,3 @@ def test_readme_s5_recipes_parse_to_the_release_settings():
         got = {k: getattr(cfg, k) for k in want}
         assert got == want, cfg.dataset
     assert seen == set(RELEASE_RECIPES)
-
-
-# --------------------------------------------------------------------------------------------------
-# Surviving a cluster: SIGTERM, kill -9 after a mid-epoch checkpoint, several processes
-# --------------------------------------------------------------------------------------------------
-
-
-def cluster_args(root, run_dir, *extra):
-    """Real MNIST, 7×7 pixels, a tiny model: 1,125 steps an epoch, a few seconds each epoch."""
-    return ["--dataset", "mnist-classification", "--dir_name", str(root), "--downsample", "4", "--run_dir",
-            str(run_dir), "--max_eval_samples", "64", "--warmup_end", "0", "--epochs", "2", *TINY, *extra]
-
-
-def start_training(argv, **env):
-    return subprocess.Popen([sys.executable, str(HERE / "train_ex.py"), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **SUBPROCESS_ENV, **env})
-
-
-def wait_for(proc, text, timeout=120):
-    """Read the process's output until `text` appears; return everything read."""
-    import select
-    import time
-
-    seen, end = "", time.monotonic() + timeout
-    while text not in seen:
-        assert proc.poll() is None, f"the run ended before {text!r}:\n{seen[-2000:]}"
-        assert time.monotonic() < end, f"no {text!r} within {timeout} s:\n{seen[-2000:]}"
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            seen += os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
-    return seen
-
-
-def assert_same_epochs(a, b):
-    assert len(a["epochs"]) == len(b["epochs"]) == 2
-    for x, y in zip(a["epochs"], b["epochs"]):
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
-            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(mnist_root, tmp_path_factory):
-    d = tmp_path_factory.mktemp("full") / "run"
-    assert train_ex.main(cluster_args(mnist_root, d)) == 0
-    return results(d)
-
-
-def test_sigterm_mid_epoch_saves_and_resume_matches(mnist_root, tmp_path, uninterrupted):
-    import signal
-
-    d = tmp_path / "run"
-    proc = start_training(cluster_args(mnist_root, d, "--log_every", "1"))
-    wait_for(proc, "epoch 2/2")
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 143, out[-2000:]
-    assert "stopped by SIGTERM" in out and "--resume" in out
-    saved = json.loads((d / "ckpt_latest.json").read_text())["progress"]
-    assert saved["epoch"] == 1 and 0 < saved["batch"] < 1125, saved  # inside epoch 2, not at its start
-    assert results(d)["status"] == "interrupted"
-    assert train_ex.main(cluster_args(mnist_root, d, "--resume")) == 0
-    assert results(d)["status"] == "finished"
-    assert_same_epochs(results(d), uninterrupted)
-
-
-def test_kill_9_after_a_mid_epoch_checkpoint_loses_little(mnist_root, tmp_path, uninterrupted):
-    import time
-
-    d = tmp_path / "run"
-    proc = start_training(cluster_args(mnist_root, d, "--ckpt_every_min", "0.002"))  # about every 0.1 s
-    wait_for(proc, "epoch 2/2")
-    end = time.monotonic() + 60
-    while True:  # a checkpoint written inside epoch 2
-        saved = json.loads((d / "ckpt_latest.json").read_text())["progress"]
-        if saved["epoch"] == 1 and saved["batch"] > 0:
-            break
-        assert time.monotonic() < end and proc.poll() is None, "no mid-epoch checkpoint"
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate(timeout=30)
-    saved = json.loads((d / "ckpt_latest.json").read_text())["progress"]
-    assert saved["epoch"] == 1 and 0 < saved["batch"] < 1125
-    assert train_ex.main(cluster_args(mnist_root, d, "--resume")) == 0
-    assert_same_epochs(results(d), uninterrupted)
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_processes(argvs, n_devices, timeout=120):
-    procs = [start_training(a, JAX_NUM_CPU_DEVICES=str(n_devices)) for a in argvs]
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    return [p.returncode for p in procs], outs
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="local CPU processes with gloo collectives")
-def test_two_processes_equal_one_process_and_stop_together(mnist_root, tmp_path):
-    import re
-    import signal
-
-    dataloaders.load("mnist-classification", mnist_root, downsample=4)  # the cache, before any process reads it
-    small = ["--max_train_samples", "256", "--bsz", "16", "--log_every", "2", "--epochs", "1"]
-    multi = lambda d, i, port, *x: [*cluster_args(mnist_root, d, *small, *x), "--distributed",  # noqa: E731
-                                    "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                                    "--process_id", str(i)]
-    port = free_port()
-    two_procs = [start_training(multi(tmp_path / "two", i, port), JAX_NUM_CPU_DEVICES="2") for i in range(2)]
-    codes, outs1 = run_processes([cluster_args(mnist_root, tmp_path / "one", *small)], 4)
-    outs = [p.communicate(timeout=120)[0] for p in two_procs]
-    assert [p.returncode for p in two_procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
-    assert codes == [0], outs1[0][-1500:]
-    two, one = results(tmp_path / "two"), results(tmp_path / "one")
-    assert two["device"] == "4× cpu on 2 processes" and one["device"] == "4× cpu"
-    assert len(two["epochs"]) == len(one["epochs"]) == 1
-    for a, b in zip(two["epochs"], one["epochs"]):
-        for k in ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-    files = sorted(p.name for p in (tmp_path / "two").iterdir())
-    assert files == ["ckpt_best.json", "ckpt_best.msgpack", "ckpt_latest.json", "ckpt_latest.msgpack",
-                     "results.json"], files  # one set, from process 0 only
-    assert "epoch   1 |" in outs[0] and "epoch   1 |" not in outs[1]  # the console summary: process 0
-    # SIGTERM to process 1 alone, once it is training: both stop at the same step, and process 0 saves it
-    port = free_port()
-    argvs = [multi(tmp_path / "cut", i, port, "--max_train_samples", "8000", "--log_every", "1") for i in range(2)]
-    procs = [start_training(a, JAX_NUM_CPU_DEVICES="2") for a in argvs]
-    wait_for(procs[1], "process 1 of 2: 2 local device(s), training")
-    procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=60)[0] for p in procs]
-    assert [p.returncode for p in procs] == [143, 143], outs[0][-1500:] + outs[1][-1500:]
-    steps = [int(re.search(r"process \d: stopped by SIGTERM .*\(step (\d+)\)", o).group(1)) for o in outs]
-    assert steps[0] == steps[1] > 0
-    assert json.loads((tmp_path / "cut" / "ckpt_latest.json").read_text())["progress"]["step"] == steps[0]

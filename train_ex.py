@@ -559,7 +559,8 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
                       f"--resume --run_dir {ckpts.dir}", flush=True)
                 return state, "interrupted", STOP_CODES[name] if name else 0
             if save_now:  # the saved wall time includes this epoch so far; the live count adds it at the end
-                ckpts.save("latest", state, dict(progress, wall_time_s=progress["wall_time_s"] + time.perf_counter() - t0))
+                so_far = progress["wall_time_s"] + time.perf_counter() - t0
+                ckpts.save("latest", state, dict(progress, wall_time_s=so_far))
                 last_save = time.monotonic()
         bar.close()
         loss_sum, correct, n, _ = rt.host(state["acc"])

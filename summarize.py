@@ -104,6 +104,9 @@ def load_run(root: Path, d: Path) -> dict:
     if generated:  # not the published data set: its numbers do not compare with the papers' tables
         seed_text = f", generator seed {data['generator_seed']}" if data.get("generator_seed") is not None else ""
         note = f"GENERATED data{seed_text}; {note}" if note else f"GENERATED data{seed_text}"
+    if (d / "inspect" / "inspect.json").exists():  # pictures from inspect_run.py
+        link = f"[inspect]({(d.relative_to(root) if d != root else Path('.')) / 'inspect'}/)"
+        note = f"{note}; {link}" if note else link
     if status == "failed" and (d / "train.log").exists():
         log = f"log {d.relative_to(root) / 'train.log'}"
         note = f"{note}; {log}" if note else log

@@ -321,3 +321,15 @@ def test_summarize_marks_runs_on_generated_data(tmp_path):
     _, runs = md_tables((root / "summary.md").read_text())
     assert any("GENERATED data, generator seed 0" in r[-1] for r in runs)
     assert not any("GENERATED" in r[-1] for r in runs if "real" in r[0])
+
+
+def test_summarize_links_inspect_folders(tmp_path):
+    root = tmp_path / "series"
+    write_run(root, "g/a/seed0", "finished", (0.6, 0.5), [(0.6, 0.5)])
+    write_run(root, "g/b/seed0", "finished", (0.6, 0.5), [(0.6, 0.5)])
+    (root / "g/a/seed0/inspect").mkdir()
+    (root / "g/a/seed0/inspect/inspect.json").write_text("{}")
+    assert summarize.main([str(root)]) == 0
+    _, runs = md_tables((root / "summary.md").read_text())
+    notes = {r[0]: r[-1] for r in runs}
+    assert notes["g/a/seed0"] == "[inspect](g/a/seed0/inspect/)" and "inspect" not in notes["g/b/seed0"]

@@ -464,7 +464,7 @@ def run(cfg):
     run_dir = Path(cfg.run_dir) if cfg.run_dir else utils.new_run_dir("runs", cfg.dataset)
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(vars(cfg))
+    config = dict(vars(cfg), model_meta=meta)  # model_meta: what rebuilds the model without the data
     ckpts = Checkpoints(run_dir, rt, config)
     state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
     train_step, eval_step = make_steps(model, tx, dropout_key)

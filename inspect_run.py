@@ -1,0 +1,436 @@
+"""Look inside a trained run: what its SSMs and time-varying terms learned, as PNGs and one inspect.json.
+
+    python inspect_run.py RUN_DIR [--checkpoint best|latest] [--t0 0,256,512]
+
+Reads RUN_DIR's checkpoint and config, rebuilds the model without the data, and writes into RUN_DIR/inspect/:
+  eigenvalues.png   per layer, the discrete eigenvalues Λ̄ in the complex plane with the unit circle, at
+                    initialisation (rebuilt from the config's seed) and trained
+  timescales.png    per layer, histograms of the timescales −1/ln|λ̄| (steps until |λ̄|^k falls to 1/e) and of
+                    the learned steps Δ
+  aux_modulus.png   (aux) the effective transition modulus |Λ̄ + E Δ(t−1)| over t, quantiles across states, the
+                    clamp at 1 marked
+  extend.png        (extend) δ(t) per rank, and the spectral radius and ∞-norm of Λ_ex(t) over t (exact from the
+                    P×P matrices for up to 128 states, else an upper bound, said which), with the guard's row scale
+  impulse.png       per layer, the SSM part's output (no D term) to a unit impulse on input channel 0 at a few t₀,
+                    against t − t₀: for a time-invariant layer the curves coincide; for aux/extend their
+                    difference is the time variation
+  curves.png        loss and accuracy per epoch (train/val/test) from results.json
+  inspect.json      the numbers behind every picture
+
+Everything is computed for the layer as the model runs it (stability guard included), one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXACT_MAX_P = 128  # Λ_ex(t) spectra from dense matrices up to this many states; an upper bound beyond
+
+
+class InspectError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a run
+# --------------------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: Path, kind: str):
+    """(config namespace, model meta, parameters) of a run's checkpoint."""
+    from flax import serialization
+
+    ckpt = run_dir / f"ckpt_{kind}.msgpack"
+    if not ckpt.exists():
+        raise InspectError(f"no checkpoint {ckpt}: is {run_dir} a run directory of train_ex.py? (--checkpoint "
+                           f"best|latest picks which)")
+    config = json.loads(ckpt.with_suffix(".json").read_text())["config"]
+    meta = config.get("model_meta")
+    if meta is None:
+        raise InspectError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): it was written "
+                           f"by an older train_ex.py; rerun or resume the run once to record them")
+    state = serialization.msgpack_restore(ckpt.read_bytes())
+    return argparse.Namespace(**config), meta, state["params"]
+
+
+def ssm_layers(cfg, meta, params):
+    """[(layer name, module, its params)] for every SequenceLayer's SSM."""
+    import models
+
+    model = models.build_model(cfg, meta)
+    cls, kw = model.encoder.ssm
+    enc = params["encoder"]
+    layers = sorted((k for k in enc if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+    return [(name, cls(H=cfg.d_model, P=cfg.ssm_size_base, **kw), enc[name]["ssm"]) for name in layers]
+
+
+def initial_params(cfg, meta):
+    """The parameters the run started from (the config's seed, as train_ex.build_state draws them)."""
+    import jax
+    import jax.numpy as jnp
+
+    import models
+
+    model = models.build_model(cfg, meta)
+    L = meta["seq_len"]
+    x = jnp.zeros((1, L), jnp.int32) if meta["tokens"] else jnp.zeros((1, L, meta["in_dim"]), jnp.float32)
+    batch = {"inputs": x, "lengths": jnp.full(1, L), "labels": jnp.zeros(1, jnp.int32), "weights": jnp.ones(1)}
+    if meta["pair"]:
+        batch.update(inputs2=x, lengths2=jnp.full(1, L))
+    init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+    return jax.jit(lambda k: model.init({"params": k, "dropout": k}, batch, training=False))(init_key)["params"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The numbers
+# --------------------------------------------------------------------------------------------------
+
+
+def discrete_eigs(module, p):
+    """(Λ̄ (n,) complex, steps Δ) of a layer: S5-type layers' diagonal Λ̄; S4D/DSS exp(ΔΛ) per feature; S4 the
+    eigenvalues of each feature's dense bilinear Ā."""
+    import jax
+
+    import s4
+
+    m = module.bind({"params": p})
+    if isinstance(module, s4.S4SSM):
+        A_bar, _ = jax.vmap(s4.dplr_bilinear)(m._stable_Lambda(), s4._as_complex(m.P_lr), s4._as_complex(m.B),
+                                             m.step_size())
+        return np.linalg.eigvals(np.asarray(A_bar, np.complex128)).ravel(), np.asarray(m.step_size())
+    if isinstance(module, (s4.S4DSSM, s4.DSSSSM)):
+        Lam = m._stable_Lambda() if isinstance(module, s4.S4DSSM) else m._Lambda()
+        step = m.step_size()
+        return np.asarray(np.exp(step[:, None] * Lam)).ravel(), np.asarray(step)
+    Lambda_bar, _, _ = m.discrete_system()
+    return np.asarray(Lambda_bar), np.exp(np.asarray(p["log_step"], np.float64))
+
+
+def timescales(Lambda_bar):
+    """Steps until |λ̄|^k falls to 1/e: −1/ln|λ̄| (inf where |λ̄| ≥ 1)."""
+    r = np.abs(np.asarray(Lambda_bar))
+    with np.errstate(divide="ignore"):
+        return np.where(r < 1, -1.0 / np.log(np.maximum(r, 1e-300)), np.inf)
+
+
+def aux_modulus(module, p, L):
+    """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, and the fraction of (t, state) the clamp acted on."""
+    import ssm
+    import ssm_ex
+
+    m = module.bind({"params": p})
+    Lambda_bar, _, _ = m.discrete_system()
+    a = ssm_ex.aux_transitions(Lambda_bar, ssm._as_complex(p["E"]), ssm_ex.time_scale(L, module.time_scale_type))
+    raw = np.abs(np.asarray(a))
+    return np.minimum(raw, 1.0), float(np.mean(raw > 1.0))
+
+
+def extend_spectra(module, p, L, n_t=64):
+    """δ(t) (L, R); for a sample of t: spectral radius and ∞-norm of Λ_ex(t) as the model runs it (guarded), or
+    for P > EXACT_MAX_P (or diag mode, which is diagonal) bounds; the guard's row scale (L, P) or None."""
+    import ssm
+
+    m = module.bind({"params": p})
+    Lambda_bar, _, _ = m.discrete_system()
+    delta = m.delta(L)
+    a, s = m.guarded(Lambda_bar, delta)
+    E, F = np.asarray(ssm._as_complex(p["E"]), np.complex128), np.asarray(ssm._as_complex(p["F"]), np.complex128)
+    ts = np.unique(np.linspace(0, L - 1, min(n_t, L)).astype(int))
+    d = np.asarray(delta, np.float64)
+    if module.mode == "diag":  # the transition is diagonal: both quantities are max |a_t|
+        mod = np.abs(np.asarray(a))[ts]
+        return dict(t=ts, delta=d, radius=mod.max(1), norm_inf=mod.max(1), how="exact (diagonal)", row_scale=None)
+    lam = np.asarray(a, np.complex128)
+    scale = np.asarray(s, np.float64)
+    P = lam.shape[0]
+    if P <= EXACT_MAX_P:
+        radius, norm = [], []
+        for t in ts:
+            A = np.diag(lam) + (scale[t][:, None] * E) @ np.diag(d[t]) @ F
+            radius.append(np.max(np.abs(np.linalg.eigvals(A))))
+            norm.append(np.max(np.sum(np.abs(A), axis=1)))
+        how = "exact (dense P×P matrices)"
+    else:  # ‖·‖∞ ≤ |λ̄_p| + s_p Σ_r |E_pr||δ_r| Σ_q |F_rq| per row; the spectral radius is at most the ∞-norm
+        bound = np.abs(lam)[None, :] + scale[ts] * (np.abs(d[ts]) @ (np.abs(E) * np.abs(F).sum(1)[None, :]).T)
+        norm = radius = bound.max(1)
+        how = "upper bound (row sums of |Λ̄| + |E||δ||F|)"
+    return dict(t=ts, delta=d, radius=np.asarray(radius), norm_inf=np.asarray(norm), how=how, row_scale=scale)
+
+
+def impulse_responses(module, p, L, H, t0s):
+    """For each t₀: the SSM part's output (L, H), D·u removed, to u = e_{t₀} on input channel 0."""
+    import jax
+    import jax.numpy as jnp
+
+    apply = jax.jit(lambda u: module.apply({"params": p}, u))
+    out = {}
+    for t0 in t0s:
+        u = jnp.zeros((L, H)).at[t0, 0].set(1.0)
+        y = np.asarray(apply(u), np.float64) - np.asarray(p["D"], np.float64) * np.asarray(u)
+        out[int(t0)] = y
+    return out
+
+
+def time_variation(responses, L):
+    """max over t₀ of ‖r_{t₀}(k) − r_{first}(k)‖∞ / ‖r_{first}‖∞ on the lags k both responses cover."""
+    t0s = sorted(responses)
+    ref_t0 = t0s[0]
+    ref = responses[ref_t0]
+    scale = max(np.max(np.abs(ref)), 1e-30)
+    worst = 0.0
+    for t0 in t0s[1:]:
+        lo, hi = -min(t0, ref_t0), L - max(t0, ref_t0)  # lags k with both t0 + k and ref_t0 + k in range
+        a, b = responses[t0][t0 + lo:t0 + hi], ref[ref_t0 + lo:ref_t0 + hi]
+        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+    return worst
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n):
+    cols = min(n, 3)
+    return (n + cols - 1) // cols, cols
+
+
+def plot_eigenvalues(path, layers):
+    plt = _plt()
+    rows, cols = _grid(len(layers))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    circle = np.exp(1j * np.linspace(0, 2 * np.pi, 400))
+    for ax, (name, info) in zip(axes.flat, layers.items()):
+        ax.plot(circle.real, circle.imag, "k-", lw=0.8, label="unit circle")
+        for key, style, label in (("init", dict(marker="o", facecolors="none", edgecolors="tab:gray"), "initial"),
+                                  ("trained", dict(marker="x", color="tab:red"), "trained")):
+            z = np.asarray(info[key])
+            ax.scatter(z.real, z.imag, s=18, label=label, **style)
+        ax.set_aspect("equal")
+        ax.set_title(f"{name}: discrete eigenvalues Λ̄")
+        ax.set_xlabel("Re λ̄")
+        ax.set_ylabel("Im λ̄")
+        ax.legend(fontsize=8, loc="lower left")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_timescales(path, layers):
+    plt = _plt()
+    fig, axes = plt.subplots(len(layers), 2, figsize=(10, 3 * len(layers)), squeeze=False)
+    for (ax_t, ax_d), (name, info) in zip(axes, layers.items()):
+        for key, color, label in (("timescales_init", "tab:gray", "initial"), ("timescales", "tab:red", "trained")):
+            v = np.asarray(info[key], np.float64)
+            v = v[np.isfinite(v) & (v > 0)]
+            if len(v):
+                ax_t.hist(np.log10(v), bins=30, alpha=0.6, color=color, label=label)
+        ax_t.set_xlabel("log10 timescale −1/ln|λ̄| (steps)")
+        ax_t.set_ylabel("states")
+        ax_t.set_title(f"{name}: timescales (steps until |λ̄|^k = 1/e)")
+        ax_t.legend(fontsize=8)
+        steps = np.asarray(info["steps"], np.float64)
+        ax_d.hist(np.log10(steps), bins=30, color="tab:blue")
+        ax_d.set_xlabel("log10 learned step Δ")
+        ax_d.set_ylabel("states" if len(steps) == len(info["trained"]) else "features")
+        ax_d.set_title(f"{name}: learned steps Δ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_aux(path, aux):
+    plt = _plt()
+    fig, axes = plt.subplots(len(aux), 1, figsize=(9, 3 * len(aux)), squeeze=False)
+    for ax, (name, info) in zip(axes[:, 0], aux.items()):
+        q = np.asarray(info["quantiles"])  # (5, L)
+        t = np.arange(q.shape[1])
+        ax.fill_between(t, q[0], q[4], color="tab:blue", alpha=0.15, label="min–max over states")
+        ax.fill_between(t, q[1], q[3], color="tab:blue", alpha=0.35, label="25–75%")
+        ax.plot(t, q[2], color="tab:blue", label="median")
+        ax.axhline(1.0, color="tab:red", ls="--", label="clamp |a| ≤ 1")
+        ax.set_xlabel("t (steps)")
+        ax.set_ylabel("|Λ̄ + E Δ(t−1)|")
+        ax.set_title(f"{name}: auxiliary state, effective transition modulus "
+                     f"(clamped at {100 * info['clamped_fraction']:.2f}% of (t, state))")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_extend(path, ext):
+    plt = _plt()
+    fig, axes = plt.subplots(len(ext), 2, figsize=(12, 3.2 * len(ext)), squeeze=False)
+    for (ax_d, ax_r), (name, info) in zip(axes, ext.items()):
+        d = np.asarray(info["delta"])
+        for r in range(d.shape[1]):
+            ax_d.plot(d[:, r], lw=0.8, label=f"rank {r}" if d.shape[1] <= 10 else None)
+        ax_d.set_xlabel("t (steps)")
+        ax_d.set_ylabel("δ_r(t)")
+        ax_d.set_title(f"{name}: δ(t) per rank")
+        if d.shape[1] <= 10:
+            ax_d.legend(fontsize=7, ncol=2)
+        ax_r.plot(info["t"], info["radius"], "o-", ms=3, label="spectral radius")
+        ax_r.plot(info["t"], info["norm_inf"], "s-", ms=3, label="∞-norm")
+        if info.get("row_scale_min") is not None:
+            ax_r.plot(info["t"], info["row_scale_min"], "^-", ms=3, label="guard: min row scale s_t")
+        ax_r.axhline(1.0, color="tab:red", ls="--", lw=0.8)
+        ax_r.set_xlabel("t (steps)")
+        ax_r.set_ylabel("value")
+        ax_r.set_title(f"{name}: Λ_ex(t), {info['how']}")
+        ax_r.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_impulse(path, impulses, channels=3):
+    plt = _plt()
+    fig, axes = plt.subplots(len(impulses), 1, figsize=(9, 3 * len(impulses)), squeeze=False)
+    for ax, (name, info) in zip(axes[:, 0], impulses.items()):
+        for t0, y in info["responses"].items():
+            y = np.asarray(y)
+            k = np.arange(y.shape[0]) - int(t0)
+            for h in range(min(channels, y.shape[1])):
+                ax.plot(k, y[:, h], lw=0.9, label=f"t₀ = {t0}, output {h}")
+        ax.set_xlabel("t − t₀ (steps)")
+        ax.set_ylabel("y (SSM part, no D term)")
+        ax.set_title(f"{name}: impulse response on input 0 (time variation {info['time_variation']:.3g})")
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_curves(path, epochs):
+    plt = _plt()
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ep = [e["epoch"] for e in epochs]
+    for split, style in (("train", "o-"), ("val", "s-"), ("test", "^-")):
+        ax_l.plot(ep, [e.get(f"{split}_loss") for e in epochs], style, label=split)
+        ax_a.plot(ep, [e.get(f"{split}_acc") for e in epochs], style, label=split)
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("cross-entropy loss")
+    ax_l.set_title("loss per epoch")
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel("accuracy")
+    ax_a.set_title("accuracy per epoch")
+    for ax in (ax_l, ax_a):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None) -> dict:
+    """Write the pictures and inspect.json; return the report (the same numbers)."""
+    import ssm_ex
+
+    cfg, meta, params = load_run(run_dir, kind)
+    L, H = meta["seq_len"], cfg.d_model
+    t0s = sorted({min(max(int(t), 0), L - 1) for t in (t0s or (0, L // 4, L // 2))})
+    out = out or run_dir / "inspect"
+    out.mkdir(parents=True, exist_ok=True)
+    trained = ssm_layers(cfg, meta, params)
+    init = {name: p for name, _, p in ssm_layers(cfg, meta, initial_params(cfg, meta))}
+    eigs, aux, ext, imp = {}, {}, {}, {}
+    for name, module, p in trained:
+        lam, steps = discrete_eigs(module, p)
+        lam0, _ = discrete_eigs(module, init[name])
+        eigs[name] = dict(trained=lam, init=lam0, timescales=timescales(lam), timescales_init=timescales(lam0),
+                          steps=steps)
+        if isinstance(module, ssm_ex.S5SSMAux):
+            mod, frac = aux_modulus(module, p, L)
+            aux[name] = dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac)
+        if isinstance(module, ssm_ex.S5SSMExtend):
+            e = extend_spectra(module, p, L)
+            if e["row_scale"] is not None:
+                e["row_scale_min"] = e["row_scale"][e["t"]].min(axis=1)
+            ext[name] = e
+        resp = impulse_responses(module, p, L, H, t0s)
+        imp[name] = dict(responses=resp, time_variation=time_variation(resp, L))
+
+    plot_eigenvalues(out / "eigenvalues.png", eigs)
+    plot_timescales(out / "timescales.png", eigs)
+    pictures = ["eigenvalues.png", "timescales.png"]
+    if aux:
+        plot_aux(out / "aux_modulus.png", aux)
+        pictures.append("aux_modulus.png")
+    if ext:
+        plot_extend(out / "extend.png", ext)
+        pictures.append("extend.png")
+    plot_impulse(out / "impulse.png", imp)
+    pictures.append("impulse.png")
+    results = run_dir / "results.json"
+    epochs = json.loads(results.read_text()).get("epochs", []) if results.exists() else []
+    if epochs:
+        plot_curves(out / "curves.png", epochs)
+        pictures.append("curves.png")
+
+    cplx = lambda z: [[float(v.real), float(v.imag)] for v in np.asarray(z).ravel()]  # noqa: E731
+    real = lambda a: [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).ravel()]  # noqa: E731
+    report = {
+        "run_dir": str(run_dir), "checkpoint": kind, "ssm_type": cfg.ssm_type, "seq_len": L, "t0": t0s,
+        "pictures": pictures,
+        "layers": {name: {
+            "eigenvalues": cplx(e["trained"]), "eigenvalues_init": cplx(e["init"]),
+            "timescales": real(e["timescales"]), "timescales_init": real(e["timescales_init"]),
+            "steps": real(e["steps"]),
+            "impulse_time_variation": imp[name]["time_variation"],
+            **({"aux_modulus_quantiles": np.asarray(aux[name]["quantiles"]).tolist(),
+                "aux_clamped_fraction": aux[name]["clamped_fraction"]} if name in aux else {}),
+            **({"extend_t": real(ext[name]["t"]), "extend_spectral_radius": real(ext[name]["radius"]),
+                "extend_norm_inf": real(ext[name]["norm_inf"]), "extend_how": ext[name]["how"],
+                "extend_delta": np.asarray(ext[name]["delta"]).tolist(),
+                "extend_row_scale_min": None if ext[name].get("row_scale_min") is None
+                else real(ext[name]["row_scale_min"])} if name in ext else {}),
+        } for name, e in eigs.items()},
+        "epochs": epochs,
+    }
+    (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by train_ex.py")
+    p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    p.add_argument("--t0", default=None, help="impulse times, comma-separated (default 0, L/4, L/2)")
+    args = p.parse_args(argv)
+    try:
+        t0s = [int(t) for t in args.t0.split(",")] if args.t0 else None
+    except ValueError:
+        p.error(f"--t0 takes integers separated by commas, got {args.t0!r}")
+    try:
+        report = inspect(Path(args.run_dir), args.checkpoint, t0s)
+    except InspectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(report['pictures'])} and inspect.json into {Path(args.run_dir) / 'inspect'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -204,6 +204,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _grid(n):
     cols = min(n, 3)
     return (n + cols - 1) // cols, cols
@@ -227,9 +233,7 @@ def plot_eigenvalues(path, layers):
         ax.legend(fontsize=8, loc="lower left")
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_timescales(path, layers):
@@ -250,9 +254,7 @@ def plot_timescales(path, layers):
         ax_d.set_xlabel("log10 learned step Δ")
         ax_d.set_ylabel("states" if len(steps) == len(info["trained"]) else "features")
         ax_d.set_title(f"{name}: learned steps Δ")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_aux(path, aux):
@@ -270,9 +272,7 @@ def plot_aux(path, aux):
         ax.set_title(f"{name}: auxiliary state, effective transition modulus "
                      f"(clamped at {100 * info['clamped_fraction']:.2f}% of (t, state))")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_extend(path, ext):
@@ -296,9 +296,7 @@ def plot_extend(path, ext):
         ax_r.set_ylabel("value")
         ax_r.set_title(f"{name}: Λ_ex(t), {info['how']}")
         ax_r.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_impulse(path, impulses, channels=3):
@@ -314,9 +312,7 @@ def plot_impulse(path, impulses, channels=3):
         ax.set_ylabel("y (SSM part, no D term)")
         ax.set_title(f"{name}: impulse response on input 0 (time variation {info['time_variation']:.3g})")
         ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_curves(path, epochs):
@@ -334,9 +330,7 @@ def plot_curves(path, epochs):
     ax_a.set_title("accuracy per epoch")
     for ax in (ax_l, ax_a):
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def make_parser():
     g.add_argument("--wandb_project", default="s5-ex")
     g.add_argument("--wandb_entity", default=None)
     g.add_argument("--wandb_run_name", default=None)
-    g.add_argument("--log_every", type=int, default=25, help="steps between progress-bar updates")
+    g.add_argument("--log_every", type=int, default=25, help="steps between progress-bar updates and the "
+                   "non-finite-loss check (with several processes also their agreed stop and checkpoint decisions)")
     return p
 
 

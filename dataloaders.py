@@ -7,8 +7,8 @@
 Every source is parsed once into a cache of numpy arrays under `<data root>/cache/` (keyed by the dataset,
 every option that changes the arrays, the cache version and a fingerprint of the source files) and loaded
 from there memory-mapped afterwards. Seeded choices (hold-out splits) are applied at load time, so one cache
-serves every seed. Conventions (REFERENCE.md §1): pad token 0, lengths count the appended end token, pooling
-must average the real positions only.
+serves every seed. Conventions (the LRA release's, as in S4/S5): pad token 0, lengths count the appended end
+token, pooling must average the real positions only.
 
 Splits as in the S5 release: held-out sets are drawn by torch's `random_split` with a fixed seed (42 by
 default, `seed`, independent of the training seed), so the indices are the release's exactly (same source

@@ -63,8 +63,9 @@ class Split:
     labels: np.ndarray  # (N,)
     inputs2: np.ndarray | None = None  # pair tasks: the second document
     lengths2: np.ndarray | None = None
-    mean: np.ndarray | None = None  # pixel normalisation (per channel, on the 0-1 scale); None for tokens
+    mean: np.ndarray | None = None  # normalisation (per channel, on the value/scale scale); None for tokens
     std: np.ndarray | None = None
+    scale: float = 255.0  # raw values → 0-1 (pixels) or −1..1 (16-bit PCM audio: 32768)
 
     def __len__(self):
         return len(self.labels)
@@ -74,12 +75,12 @@ class Split:
             return None if a is None else np.asarray(a[idx])
 
         return Split(pick(self.inputs), pick(self.lengths), pick(self.labels), pick(self.inputs2),
-                     pick(self.lengths2), self.mean, self.std)
+                     pick(self.lengths2), self.mean, self.std, self.scale)
 
     def _features(self, x):
         if self.mean is None:
             return x.astype(np.int32)
-        return ((x.astype(np.float32) / 255.0) - self.mean) / self.std
+        return ((x.astype(np.float32) / self.scale) - self.mean) / self.std
 
     def num_batches(self, bsz, drop_last=False, buckets=None):
         return len(self._plan(bsz, False, 0, 0, drop_last, buckets))
@@ -605,6 +606,79 @@ def build_pathfinder(root: Path, resolution: int, workers=None):
         n_classes=2, seq_len=resolution ** 2, in_dim=1, padded=False, pair=False, source=str(base), skipped=skipped)
 
 
+# --------------------------------------------------------------------------------------------------
+# Speech Commands v0.02 (35 words, raw 16 kHz audio)
+# --------------------------------------------------------------------------------------------------
+
+SPEECH_WORDS = ("backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go",
+                "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
+                "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow", "yes", "zero")
+SPEECH_RATE, SPEECH_LEN = 16000, 16000
+SPEECH_DIR = "speech_commands_v0.02"
+
+
+def _read_wav(path):
+    """(int16 samples, None) of a 16 kHz mono 16-bit PCM WAV file, or (None, what is wrong with it)."""
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
+            if (rate, width, channels) != (SPEECH_RATE, 2, 1):
+                return None, (f"{rate} Hz, {8 * width}-bit, {channels} channel(s); Speech Commands clips are "
+                              f"{SPEECH_RATE} Hz 16-bit mono")
+            if n > SPEECH_LEN:
+                return None, f"{n} samples, longer than {SPEECH_LEN} (1 s)"
+            return np.frombuffer(w.readframes(n), "<i2").copy(), None
+    except (wave.Error, EOFError, OSError) as e:
+        return None, f"not a readable WAV file ({e})"
+
+
+def build_speech(root: Path, workers=None):
+    """Speech Commands v0.02 from its archive's layout: one folder of WAV files per word, validation_list.txt and
+    testing_list.txt (paths relative to the folder); every other clip is training data. _background_noise_ is
+    not a class. Clips are zero-padded at the end to 16,000 samples (1 s) and kept as int16."""
+    base = root / SPEECH_DIR
+    cmd = _download_cmd(root, "speech")
+    _need(base, "Speech Commands v0.02 (the folder with the word folders and the two lists)", cmd)
+    for name in ("validation_list.txt", "testing_list.txt"):
+        _need(base / name, f"Speech Commands v0.02's {name}", cmd)
+    listed = {s: {line.strip() for line in (base / f).read_text().splitlines() if line.strip()}
+              for s, f in (("val", "validation_list.txt"), ("test", "testing_list.txt"))}
+    entries = []
+    for word_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        if word_dir.name not in SPEECH_WORDS:
+            raise DataError(f"{word_dir}: {word_dir.name!r} is not one of the 35 Speech Commands v0.02 words")
+        for f in sorted(word_dir.glob("*.wav")):
+            rel = f"{word_dir.name}/{f.name}"
+            split = "test" if rel in listed["test"] else "val" if rel in listed["val"] else "train"
+            entries.append((f, SPEECH_WORDS.index(word_dir.name), split))
+    if not entries:
+        raise DataError(f"no WAV files in the word folders under {base}\n  get them with: {cmd}")
+    with _pool(workers or max(1, min(16, os.cpu_count() or 1))) as pool:
+        clips = list(tqdm(pool.imap(_read_wav, [e[0] for e in entries], chunksize=256), total=len(entries),
+                          desc="reading Speech Commands WAVs", unit="clip", disable=len(entries) < 5000))
+    for (path, _, _), (_, problem) in zip(entries, clips):
+        if problem:
+            raise DataError(f"{path}: {problem}; replace or delete the file")
+    splits = {}
+    for split in ("train", "val", "test"):
+        idx = [i for i, e in enumerate(entries) if e[2] == split]
+        x = np.zeros((len(idx), SPEECH_LEN, 1), np.int16)
+        for row, i in enumerate(idx):
+            x[row, :len(clips[i][0]), 0] = clips[i][0]
+        splits[split] = dict(inputs=x, lengths=np.full(len(idx), SPEECH_LEN, np.int32),
+                             labels=np.array([entries[i][1] for i in idx], np.int32))
+    total = count = squares = 0.0  # the training set's mean and std on the −1..1 scale, padding included
+    for i in range(0, len(splits["train"]["inputs"]), 1024):
+        chunk = splits["train"]["inputs"][i:i + 1024].astype(np.float64) / 32768.0
+        total, squares, count = total + chunk.sum(), squares + np.square(chunk).sum(), count + chunk.size
+    mean = total / max(count, 1)
+    std = float(np.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0)))
+    return splits, dict(n_classes=len(SPEECH_WORDS), seq_len=SPEECH_LEN, in_dim=1, padded=False, pair=False,
+                        source=str(base), train_mean=float(mean), train_std=max(std, 1e-8))
+
+
 # ==================================================================================================
 # The registry, the cache, and load()
 # ==================================================================================================
@@ -620,6 +694,7 @@ DATASETS = {
     "pathx-classification": (build_pathfinder, dict(resolution=128), (0.5, 0.5), "80/10/10"),
     "mnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
     "pmnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
+    "speech35-classification": (build_speech, dict(), "train", None),  # standardised by the training set
 }
 
 
@@ -631,6 +706,7 @@ def _fingerprint(root: Path, name: str) -> str:
         "aan-classification": ["lra_release/tsv_data"],
         "lra-cifar-classification": ["cifar-10-batches-py"], "cifar-classification": ["cifar-10-batches-py"],
         "pathfinder-classification": ["lra_release/pathfinder32/curv_contour_length_14/metadata"],
+        "speech35-classification": [SPEECH_DIR],
         "pathx-classification": ["lra_release/pathfinder128/curv_contour_length_14/metadata"],
         "mnist-classification": ["MNIST/raw"], "pmnist-classification": ["MNIST/raw"],
     }[name]
@@ -754,12 +830,15 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
 
     mean = std = None
-    if norm is not None:
+    scale = 32768.0 if name == "speech35-classification" else 255.0
+    if norm == "train":  # the training set's own mean and std, computed when the cache was built
+        mean, std = np.full(1, meta["train_mean"], np.float32), np.full(1, meta["train_std"], np.float32)
+    elif norm is not None:
         c = meta["in_dim"]
         mean = np.broadcast_to(np.asarray(norm[0], np.float32), (c,)).copy()
         std = np.broadcast_to(np.asarray(norm[1], np.float32), (c,)).copy()
-    made = {s: Split(a["inputs"], a["lengths"], a["labels"], a.get("inputs2"), a.get("lengths2"), mean, std)
-            for s, a in splits.items()}
+    made = {s: Split(a["inputs"], a["lengths"], a["labels"], a.get("inputs2"), a.get("lengths2"), mean, std,
+                     scale) for s, a in splits.items()}
     for s in ("train", "val", "test"):
         if len(made[s]) == 0:
             raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")

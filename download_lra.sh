@@ -11,15 +11,16 @@ Downloads into DIR (default ./data) what `dataloaders.py` reads:
   imdb    Stanford IMDB reviews (LRA Text)                            ~84 MB  -> DIR/aclImdb/
   cifar   CIFAR-10, python version (LRA Image, sCIFAR)               ~163 MB  -> DIR/cifar-10-batches-py/
   mnist   MNIST IDX files (sMNIST, psMNIST)                           ~12 MB  -> DIR/MNIST/raw/
+  speech  Speech Commands v0.02 (35 words, 16 kHz WAV)                ~2.4 GB -> DIR/speech_commands_v0.02/
 
-  --only PARTS      comma-separated subset, e.g. --only imdb or --only imdb,cifar (default: all)
+  --only PARTS      comma-separated subset, e.g. --only imdb or --only imdb,cifar (default: all but speech)
   --keep-archives   keep the downloaded archives after extraction (default: delete them)
 
 Each download resumes where an interrupted one stopped, is checked (md5, or size against the server's)
 before extraction, and is skipped when its data is already present: a second run does nothing.
 ListOps needs no download: train_ex.py generates it when the release is absent.
-Environment: LRA_URL, IMDB_URL, CIFAR_URL, MNIST_URL (base URL of the four files) override the sources;
-LRA_MD5, IMDB_MD5, CIFAR_MD5 the expected md5 sums.
+Environment: LRA_URL, IMDB_URL, CIFAR_URL, MNIST_URL (base URL of the four files), SPEECH_URL override the
+sources; LRA_MD5, IMDB_MD5, CIFAR_MD5, SPEECH_MD5 the expected md5 sums.
 EOF
 }
 
@@ -51,11 +52,12 @@ official() {  # official VAR DEFAULT_URL DEFAULT_MD5 -> sets VAR (url) and VAR_M
 official LRA_URL https://storage.googleapis.com/long-range-arena/lra_release.gz ""
 official IMDB_URL https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz 7c2ac02c03563afcf9b574c7e56c153a
 official CIFAR_URL https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz c58f30108f718f92721af3b95e74349a
+official SPEECH_URL http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz ""
 MNIST_OFFICIAL=https://ossci-datasets.s3.amazonaws.com/mnist
 MNIST_URL=${MNIST_URL:-$MNIST_OFFICIAL}
 
 for p in ${PARTS//,/ }; do
-  case "$p" in lra|imdb|cifar|mnist) ;; *) echo "error: unknown part '$p': use lra, imdb, cifar, mnist" >&2; exit 2 ;; esac
+  case "$p" in lra|imdb|cifar|mnist|speech) ;; *) echo "error: unknown part '$p': use lra, imdb, cifar, mnist, speech" >&2; exit 2 ;; esac
 done
 command -v curl >/dev/null || { echo "error: curl is needed (apt-get install curl)" >&2; exit 1; }
 mkdir -p "$DIR"
@@ -100,22 +102,23 @@ verify() {  # verify URL FILE MD5 [quiet]
   [ -n "${4:-}" ] || say "verified $out"
 }
 
-extract() {  # extract ARCHIVE
+extract() {  # extract ARCHIVE [INTO]   (INTO: a folder under DIR, for archives without a top folder)
   say "checking and extracting $1"
   gzip -t "$1" || { echo "error: $1 is not a valid gzip archive; delete it and run again" >&2; exit 1; }
-  tar -xzf "$1" -C "$DIR"
+  mkdir -p "$DIR/${2:-}"
+  tar -xzf "$1" -C "$DIR/${2:-}"
   [ "$KEEP" = 1 ] || rm -f "$1"
 }
 
-part_archive() {  # part_archive NAME URL MD5 GB RESULT_DIR
-  local name=$1 url=$2 md5=$3 gb=$4 result=$5
+part_archive() {  # part_archive NAME URL MD5 GB RESULT_DIR [INTO]
+  local name=$1 url=$2 md5=$3 gb=$4 result=$5 into=${6:-}
   if [ -f "$DIR/.done-$name" ] && [ -d "$DIR/$result" ]; then
     say "$name: already present in $DIR/$result, skipping"; return
   fi
   need_space "$gb"
   local archive="$DIR/$(basename "$url")"
   fetch "$url" "$archive" "$md5"
-  extract "$archive"
+  extract "$archive" "$into"
   [ -d "$DIR/$result" ] || { echo "error: $name: extraction did not create $DIR/$result" >&2; exit 1; }
   touch "$DIR/.done-$name"
   say "$name: ready in $DIR/$result"
@@ -143,6 +146,7 @@ for p in ${PARTS//,/ }; do
     imdb) part_archive imdb "$IMDB_URL" "$IMDB_MD5" 1 aclImdb ;;
     cifar) part_archive cifar "$CIFAR_URL" "$CIFAR_MD5" 1 cifar-10-batches-py ;;
     mnist) part_mnist ;;
+    speech) part_archive speech "$SPEECH_URL" "$SPEECH_MD5" 6 speech_commands_v0.02 speech_commands_v0.02 ;;
   esac
 done
 say "done: $DIR"

@@ -592,3 +592,81 @@ def test_download_script_arguments(tmp_path):
     assert r.returncode == 2 and "unknown part 'bogus'" in r.stderr
     r = run_download(tmp_path, {}, "--frobnicate")
     assert r.returncode == 2 and "unknown argument" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Speech Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def write_wav(path, samples, rate=16000, width=2):
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(samples, "<i2").tobytes())
+
+
+def make_speech(root: Path):
+    """yes/no/zero clips (one shorter than 1 s), a validation and a testing list, background noise."""
+    base = root / "speech_commands_v0.02"
+    rng = np.random.default_rng(0)
+    clips = {}
+    for word in ("yes", "no", "zero"):
+        for i in range(3):
+            n = 8000 if (word, i) == ("no", 1) else 16000
+            clips[f"{word}/c{i}_nohash_0.wav"] = rng.integers(-3000, 3000, n)
+    for rel, x in clips.items():
+        write_wav(base / rel, x)
+    write_wav(base / "_background_noise_" / "noise.wav", rng.integers(-100, 100, 16000))
+    (base / "validation_list.txt").write_text("yes/c1_nohash_0.wav\n")
+    (base / "testing_list.txt").write_text("no/c1_nohash_0.wav\nzero/c2_nohash_0.wav\n")
+    return base, clips
+
+
+def test_speech_commands_splits_padding_and_standardisation(tmp_path):
+    base, clips = make_speech(tmp_path)
+    ds = dl.load("speech35-classification", tmp_path, workers=1)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (6, 1, 2) and ds.n_classes == 35 and ds.seq_len == 16000
+    words = list(dl.SPEECH_WORDS)
+    assert sorted(ds.test.labels.tolist()) == sorted([words.index("no"), words.index("zero")])
+    assert ds.val.labels.tolist() == [words.index("yes")]
+    short = ds.test.inputs[ds.test.labels.tolist().index(words.index("no")), :, 0]
+    np.testing.assert_array_equal(short[:8000], clips["no/c1_nohash_0.wav"])  # the clip, then zeros to 1 s
+    assert not np.any(short[8000:])
+    train = np.concatenate([np.pad(np.asarray(x, np.float64), (0, 16000 - len(x))) for rel, x in clips.items()
+                            if rel not in ("yes/c1_nohash_0.wav", "no/c1_nohash_0.wav", "zero/c2_nohash_0.wav")])
+    mean, std = (train / 32768).mean(), (train / 32768).std()
+    b = next(ds.test.batches(2))
+    np.testing.assert_allclose(b["inputs"], (ds.test.inputs / 32768 - mean) / std, rtol=1e-4, atol=1e-5)
+
+
+def test_speech_commands_bad_files_and_missing_data(tmp_path, capsys):
+    base, _ = make_speech(tmp_path)
+    (base / "yes" / "broken.wav").write_bytes(b"RIFF\x00\x00not a wav")
+    with pytest.raises(dl.DataError, match=r"yes/broken.wav: not a readable WAV file"):
+        dl.load("speech35-classification", tmp_path, workers=1)
+    (base / "yes" / "broken.wav").unlink()
+    write_wav(base / "yes" / "slow.wav", np.zeros(8000), rate=8000)
+    with pytest.raises(dl.DataError, match=r"yes/slow.wav: 8000 Hz"):
+        dl.load("speech35-classification", tmp_path, workers=1)
+    with pytest.raises(dl.DataError, match=r"(?s)looked for \S*elsewhere/speech_commands_v0.02\n.*--only speech"):
+        dl.load("speech35-classification", tmp_path / "elsewhere")
+    assert dl.main(["check", "speech35-classification", "--dir_name", str(tmp_path / "elsewhere")]) == 2
+
+
+def test_download_script_speech(tmp_path, file_server):
+    """The Speech Commands archive has no top folder: it is extracted into DIR/speech_commands_v0.02."""
+    served, url, _ = file_server
+    base, _ = make_speech(tmp_path / "src")
+    with tarfile.open(served / "speech_commands_v0.02.tar.gz", "w:gz") as tar:
+        for p in sorted(base.iterdir()):
+            tar.add(p, arcname=p.name)
+    data = tmp_path / "data"
+    r = run_download(data, {"SPEECH_URL": f"{url}/speech_commands_v0.02.tar.gz"}, "--only", "speech")
+    assert r.returncode == 0, r.stderr
+    assert (data / "speech_commands_v0.02" / "testing_list.txt").exists()
+    assert len(dl.load("speech35-classification", data, workers=1).test) == 2

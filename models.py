@@ -189,7 +189,8 @@ def build_model(cfg, ds_meta):
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
                   auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
                   delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
-                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None)
+                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None,
+                  step_rescale=getattr(cfg, "step_rescale", 1.0))
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum, mask_padding=cfg.mask_padding)
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,

@@ -278,6 +278,7 @@ class _ConvSSM(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     bidirectional: bool = False
+    step_rescale: float = 1.0  # every step Δ × this: the same continuous system sampled k times coarser
 
     def setup(self):
         self.N = check_state_size(self.P)  # complex states kept per feature
@@ -305,7 +306,7 @@ class _ConvSSM(nn.Module):
         return jnp.minimum(self.Lambda_re, MAX_RE) + 1j * self.Lambda_im
 
     def step_size(self):
-        return jnp.exp(self.log_step)
+        return self.step_rescale * jnp.exp(self.log_step)
 
     def __call__(self, u):
         """(L, H) → (L, H): y = K * u (+ the backward kernel) + D u."""

@@ -40,6 +40,13 @@ w_t = δ_t ⊙ v_t and m̄_t = s_t ⊙ x̄_t:
 (transposes, not conjugates: JAX's reverse mode of complex-linear maps). Memory: O(L (P + R)) per sample
 (the states), O(n P²) shared, the same order as S5's scan, instead of O(L P²) per sample.
 
+Another sampling rate (`step_rescale` k, e.g. a model trained at 16 kHz evaluated at 8 kHz on x[::k]): S5's
+steps are multiplied by k, which is exact for its continuous-time system. The extensions' terms are discrete
+(a schedule over steps, a learned table per step) and have no exact continuous-time meaning; they are read as
+functions of physical time, the natural choice: step t at rate k is physical time k·t, so a schedule is read at
+k·t (of a sequence of physical length k·L) and the learned δ table every k-th entry. With E = 0 both reduce
+exactly to S5 at rate k.
+
 Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
 time index (t counts from the sequence end), its states reversed back and concatenated as in S5.
 
@@ -91,9 +98,10 @@ def schedule(t, T, kind: str):
     raise ValueError(f"unknown time_scale_type {kind!r}: use one of {TIME_SCALES}")
 
 
-def time_scale(L: int, kind: str):
-    """The schedule Δ(t) for t = 0..L-1, (L,) float32."""
-    return schedule(jnp.arange(L), L, kind)
+def time_scale(L: int, kind: str, rate: float = 1.0):
+    """The schedule Δ(t) for t = 0..L-1, (L,) float32. At `rate` k (the layer's step_rescale: a sequence sampled
+    k times coarser) step t is physical time k·t of a sequence of physical length k·L."""
+    return schedule(rate * jnp.arange(L), rate * L, kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +345,8 @@ class S5SSMAux(ssm.S5SSM):
 
     def __call__(self, u):
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
-        a = aux_transitions(Lambda_bar, ssm._as_complex(self.E), time_scale(u.shape[0], self.time_scale_type))
+        a = aux_transitions(Lambda_bar, ssm._as_complex(self.E),
+                            time_scale(u.shape[0], self.time_scale_type, self.step_rescale))
         return ssm.apply_ssm(clamp_modulus(a), B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
 
     def step(self, x_prev, u_t, t, seq_len):
@@ -345,7 +354,8 @@ class S5SSMAux(ssm.S5SSM):
         if self.bidirectional:
             return super().step(x_prev, u_t)  # raises the clear error
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
-        delta_prev = jnp.where(t > 0, schedule(t - 1, seq_len, self.time_scale_type), 0.0)
+        k = self.step_rescale
+        delta_prev = jnp.where(t > 0, schedule(k * (t - 1), k * seq_len, self.time_scale_type), 0.0)
         a = clamp_modulus(Lambda_bar + delta_prev * ssm._as_complex(self.E))
         x = a * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
@@ -380,15 +390,20 @@ class S5SSMExtend(ssm.S5SSM):
             self.delta_amp = self.param("delta_amp", nn.initializers.ones, (self.R,))
 
     def delta(self, L: int):
-        """δ(t) for t = 0..L-1, (L, R)."""
+        """δ(t) for t = 0..L-1, (L, R); at step_rescale k, δ at physical time k·t (every k-th table entry)."""
+        k = self.step_rescale
         if self.delta_type != "learned":
-            return time_scale(L, self.delta_type)[:, None] * self.delta_amp[None, :]
-        if L > self.l_max:
+            return time_scale(L, self.delta_type, k)[:, None] * self.delta_amp[None, :]
+        if k != int(k) or k < 1:
+            raise ValueError(f"a learned delta table is read every k-th entry at step_rescale k, so k must be a "
+                             f"positive integer; got {k}")
+        k = int(k)
+        if k * (L - 1) + 1 > self.l_max:
             raise ValueError(
-                f"sequence length {L} is longer than the learned delta table (l_max={self.l_max}): set "
-                f"l_max to at least {L} (it comes from the dataset's sequence length), or use a schedule "
-                f"delta_type ({', '.join(TIME_SCALES)})")
-        return self.delta_table[:L]
+                f"sequence length {L} (at step_rescale {k}: {k * (L - 1) + 1} table entries) is longer than the "
+                f"learned delta table (l_max={self.l_max}): set l_max to at least that (it comes from the "
+                f"dataset's sequence length), or use a schedule delta_type ({', '.join(TIME_SCALES)})")
+        return self.delta_table[:k * (L - 1) + 1:k]
 
     def guarded(self, Lambda_bar, delta):
         """(Λ̄ or a (L,P) diagonal transition, row scale or None) after the stability guard."""

@@ -775,3 +775,65 @@ def test_warm_start_rejects_mismatched_sizes():
     ext_params = ssm_ex.S5SSMAux(H=3, P=4).init(jax.random.PRNGKey(0), method="initial_state")["params"]
     with pytest.raises(ValueError, match="shape"):
         ssm_ex.warm_start(s5_params, ext_params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Another sampling rate: step_rescale
+# --------------------------------------------------------------------------------------------------
+
+
+def rate_errors(make, L=1200, H=2, seed=0):
+    """(error at rate 2 with the steps doubled, error at rate 2 without) against the rate-1 output taken every
+    second step, relative to that output, for a smooth input."""
+    t = np.arange(L)
+    u = jnp.asarray(np.stack([np.sin(2 * np.pi * t / 300), np.cos(2 * np.pi * t / 460 + 0.4)], 1)[:, :H],
+                    jnp.float32)
+    layer1, layer2 = make(1.0), make(2.0)
+    params = layer1.init(jax.random.PRNGKey(seed), method="initial_state")
+    y1 = np.asarray(jax.jit(layer1.apply)(params, u))[::2]
+    y2 = np.asarray(jax.jit(layer2.apply)(params, u[::2]))
+    y_plain = np.asarray(jax.jit(layer1.apply)(params, u[::2]))
+    scale = np.max(np.abs(y1))
+    return np.max(np.abs(y2 - y1)) / scale, np.max(np.abs(y_plain - y1)) / scale
+
+
+@pytest.mark.parametrize("name", ["s5", "s4", "s4d", "dss"])
+def test_step_rescale_keeps_the_continuous_system(name):
+    """At rate 2 (input u[::2], steps × 2) the layer's output is close to its rate-1 output every second step,
+    and much closer than without the step change: the continuous-time system is kept."""
+    import s4
+
+    steps = dict(H=2, P=8, dt_min=0.005, dt_max=0.05)  # a signal smooth on the scale of the steps
+    make = {"s5": lambda k: ssm.S5SSM(**steps, step_rescale=k), "s4": lambda k: s4.S4SSM(**steps, step_rescale=k),
+            "s4d": lambda k: s4.S4DSSM(**steps, step_rescale=k),
+            "dss": lambda k: s4.DSSSSM(**steps, step_rescale=k)}[name]
+    rescaled, plain = rate_errors(make)
+    print(f"{name}: relative error at rate 2 {rescaled:.4f} with the step change, {plain:.4f} without")
+    assert rescaled < 0.1 and rescaled < plain / 5
+
+
+@pytest.mark.parametrize("name,kw", EXT_MODULES)
+def test_extensions_at_another_rate_reduce_to_s5_with_zero_E(name, kw):
+    """The extensions' rate-k definition (schedule at k·t, every k-th δ entry) with E = 0 is S5 at rate k."""
+    L, H, P = 30, 3, 8
+    u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
+    s5 = ssm.S5SSM(H=H, P=P, step_rescale=2.0)
+    ext = make_module(name, H, P, l_max=2 * L, step_rescale=2.0, **kw)
+    s5_params = s5.init(jax.random.PRNGKey(1), method="initial_state")["params"]
+    ext_params = ssm_ex.warm_start(s5_params, ext.init(jax.random.PRNGKey(2), method="initial_state")["params"])
+    np.testing.assert_allclose(jax.jit(ext.apply)({"params": ext_params}, u),
+                               jax.jit(s5.apply)({"params": s5_params}, u), rtol=1e-5, atol=1e-5)
+
+
+def test_extension_time_terms_are_read_at_physical_time():
+    model = ssm_ex.S5SSMExtend(H=2, P=4, R=2, l_max=20, delta_type="learned", step_rescale=2.0)
+    p = model.init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    table = np.asarray(p["delta_table"])
+    np.testing.assert_array_equal(model.apply({"params": p}, 10, method="delta"), table[0:19:2])
+    with pytest.raises(ValueError, match="l_max=20"):
+        model.apply({"params": p}, 11, method="delta")
+    sched = ssm_ex.S5SSMExtend(H=2, P=4, R=2, delta_type="sinusoidal", step_rescale=3.0)
+    q = sched.init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    t = np.arange(7)
+    np.testing.assert_allclose(sched.apply({"params": q}, 7, method="delta")[:, 0],
+                               (1 + 0.1 * np.sin(0.1 * 3 * t)) * np.asarray(q["delta_amp"])[0], rtol=1e-6)

@@ -460,11 +460,13 @@ RELEASE_RECIPES = {  # dataset: (C_init, blocks, bsz, d_model, ssm_size, n_layer
                                   0.03, dict(bn_momentum=0.9)),
     "pathx-classification": ("complex_normal", 16, 32, 128, 256, 6, 75, 6e-4, 3, "BandCdecay", 0.0, 0.06,
                              dict(dt_min=1e-4, bn_momentum=0.9)),
+    "speech35-classification": ("lecun_normal", 16, 16, 96, 128, 6, 40, 2e-3, 4, "noBCdecay", 0.1, 0.04,
+                                dict(resolutions=[1, 2])),
 }
 RELEASE_COMMON = dict(prenorm=True, batchnorm=True, bidirectional=True, conj_sym=True, discretization="zoh",
                       mode="pool", mask_padding=False, buckets=False, token_encoder="onehot", split_seed=42,
                       ssm_type="s5", clip_eigs=False, dt_global=False, activation_fn="half_glu1", warmup_end=1,
-                      bn_momentum=0.95, dt_min=0.001, lr_min=0.0, cosine_anneal=True)
+                      bn_momentum=0.95, dt_min=0.001, lr_min=0.0, cosine_anneal=True, resolutions=[1])
 
 
 def test_readme_s5_recipes_parse_to_the_release_settings():
@@ -473,7 +475,7 @@ def test_readme_s5_recipes_parse_to_the_release_settings():
     text = (HERE / "README.md").read_text()
     s5 = next(line for line in text.splitlines() if line.startswith('S5="'))[4:-1]
     commands = [line for line in text.splitlines() if line.startswith("python train_ex.py $S5 ")]
-    assert len(commands) == 6
+    assert len(commands) == 7
     seen = set()
     for line in commands:
         argv = shlex.split(line.replace("$S5", s5))[2:]
@@ -487,3 +489,27 @@ def test_readme_s5_recipes_parse_to_the_release_settings():
         got = {k: getattr(cfg, k) for k in want}
         assert got == want, cfg.dataset
     assert seen == set(RELEASE_RECIPES)
+
+
+def test_speech_run_evaluates_at_two_rates(tmp_path):
+    """A short run on a Speech Commands tree written by the tests: --eval_resolutions 1,2 writes the accuracy at
+    16 kHz and, zero-shot, at 8 kHz (x[::2], steps × 2)."""
+    from test_data import make_speech
+
+    make_speech(tmp_path)
+    dataloaders.load("speech35-classification", tmp_path, workers=1)
+    argv = ["--dataset", "speech35-classification", "--dir_name", str(tmp_path), "--run_dir", str(tmp_path / "r"),
+            "--epochs", "1", "--bsz", "2", "--d_model", "4", "--n_layers", "1", "--ssm_size_base", "4",
+            "--p_dropout", "0", "--warmup_end", "0", "--eval_resolutions", "1,2"]
+    assert train_ex.main(argv) == 0
+    row = results(tmp_path / "r")["epochs"][0]
+    for key in ("val_acc", "test_acc", "val_acc@2", "test_acc@2"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert train_ex.parse_args(["--eval_resolutions", "1,2"]).resolutions == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["2", "1,x", "0,1"])
+def test_eval_resolutions_must_include_1(bad, capsys):
+    with pytest.raises(SystemExit):
+        train_ex.parse_args(["--eval_resolutions", bad])
+    assert "--eval_resolutions" in capsys.readouterr().err

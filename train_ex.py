@@ -43,6 +43,9 @@ def make_parser():
     g.add_argument("--max_train_samples", type=int, default=None, help="use only this many training samples")
     g.add_argument("--max_eval_samples", type=int, default=None, help="use only this many val/test samples")
     g.add_argument("--downsample", type=int, default=1, help="MNIST only: k×k average pooling (28/k)² steps")
+    g.add_argument("--eval_resolutions", default="1", help="also evaluate val and test on every k-th sample "
+                   "(x[::k]) with the model's steps × k, for each k listed (e.g. 1,2: the S5 Speech recipe's "
+                   "zero-shot 8 kHz evaluation); results carry val_acc@k and test_acc@k")
     g.add_argument("--buckets", action=B, default=True,
                    help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
                    "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
@@ -168,6 +171,13 @@ def parse_args(argv=None):
         parser.error("--distributed needs --run_dir (every process must name the same run)")
     if args.ckpt_every_min < 0:
         parser.error(f"--ckpt_every_min must be >= 0, got {args.ckpt_every_min}")
+    try:
+        args.resolutions = sorted({int(k) for k in str(args.eval_resolutions).split(",")})
+    except ValueError:
+        parser.error(f"--eval_resolutions takes integers separated by commas, e.g. 1,2; got {args.eval_resolutions!r}")
+    if args.resolutions[0] < 1 or 1 not in args.resolutions:
+        parser.error(f"--eval_resolutions must list 1 (the normal evaluation) and rates >= 1, got "
+                     f"{args.eval_resolutions!r}")
     if args.ssm_lr_base is not None:
         args.ssm_lr, args.global_lr = args.ssm_lr_base, args.lr_factor * args.ssm_lr_base
     else:
@@ -391,8 +401,10 @@ class Report:
         if self.wandb:
             self.wandb.log(row, step=row["epoch"])
         best = progress["best"]
+        rates = "".join(f" | @{k.split('@')[1]}: val {row[k]:.4f} test {row['test_acc@' + k.split('@')[1]]:.4f}"
+                        for k in row if k.startswith("val_acc@"))
         self.say(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
-                 f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f} | best val "
+                 f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f}{rates} | best val "
                  f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}) | {row['seconds']:.1f}s, "
                  f"{row['steps_per_s']:.1f} steps/s")
 
@@ -470,15 +482,27 @@ def run(cfg):
     state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
     train_step, eval_step = make_steps(model, tx, dropout_key)
     train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated)
-    eval_step = jax.jit(eval_step, out_shardings=rt.replicated)
+    eval_steps = {1: jax.jit(eval_step, out_shardings=rt.replicated)}
+    for k in cfg.resolutions[1:]:  # the same parameters, every step × k (see ssm_ex.py for the extensions)
+        model_k = models.build_model(argparse.Namespace(**{**vars(cfg), "step_rescale": float(k)}), meta)
+        eval_steps[k] = jax.jit(make_steps(model_k, tx, dropout_key)[1], out_shardings=rt.replicated)
 
-    def evaluate(state, split):
-        """(loss, accuracy) over a split; every process runs the same number of batches of the same shapes."""
+    def decimate(b, k):
+        """Every k-th sample of a batch (x[::k]); lengths in the coarser steps."""
+        if k == 1:
+            return b
+        out = dict(b, inputs=b["inputs"][:, ::k], lengths=-(-b["lengths"] // k))
+        if "inputs2" in b:
+            out.update(inputs2=b["inputs2"][:, ::k], lengths2=-(-b["lengths2"] // k))
+        return out
+
+    def evaluate(state, split, k=1):
+        """(loss, accuracy) over a split at rate k; every process runs the same batches of the same shapes."""
         if len(split) == 0:
             return float("nan"), float("nan")
         tot = None
         for b in dataloaders.prefetch(split.batches(cfg.bsz, buckets=buckets, shard=rt.shard)):
-            out = eval_step(state, rt.global_batch(b))
+            out = eval_steps[k](state, rt.global_batch(decimate(b, k)))
             tot = out if tot is None else tot + out
         loss_sum, correct, n = rt.host(tot)
         return float(loss_sum / n), float(correct / n)
@@ -571,6 +595,8 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
         row = dict(epoch=epoch + 1, train_loss=float(loss_sum / max(n, 1)), train_acc=float(correct / max(n, 1)),
                    val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc, seconds=seconds,
                    steps_per_s=steps_per_epoch / seconds)
+        for k in cfg.resolutions[1:]:  # zero-shot at another sampling rate: x[::k], steps × k
+            row[f"val_acc@{k}"], row[f"test_acc@{k}"] = evaluate(state, val, k)[1], evaluate(state, test, k)[1]
         progress["history"].append(row)
         improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
         if improved:

@@ -676,7 +676,7 @@ def build_speech(root: Path, workers=None):
     mean = total / max(count, 1)
     std = float(np.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0)))
     return splits, dict(n_classes=len(SPEECH_WORDS), seq_len=SPEECH_LEN, in_dim=1, padded=False, pair=False,
-                        source=str(base), train_mean=float(mean), train_std=max(std, 1e-8))
+                        source=str(base), train_mean=float(mean), train_std=max(std, 1e-8), value_scale=32768.0)
 
 
 # ==================================================================================================
@@ -830,7 +830,7 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
 
     mean = std = None
-    scale = 32768.0 if name == "speech35-classification" else 255.0
+    scale = meta.get("value_scale", 255.0)  # raw values → the model's scale: pixels 255, 16-bit PCM 32768
     if norm == "train":  # the training set's own mean and std, computed when the cache was built
         mean, std = np.full(1, meta["train_mean"], np.float32), np.full(1, meta["train_std"], np.float32)
     elif norm is not None:

@@ -70,11 +70,11 @@ def ssm_layers(cfg, meta, params):
 
 
 def initial_params(cfg, meta):
-    """The parameters the run started from (the config's seed, as train_ex.build_state draws them)."""
-    import jax
+    """The parameters the run started from (the config's seed, drawn as train_ex draws them)."""
     import jax.numpy as jnp
 
     import models
+    import train_ex
 
     model = models.build_model(cfg, meta)
     L = meta["seq_len"]
@@ -82,8 +82,7 @@ def initial_params(cfg, meta):
     batch = {"inputs": x, "lengths": jnp.full(1, L), "labels": jnp.zeros(1, jnp.int32), "weights": jnp.ones(1)}
     if meta["pair"]:
         batch.update(inputs2=x, lengths2=jnp.full(1, L))
-    init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
-    return jax.jit(lambda k: model.init({"params": k, "dropout": k}, batch, training=False))(init_key)["params"]
+    return train_ex.init_variables(cfg, model, batch)[0]["params"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -401,8 +401,8 @@ class Report:
         if self.wandb:
             self.wandb.log(row, step=row["epoch"])
         best = progress["best"]
-        rates = "".join(f" | @{k.split('@')[1]}: val {row[k]:.4f} test {row['test_acc@' + k.split('@')[1]]:.4f}"
-                        for k in row if k.startswith("val_acc@"))
+        rates = "".join(f" | @{k}: val {row[f'val_acc@{k}']:.4f} test {row[f'test_acc@{k}']:.4f}"
+                        for k in self.cfg.resolutions[1:])
         self.say(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
                  f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f}{rates} | best val "
                  f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}) | {row['seconds']:.1f}s, "
@@ -435,13 +435,20 @@ class StopSignals:
             signal.signal(s, h)
 
 
+def init_variables(cfg, model, batch):
+    """(the model's initial variables, the dropout key), both from --jax_seed; only the batch's shapes matter."""
+    import jax
+
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+    init = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))
+    return init(init_key, batch), dropout_key
+
+
 def build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts):
     """(state on the devices, tx, progress, n_params, dropout key): fresh, warm-started or resumed."""
     import jax
 
-    sample = next(train.batches(cfg.bsz, shard=rt.shard))
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
-    variables = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))(init_key, sample)
+    variables, dropout_key = init_variables(cfg, model, next(train.batches(cfg.bsz, shard=rt.shard)))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if cfg.load_checkpoint and not cfg.resume:
         params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)

@@ -66,6 +66,7 @@ class Split:
     mean: np.ndarray | None = None  # normalisation (per channel, on the value/scale scale); None for tokens
     std: np.ndarray | None = None
     scale: float = 255.0  # raw values → 0-1 (pixels) or −1..1 (16-bit PCM audio: 32768)
+    next_step: bool = False  # next-step prediction: labels are the values themselves, inputs shifted right by one
 
     def __len__(self):
         return len(self.labels)
@@ -75,7 +76,7 @@ class Split:
             return None if a is None else np.asarray(a[idx])
 
         return Split(pick(self.inputs), pick(self.lengths), pick(self.labels), pick(self.inputs2),
-                     pick(self.lengths2), self.mean, self.std, self.scale)
+                     pick(self.lengths2), self.mean, self.std, self.scale, self.next_step)
 
     def _features(self, x):
         if self.mean is None:
@@ -107,6 +108,8 @@ class Split:
     def batches(self, bsz, *, shuffle=False, seed=0, epoch=0, drop_last=False, buckets=None, start=0,
                 shard=(0, 1)):
         """Yield batches as dicts of numpy arrays: inputs, lengths, labels, weights [, inputs2, lengths2].
+        For next-step prediction (`next_step`) labels are the sequences' values (bsz, L) and inputs the same
+        values shifted right by one, 0 first.
 
         Every batch has exactly `bsz` rows, so the model compiles one shape per width: a last partial batch
         is filled with copies of its first row carrying weight 0 (`drop_last=True` drops it instead, for
@@ -129,6 +132,10 @@ class Split:
             batch = {"inputs": self._features(self.inputs[rows, :width]),
                      "lengths": np.minimum(self.lengths[rows], width).astype(np.int32),
                      "labels": self.labels[rows].astype(np.int32), "weights": weights}
+            if self.next_step:  # predict x_t from x_{<t}: the model sees x_{t-1} at t (0 at t = 0)
+                values = np.asarray(self.inputs[rows, :width]).reshape(len(rows), width).astype(np.int32)
+                batch["labels"] = values
+                batch["inputs"] = np.pad(values[:, :-1], ((0, 0), (1, 0)))
             if self.inputs2 is not None:
                 batch["inputs2"] = self._features(self.inputs2[rows, :width])
                 batch["lengths2"] = np.minimum(self.lengths2[rows], width).astype(np.int32)
@@ -174,6 +181,7 @@ class Dataset:
     generated: bool = False  # generated here (ListOps without the release), not the published data
     generator_seed: int | None = None  # its generator's seed, when known
     split_seed: int | None = None  # the seed of the held-out splits, when they were drawn here
+    task: str = "classification"  # or "next_step" (task_of)
 
     @property
     def tokens(self):
@@ -695,7 +703,15 @@ DATASETS = {
     "mnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
     "pmnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
     "speech35-classification": (build_speech, dict(), "train", None),  # standardised by the training set
+    "mnist": (build_mnist, dict(downsample=1), None, 0.1),  # next-pixel prediction: 256 intensity classes
 }
+# Datasets whose task is next-step prediction (density modelling, generation), not classification
+NEXT_STEP = {"mnist"}
+
+
+def task_of(name: str) -> str:
+    """"next_step" (predict every value from the ones before it) or "classification"."""
+    return "next_step" if name in NEXT_STEP else "classification"
 
 
 def _fingerprint(root: Path, name: str) -> str:
@@ -708,7 +724,7 @@ def _fingerprint(root: Path, name: str) -> str:
         "pathfinder-classification": ["lra_release/pathfinder32/curv_contour_length_14/metadata"],
         "speech35-classification": [SPEECH_DIR],
         "pathx-classification": ["lra_release/pathfinder128/curv_contour_length_14/metadata"],
-        "mnist-classification": ["MNIST/raw"], "pmnist-classification": ["MNIST/raw"],
+        "mnist-classification": ["MNIST/raw"], "pmnist-classification": ["MNIST/raw"], "mnist": ["MNIST/raw"],
     }[name]
     items = []
     for rel in where:
@@ -829,6 +845,10 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         perm = bitreversal_permutation(meta["seq_len"])
         splits = {s: {**a, "inputs": np.asarray(a["inputs"])[:, perm]} for s, a in splits.items()}
 
+    next_step = task_of(name) == "next_step"
+    if next_step:  # every value is a class: pixels 0..255 as tokens; the model decides how to read them
+        norm = None
+        meta = dict(meta, n_classes=256, in_dim=256)
     mean = std = None
     scale = meta.get("value_scale", 255.0)  # raw values → the model's scale: pixels 255, 16-bit PCM 32768
     if norm == "train":  # the training set's own mean and std, computed when the cache was built
@@ -838,14 +858,14 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         mean = np.broadcast_to(np.asarray(norm[0], np.float32), (c,)).copy()
         std = np.broadcast_to(np.asarray(norm[1], np.float32), (c,)).copy()
     made = {s: Split(a["inputs"], a["lengths"], a["labels"], a.get("inputs2"), a.get("lengths2"), mean, std,
-                     scale) for s, a in splits.items()}
+                     scale, next_step) for s, a in splits.items()}
     for s in ("train", "val", "test"):
         if len(made[s]) == 0:
             raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")
     return Dataset(name, made["train"], made["val"], made["test"], meta["n_classes"], meta["seq_len"],
                    meta["in_dim"], meta["padded"], meta["pair"], cached, meta.get("source", ""),
                    meta.get("vocab", []), meta.get("generated", False), meta.get("generator_seed"),
-                   seed if rule not in (None, "val=test") else None)
+                   seed if rule not in (None, "val=test") else None, task_of(name))
 
 
 # ==================================================================================================

@@ -43,19 +43,13 @@ class InspectError(Exception):
 
 def load_run(run_dir: Path, kind: str):
     """(config namespace, model meta, parameters) of a run's checkpoint."""
-    from flax import serialization
+    import train_ex
 
-    ckpt = run_dir / f"ckpt_{kind}.msgpack"
-    if not ckpt.exists():
-        raise InspectError(f"no checkpoint {ckpt}: is {run_dir} a run directory of train_ex.py? (--checkpoint "
-                           f"best|latest picks which)")
-    config = json.loads(ckpt.with_suffix(".json").read_text())["config"]
-    meta = config.get("model_meta")
-    if meta is None:
-        raise InspectError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): it was written "
-                           f"by an older train_ex.py; rerun or resume the run once to record them")
-    state = serialization.msgpack_restore(ckpt.read_bytes())
-    return argparse.Namespace(**config), meta, state["params"]
+    try:
+        cfg, meta, state = train_ex.read_run(run_dir, kind)
+    except train_ex.RunError as e:
+        raise InspectError(str(e)) from None
+    return cfg, meta, state["params"]
 
 
 def ssm_layers(cfg, meta, params):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -39,9 +40,10 @@ def ssm_class(ssm_type: str, **kw):
 
 class SequenceLayer(nn.Module):
     """norm → SSM → activation → dropout → residual (norm before the SSM under prenorm, after the residual
-    otherwise)."""
+    otherwise). `__call__` runs a batch of whole sequences (B, L, H); `step` advances one sequence by one time
+    step (H,), with the norm's running statistics, so a stack of layers can stream (recurrent mode)."""
 
-    ssm: Any  # (class, options) from ssm_class
+    ssm_def: Any  # (class, options) from ssm_class
     d_model: int
     P: int
     activation: str = "half_glu1"
@@ -50,42 +52,60 @@ class SequenceLayer(nn.Module):
     batchnorm: bool = True
     bn_momentum: float = 0.9
     mask_padding: bool = True
-    training: bool = False
 
-    def norm(self, x, name):
-        if self.batchnorm:
-            return nn.BatchNorm(use_running_average=not self.training, momentum=self.bn_momentum,
-                                axis_name=None, name=name)(x)
-        return nn.LayerNorm(name=name)(x)
+    def setup(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}: use one of {ACTIVATIONS}")
+        cls, kw = self.ssm_def
+        self.ssm = cls(H=self.d_model, P=self.P, **kw)
+        self.norm = (nn.BatchNorm(momentum=self.bn_momentum, axis_name=None) if self.batchnorm else nn.LayerNorm())
+        if self.activation == "full_glu":
+            self.out1 = nn.Dense(self.d_model)
+        if self.activation != "gelu":
+            self.out2 = nn.Dense(self.d_model)
+        self.drop = nn.Dropout(self.dropout, broadcast_dims=[1])  # one mask per sequence, shared over time
 
-    @nn.compact
-    def __call__(self, x, mask):
-        drop = nn.Dropout(self.dropout, broadcast_dims=[1], deterministic=not self.training)
-        skip = x
-        if self.prenorm:
-            x = self.norm(x, "norm")
-        if self.mask_padding:
-            x = x * mask[..., None]
-        cls, kw = self.ssm
-        BatchSSM = nn.vmap(cls, in_axes=0, out_axes=0, variable_axes={"params": None}, split_rngs={"params": False})
-        x = BatchSSM(H=self.d_model, P=self.P, name="ssm", **kw)(x)
+    def _norm(self, x, training):
+        return self.norm(x, use_running_average=not training) if self.batchnorm else self.norm(x)
+
+    def _activate(self, x, training):
+        """The SSM's output → the layer's update (before the residual)."""
+        drop = lambda v: self.drop(v, deterministic=not training)  # noqa: E731
         if self.activation == "full_glu":
             x = drop(nn.gelu(x))
-            x = nn.Dense(self.d_model, name="out1")(x) * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x))
-        elif self.activation == "half_glu1":
+            return self.out1(x) * nn.sigmoid(self.out2(x))
+        if self.activation == "half_glu1":
             x = drop(nn.gelu(x))
-            x = x * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x))
-        elif self.activation == "half_glu2":  # the gate sees GELU(x); the gated value is the raw SSM output
-            x1 = drop(nn.gelu(x))
-            x = x * nn.sigmoid(nn.Dense(self.d_model, name="out2")(x1))
-        elif self.activation == "gelu":
-            x = nn.gelu(x)
-        else:
-            raise ValueError(f"unknown activation {self.activation!r}: use one of {ACTIVATIONS}")
-        x = skip + drop(x)
-        if not self.prenorm:
-            x = self.norm(x, "norm")
-        return x
+            return x * nn.sigmoid(self.out2(x))
+        if self.activation == "half_glu2":  # the gate sees GELU(x); the gated value is the raw SSM output
+            return x * nn.sigmoid(self.out2(drop(nn.gelu(x))))
+        return nn.gelu(x)
+
+    def __call__(self, x, mask, training=False):
+        skip = x
+        if self.prenorm:
+            x = self._norm(x, training)
+        if self.mask_padding:
+            x = x * mask[..., None]
+        x = nn.vmap(lambda ssm, u: ssm(u), variable_axes={"params": None}, split_rngs={"params": False})(self.ssm, x)
+        x = skip + self.drop(self._activate(x, training), deterministic=not training)
+        return x if self.prenorm else self._norm(x, training)
+
+    def recurrent_system(self, seq_len: int):
+        return self.ssm.recurrent_system(seq_len)
+
+    def initial_state(self):
+        return self.ssm.initial_state()
+
+    def step(self, state, x_t, t, seq_len: int, system):
+        """(SSM state, x_t (H,)) at time t of a sequence of length seq_len → (new state, output (H,)); evaluation
+        mode (running statistics, no dropout). `system` = recurrent_system(seq_len)."""
+        skip = x_t
+        if self.prenorm:
+            x_t = self._norm(x_t, False)
+        state, y = self.ssm.step(state, x_t, t, seq_len, system=system)
+        y = skip + self._activate(y, False)
+        return state, (y if self.prenorm else self._norm(y, False))
 
 
 class OneHotDense(nn.Module):
@@ -105,7 +125,10 @@ TOKEN_ENCODERS = ("onehot", "embed")
 
 
 class StackedEncoder(nn.Module):
-    """Token encoder (token datasets) or a dense encoder (continuous inputs), then n_layers layers."""
+    """Token encoder (token datasets) or a dense encoder (continuous inputs), then n_layers layers.
+
+    `step` is the recurrent mode of the whole stack for one sequence: the encoder on one input, then every
+    layer's `step`, carrying one SSM state per layer (`initial_state`; `recurrent_system` once per sequence)."""
 
     ssm: Any
     d_model: int
@@ -116,20 +139,42 @@ class StackedEncoder(nn.Module):
     layer_kw: dict
     token_encoder: str = "onehot"
 
-    @nn.compact
-    def __call__(self, inputs, mask, training=False):
+    def setup(self):
         if self.tokens and self.token_encoder == "onehot":
-            x = OneHotDense(self.in_dim, self.d_model, name="encoder")(inputs)
+            self.encoder = OneHotDense(self.in_dim, self.d_model)
         elif self.tokens:
             if self.token_encoder != "embed":
                 raise ValueError(f"unknown token_encoder {self.token_encoder!r}: use one of {TOKEN_ENCODERS}")
-            x = nn.Embed(self.in_dim, self.d_model, name="encoder")(inputs)
+            self.encoder = nn.Embed(self.in_dim, self.d_model)
         else:
-            x = nn.Dense(self.d_model, name="encoder")(inputs)
-        for i in range(self.n_layers):
-            x = SequenceLayer(self.ssm, self.d_model, self.P, training=training, name=f"layer_{i}",
-                              **self.layer_kw)(x, mask)
+            self.encoder = nn.Dense(self.d_model)
+        for i in range(self.n_layers):  # named layer_0, layer_1, ... (setattr: a list would name them layers_i)
+            setattr(self, f"layer_{i}", SequenceLayer(self.ssm, self.d_model, self.P, **self.layer_kw))
+
+    @property
+    def layers(self):
+        return [getattr(self, f"layer_{i}") for i in range(self.n_layers)]
+
+    def __call__(self, inputs, mask, training=False):
+        x = self.encoder(inputs)
+        for layer in self.layers:
+            x = layer(x, mask, training)
         return x
+
+    def recurrent_system(self, seq_len: int):
+        return tuple(layer.recurrent_system(seq_len) for layer in self.layers)
+
+    def initial_state(self):
+        return tuple(layer.initial_state() for layer in self.layers)
+
+    def step(self, states, input_t, t, seq_len: int, systems):
+        """(states, one input: a token () or features (in_dim,)) → (states, output (H,))."""
+        x = self.encoder(input_t)
+        new = []
+        for layer, state, system in zip(self.layers, states, systems):
+            state, x = layer.step(state, x, t, seq_len, system)
+            new.append(state)
+        return tuple(new), x
 
 
 def pool(x, lengths, mode: str):
@@ -181,9 +226,98 @@ class RetrievalModel(nn.Module):
         return nn.Dense(self.n_classes, name="decoder")(h)
 
 
+class NextStepModel(nn.Module):
+    """Autoregressive density model: logits of every position's value given the values before it (B, L, n_classes).
+
+    The inputs are the targets shifted right by one (position t sees the value at t − 1; position 0 sees 0), so
+    a causal (unidirectional) encoder never sees the value it predicts. Values are tokens 0..n_classes−1 (e.g.
+    pixel intensities) encoded by the encoder's token encoder, or, when the encoder takes continuous inputs,
+    value / (n_classes − 1) through its Dense layer. `step` is the recurrent mode: one position at a time.
+    """
+
+    encoder: StackedEncoder
+    n_classes: int
+
+    def setup(self):
+        self.decoder = nn.Dense(self.n_classes)
+
+    def _encoder_input(self, values):
+        if self.encoder.tokens:
+            return values
+        return (values.astype(jnp.float32) / (self.n_classes - 1))[..., None]
+
+    def __call__(self, batch, training=False):
+        x = self.encoder(self._encoder_input(batch["inputs"]), length_mask(batch["lengths"], batch["inputs"].shape[1]),
+                         training)
+        return self.decoder(x)
+
+    def recurrent_system(self, seq_len: int):
+        return self.encoder.recurrent_system(seq_len)
+
+    def initial_state(self):
+        return self.encoder.initial_state()
+
+    def step(self, states, value_prev, t, seq_len: int, systems):
+        """(states, the value at t − 1 (a scalar int)) → (states, logits at t (n_classes,)) for one sequence."""
+        states, x = self.encoder.step(states, self._encoder_input(value_prev), t, seq_len, systems)
+        return states, self.decoder(x)
+
+
+def recurrent_logits(model: NextStepModel, variables, inputs):
+    """Teacher-forced logits (B, L, n_classes) of the shifted inputs (B, L), computed step by step in the
+    recurrent mode: one compiled lax.scan over time, the whole stack advanced one position per step for
+    every sequence. Equal to `model.apply(variables, batch)` up to float rounding (the tests' proof)."""
+    B, L = inputs.shape
+    systems = model.apply(variables, L, method="recurrent_system")  # once, outside the loop
+    one = lambda states, v, t: model.apply(variables, states, v, t, L, systems, method="step")  # noqa: E731
+    step = jax.vmap(one, in_axes=(0, 0, None))
+    states = _batched(model.apply(variables, method="initial_state"), B)
+
+    def body(states, tv):
+        t, v = tv
+        return step(states, v, t)
+
+    _, logits = jax.lax.scan(body, states, (jnp.arange(L), inputs.T))
+    return jnp.swapaxes(logits, 0, 1)
+
+
+def sample(model: NextStepModel, variables, key, prefix, n_given, temperature=1.0):
+    """Draw sequences one value at a time from the model (recurrent mode, one compiled lax.scan).
+
+    prefix (N, L) ints: values t < n_given are copied from it (conditioning on the start of a true sequence;
+    n_given = 0: unconditional), the rest drawn from softmax(logits / temperature) (temperature 0: the most
+    likely value). Returns (N, L) int32 values in 0..n_classes−1. Jit it with the model and L static.
+    """
+    N, L = prefix.shape
+    systems = model.apply(variables, L, method="recurrent_system")
+    one = lambda states, v, t: model.apply(variables, states, v, t, L, systems, method="step")  # noqa: E731
+    step = jax.vmap(one, in_axes=(0, 0, None))
+    keys = jax.random.split(key, L)
+
+    def body(carry, t):
+        states, prev = carry
+        states, logits = step(states, prev, t)
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        drawn = jnp.where(temperature > 0, jax.random.categorical(keys[t], scaled, axis=-1),
+                          jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        value = jnp.where(t < n_given, prefix[:, t].astype(jnp.int32), drawn)
+        return (states, value), value
+
+    states = _batched(model.apply(variables, method="initial_state"), N)
+    _, values = jax.lax.scan(body, (states, jnp.zeros((N,), jnp.int32)), jnp.arange(L))
+    return values.T
+
+
+def _batched(tree, n):
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
+
+
+TASKS = ("classification", "next_step")
+
+
 def build_model(cfg, ds_meta):
     """The model for a config (argparse namespace or dict-like with attribute access) and a dataset's fields
-    (n_classes, seq_len, in_dim, tokens, pair)."""
+    (n_classes, seq_len, in_dim, tokens, pair; task: classification (default) or next_step)."""
     ssm_kw = dict(blocks=cfg.blocks, C_init=cfg.C_init, discretization=cfg.discretization, dt_min=cfg.dt_min,
                   dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
@@ -193,7 +327,14 @@ def build_model(cfg, ds_meta):
                   step_rescale=getattr(cfg, "step_rescale", 1.0))
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum, mask_padding=cfg.mask_padding)
+    tokens, in_dim = ds_meta["tokens"], ds_meta["in_dim"]
+    next_step = ds_meta.get("task", "classification") == "next_step"
+    if next_step:  # the previous value as a token (--pixel_tokens) or as a number through a Dense layer
+        tokens = bool(getattr(cfg, "pixel_tokens", False))
+        in_dim = ds_meta["n_classes"] if tokens else 1
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
-                             ds_meta["tokens"], ds_meta["in_dim"], layer_kw, cfg.token_encoder)
+                             tokens, in_dim, layer_kw, cfg.token_encoder)
+    if next_step:
+        return NextStepModel(encoder, ds_meta["n_classes"])
     head = RetrievalModel if ds_meta["pair"] else ClassificationModel
     return head(encoder, ds_meta["n_classes"], cfg.mode)

@@ -389,10 +389,14 @@ class S4DSSM(_ConvSSM):
         Lambda_bar, B_bar = zoh_diag(self._stable_Lambda(), _as_complex(self.B), self.step_size())
         return Lambda_bar, B_bar, self._out_weights(self.C)
 
-    def step(self, x_prev, u_t, t=None, seq_len=None):
-        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)). t, seq_len unused."""
+    def recurrent_system(self, seq_len=None):
+        """(Λ̄, B̄, C), what every step reuses (as S4SSM.recurrent_system); seq_len unused."""
         self._check_streamable()
-        Lambda_bar, B_bar, C = self.discrete_system()
+        return self.discrete_system()
+
+    def step(self, x_prev, u_t, t=None, seq_len=None, system=None):
+        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)). t, seq_len unused; `system` = recurrent_system()."""
+        Lambda_bar, B_bar, C = self.recurrent_system() if system is None else system
         x = Lambda_bar * x_prev + B_bar * u_t[:, None]
         return x, 2.0 * jnp.sum(C[0] * x, -1).real + self.D * u_t
 
@@ -418,13 +422,18 @@ class DSSSSM(_ConvSSM):
         """(Λ̄ (H, N), C̄ (dirs, H, N)) of the diagonal system whose kernel of length seq_len is DSS's; B̄ = 1."""
         return dss_discrete(self._Lambda(), self._out_weights(self.W), self.step_size(), seq_len)
 
-    def step(self, x_prev, u_t, t=None, seq_len=None):
-        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)) for a sequence of length seq_len (a Python int: DSS's
-        C̄ is normalised over the seq_len positions). t is unused."""
+    def recurrent_system(self, seq_len: int):
+        """(Λ̄, C̄) for sequences of length seq_len (a Python int: DSS's C̄ is normalised over the seq_len
+        positions), what every step reuses."""
         self._check_streamable()
         if seq_len is None or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"DSS's recurrent mode needs seq_len, the length L of the sequence (a positive Python "
                              f"int), because its kernel is normalised over L positions; got {seq_len!r}")
-        Lambda_bar, C_bar = self.discrete_system(int(seq_len))
+        return self.discrete_system(int(seq_len))
+
+    def step(self, x_prev, u_t, t=None, seq_len=None, system=None):
+        """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)) for a sequence of length seq_len; t is unused;
+        `system` = recurrent_system(seq_len)."""
+        Lambda_bar, C_bar = self.recurrent_system(seq_len) if system is None else system
         x = Lambda_bar * x_prev + u_t[:, None].astype(Lambda_bar.dtype)
         return x, jnp.sum(C_bar[0] * x, -1).real + self.D * u_t

@@ -301,16 +301,22 @@ class S5SSM(nn.Module):
         """x_{-1} = 0, complex (P_s,)."""
         return jnp.zeros((self.P_s,), jnp.complex64)
 
-    def step(self, x_prev, u_t, t=None, seq_len=None):
-        """One step of streaming inference: (x_{t-1}, u_t (H,)) → (x_t, y_t (H,)).
-
-        `t` and `seq_len` are unused by S5 (its transition does not depend on time) and exist so every
-        SSM in the harness has the same step signature. A bidirectional layer cannot stream (its backward
-        direction needs the future), so it has no recurrent mode.
-        """
+    def recurrent_system(self, seq_len=None):
+        """What every step reuses: (Λ̄, B̄, C̃). Every SSM in the harness has this method; a stack forms it once per
+        sequence (outside its loop over time) and passes it to `step(..., system=...)`."""
         if self.bidirectional:
             raise ValueError("a bidirectional SSM has no recurrent mode: its backward direction needs "
                              "the whole sequence; use the parallel mode")
-        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+        return self.discrete_system()
+
+    def step(self, x_prev, u_t, t=None, seq_len=None, system=None):
+        """One step of streaming inference: (x_{t-1}, u_t (H,)) → (x_t, y_t (H,)).
+
+        `t` and `seq_len` are unused by S5 (its transition does not depend on time) and exist so every
+        SSM in the harness has the same step signature. `system` = recurrent_system(seq_len), or None to
+        form it here. A bidirectional layer cannot stream (its backward direction needs the future), so it
+        has no recurrent mode.
+        """
+        Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         x = Lambda_bar * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t

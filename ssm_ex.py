@@ -349,11 +349,9 @@ class S5SSMAux(ssm.S5SSM):
                             time_scale(u.shape[0], self.time_scale_type, self.step_rescale))
         return ssm.apply_ssm(clamp_modulus(a), B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
 
-    def step(self, x_prev, u_t, t, seq_len):
-        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t)."""
-        if self.bidirectional:
-            return super().step(x_prev, u_t)  # raises the clear error
-        Lambda_bar, B_bar, C_tilde = self.discrete_system()
+    def step(self, x_prev, u_t, t, seq_len, system=None):
+        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t); `system` as in S5SSM.step."""
+        Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         k = self.step_rescale
         delta_prev = jnp.where(t > 0, schedule(k * (t - 1), k * seq_len, self.time_scale_type), 0.0)
         a = clamp_modulus(Lambda_bar + delta_prev * ssm._as_complex(self.E))
@@ -426,12 +424,14 @@ class S5SSMExtend(ssm.S5SSM):
                                self.chunk)
         return y + self.D * u
 
-    def step(self, x_prev, u_t, t, seq_len):
-        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t)."""
-        if self.bidirectional:
-            return super().step(x_prev, u_t)  # raises the clear error
-        Lambda_bar, B_bar, C_tilde = self.discrete_system()
-        delta_t = jax.lax.dynamic_slice_in_dim(self.delta(seq_len), t, 1)  # (1, R)
+    def recurrent_system(self, seq_len):
+        """((Λ̄, B̄, C̃), δ(t) for t < seq_len (seq_len, R)): what every step reuses."""
+        return super().recurrent_system(seq_len), self.delta(seq_len)
+
+    def step(self, x_prev, u_t, t, seq_len, system=None):
+        """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t); `system` as in S5SSM.step."""
+        (Lambda_bar, B_bar, C_tilde), delta = self.recurrent_system(seq_len) if system is None else system
+        delta_t = jax.lax.dynamic_slice_in_dim(delta, t, 1)  # (1, R)
         a, s = self.guarded(Lambda_bar, delta_t)
         if self.mode == "diag":
             x = a[0] * x_prev

@@ -30,7 +30,7 @@ import utils
 
 ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
                "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
-               "time_scale_type", "token_encoder")
+               "time_scale_type", "token_encoder", "pixel_tokens")
 
 
 def make_parser():
@@ -76,6 +76,10 @@ def make_parser():
     g.add_argument("--token_encoder", default="onehot", choices=models.TOKEN_ENCODERS,
                    help="token datasets: onehot = the S5 release's Dense with bias on one-hot tokens; embed = "
                    "nn.Embed")
+    g.add_argument("--pixel_tokens", action=B, default=False,
+                   help="--dataset mnist (next-pixel prediction): feed the previous pixel as one of 256 tokens "
+                   "(encoded by --token_encoder; Annotated S4's embedding=true is --pixel_tokens --token_encoder "
+                   "embed) instead of its value/255 through a Dense layer")
     g = p.add_argument_group("extensions")
     g.add_argument("--time_scale_type", default="sinusoidal", choices=ssm_ex.TIME_SCALES)
     g.add_argument("--auxiliary_strength", type=float, default=0.1)
@@ -125,6 +129,14 @@ def make_parser():
     g.add_argument("--wandb_project", default="s5-ex")
     g.add_argument("--wandb_entity", default=None)
     g.add_argument("--wandb_run_name", default=None)
+    g = p.add_argument_group("generation (--dataset mnist)")
+    g.add_argument("--sample_every", type=int, default=0, help="draw --n_samples digits every this many epochs "
+                   "(0: never) into <run_dir>/samples/epoch<k>.png (true | sampled) and wandb")
+    g.add_argument("--n_samples", type=int, default=8, help="digits per --sample_every grid")
+    g.add_argument("--sample_prefix", type=int, default=308, help="pixels of each true test image given before "
+                   "sampling (308 = the first 11 rows; 0: unconditional)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: the most likely pixel)")
+    g = p.add_argument_group("logging")
     g.add_argument("--log_every", type=int, default=25, help="steps between progress-bar updates and the "
                    "non-finite-loss check (with several processes also their agreed stop and checkpoint decisions)")
     return p
@@ -154,6 +166,16 @@ def parse_args(argv=None):
         parser.error("need 0 < --dt_min <= --dt_max")
     if args.downsample != 1 and "mnist" not in args.dataset:
         parser.error("--downsample applies to mnist-classification and pmnist-classification only")
+    if dataloaders.task_of(args.dataset) == "next_step":
+        if args.bidirectional:
+            parser.error(f"--dataset {args.dataset} predicts each value from the ones before it: the model must be "
+                         f"causal, so --bidirectional is not allowed (use --no-bidirectional)")
+        if args.eval_resolutions != "1":
+            parser.error(f"--eval_resolutions applies to classification datasets, not --dataset {args.dataset}")
+    elif args.sample_every or args.pixel_tokens:
+        parser.error(f"--sample_every and --pixel_tokens apply to next-step datasets (mnist), not {args.dataset}")
+    if args.sample_every < 0 or args.n_samples < 1 or args.temperature < 0 or args.sample_prefix < 0:
+        parser.error("need --sample_every >= 0, --n_samples >= 1, --temperature >= 0, --sample_prefix >= 0")
     if args.freeze and not args.load_checkpoint:
         parser.error("--freeze base needs --load_checkpoint (the S5 checkpoint to build on)")
     if args.freeze and args.ssm_type == "s5":
@@ -274,6 +296,9 @@ def check_architecture(saved: dict, cfg):
 # --------------------------------------------------------------------------------------------------
 
 STOP_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports a killed job
+# results.json's "best": the epoch with the best validation accuracy (classification) or the lowest validation
+# loss (next-step prediction), and its test numbers
+BEST_FIELDS = ("epoch", "val_acc", "test_acc", "val_loss", "test_loss", "val_bpd", "test_bpd")
 
 
 class Runtime:
@@ -392,7 +417,7 @@ class Report:
         best = progress["best"] or {}
         utils.write_json(self.dir / "results.json", {
             "config": self.config, "epochs": progress["history"],
-            "best": {k: best.get(k) for k in ("epoch", "val_acc", "test_acc")},
+            "best": {k: best[k] for k in BEST_FIELDS if k in best} if best else {k: None for k in BEST_FIELDS[:3]},
             "wall_time_s": progress["wall_time_s"],
             "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
             "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status})
@@ -401,12 +426,24 @@ class Report:
         if self.wandb:
             self.wandb.log(row, step=row["epoch"])
         best = progress["best"]
+        if "val_bpd" in row:  # next-step prediction: nats per value and bits per dimension
+            self.say(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats {row['train_bpd']:.4f} bits/dim | "
+                     f"val {row['val_loss']:.4f} nats {row['val_bpd']:.4f} bits/dim | test {row['test_bpd']:.4f} "
+                     f"bits/dim | best val {best['val_bpd']:.4f} bits/dim (test {best['test_bpd']:.4f}) | "
+                     f"{row['seconds']:.1f}s, {row['steps_per_s']:.1f} steps/s")
+            return
         rates = "".join(f" | @{k}: val {row[f'val_acc@{k}']:.4f} test {row[f'test_acc@{k}']:.4f}"
                         for k in self.cfg.resolutions[1:])
         self.say(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
                  f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f}{rates} | best val "
                  f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}) | {row['seconds']:.1f}s, "
                  f"{row['steps_per_s']:.1f} steps/s")
+
+    def image(self, path, epoch, caption):
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(path), caption=caption)}, step=epoch)
 
     def close(self):
         if self.wandb:
@@ -477,7 +514,8 @@ def run(cfg):
     steps_per_epoch = train.num_batches(cfg.bsz, drop_last=True, buckets=buckets)
     if steps_per_epoch == 0:
         raise RunError(f"{len(train)} training samples make no full batch of {cfg.bsz}: lower --bsz", 2)
-    meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair)
+    meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair,
+                task=ds.task)
 
     # ---- model and state ----
     model = models.build_model(cfg, meta)
@@ -517,7 +555,9 @@ def run(cfg):
     if cfg.eval_only:
         (val_loss, val_acc), (test_loss, test_acc) = evaluate(state, val), evaluate(state, test)
         if rt.main:
-            print(f"eval: val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}")
+            bpd = (lambda x: f" ({x / np.log(2.0):.4f} bits/dim)") if ds.task == "next_step" else (lambda x: "")
+            print(f"eval: val loss {val_loss:.4f}{bpd(val_loss)} acc {val_acc:.4f} | test loss {test_loss:.4f}"
+                  f"{bpd(test_loss)} acc {test_acc:.4f}")
         return 0
 
     report = Report(cfg, rt, run_dir, config, ds, n_params)
@@ -530,7 +570,8 @@ def run(cfg):
                   flush=True)
         try:
             state, status, code = train_epochs(cfg, rt, state, progress, (train, val, test), buckets,
-                                               steps_per_epoch, train_step, evaluate, ckpts, report, signals)
+                                               steps_per_epoch, train_step, evaluate, ckpts, report, signals,
+                                               sampler(cfg, rt, model, test, run_dir, report))
             return code
         except Exception:
             status = "failed"
@@ -541,8 +582,9 @@ def run(cfg):
 
 
 def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, train_step, evaluate, ckpts, report,
-                 signals):
-    """The step loop over the remaining epochs. → (state, status, exit code).
+                 signals, after_epoch=None):
+    """The step loop over the remaining epochs. → (state, status, exit code). `after_epoch(state, epoch)` runs
+    after each epoch's checkpoint and report (the samples of --sample_every).
 
     Every --log_every steps (and at the end of an epoch) the host reads the on-device accumulator (loss, NaN
     count) and, with all processes, agrees on whether to stop (a signal, --max_steps) or to write a mid-epoch
@@ -604,10 +646,16 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
                    steps_per_s=steps_per_epoch / seconds)
         for k in cfg.resolutions[1:]:  # zero-shot at another sampling rate: x[::k], steps × k
             row[f"val_acc@{k}"], row[f"test_acc@{k}"] = evaluate(state, val, k)[1], evaluate(state, test, k)[1]
+        next_step = dataloaders.task_of(cfg.dataset) == "next_step"
+        if next_step:  # nats per value → bits per dimension
+            row.update({f"{s}_bpd": row[f"{s}_loss"] / np.log(2.0) for s in ("train", "val", "test")})
         progress["history"].append(row)
-        improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
+        if next_step:
+            improved = progress["best"] is None or val_loss < progress["best"]["val_loss"]
+        else:
+            improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
         if improved:
-            progress["best"] = dict(epoch=epoch + 1, val_acc=val_acc, test_acc=test_acc)
+            progress["best"] = {"epoch": epoch + 1, **{k: row[k] for k in BEST_FIELDS[1:] if k in row}}
         epochs_since_best = 0 if improved else epochs_since_best + 1
         progress["epoch"], progress["batch"] = epoch + 1, 0
         state["acc"] = rt.jax.device_put(np.zeros(4, np.float32), rt.replicated)
@@ -617,10 +665,36 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
             ckpts.save("best", state, progress)
         report.results(progress, "running")
         report.epoch(row, progress)
+        if after_epoch is not None:
+            after_epoch(state, epoch + 1)
         if cfg.early_stop_patience and epochs_since_best >= cfg.early_stop_patience:
-            report.say(f"early stop: no better validation accuracy for {epochs_since_best} epochs")
+            report.say(f"early stop: no better validation {'loss' if next_step else 'accuracy'} for "
+                       f"{epochs_since_best} epochs")
             break
     return state, "finished", 0
+
+
+def sampler(cfg, rt, model, test, run_dir, report):
+    """--sample_every: a function (state, epoch) that draws --n_samples digits (process 0, on its host copy of the
+    state) into <run_dir>/samples/epoch<k>.png and wandb; None when off."""
+    if not (cfg.sample_every and rt.main):
+        return None
+    import sample
+
+    draw = sample.Sampler(model)
+    truth = sample.true_values(test, cfg.n_samples)
+
+    def after_epoch(state, epoch):
+        if epoch % cfg.sample_every:
+            return
+        variables = {k: rt.jax.tree_util.tree_map(rt.host, state[k]) for k in ("params", "batch_stats")}
+        drawn, seconds = draw(variables, truth, cfg.sample_prefix, cfg.temperature, seed=cfg.jax_seed + epoch)
+        path = sample.save_grid(run_dir / "samples" / f"epoch{epoch:03d}.png", truth, drawn, cfg.sample_prefix)
+        report.say(f"  samples: {path} ({len(truth)} digits, prefix {cfg.sample_prefix}, temperature "
+                   f"{cfg.temperature}, {seconds:.1f}s)")
+        report.image(path, epoch, f"epoch {epoch}: true | sampled, first {cfg.sample_prefix} pixels given")
+
+    return after_epoch
 
 
 def load_data(cfg):
@@ -655,6 +729,8 @@ def make_steps(model, tx, dropout_key):
     parameter and is counted in state["acc"][3] (the host looks at it every --log_every steps).
     state["acc"] accumulates (loss·n, correct, n, non-finite steps) on the device, so no step syncs the host.
     eval_step(state, batch) → (loss·n, correct, n).
+    For next-step prediction (logits (B, L, classes)) a sequence's loss is its mean over positions (nats per
+    value) and its "correct" the fraction of positions whose most likely value is the true one.
     """
     import jax
     import jax.numpy as jnp
@@ -666,8 +742,11 @@ def make_steps(model, tx, dropout_key):
         logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
         w = batch["weights"]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        hit = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        if nll.ndim == 2:  # next-step prediction: per sequence, the mean over its positions (nats per value)
+            nll, hit = nll.mean(axis=1), hit.mean(axis=1)
         loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-        correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
+        correct = jnp.sum(hit * w)
         return loss, (new_stats, correct, jnp.sum(w))
 
     def train_step(state, batch, step):
@@ -721,6 +800,24 @@ def load_weights(path, cfg, params, batch_stats):
     restored = serialization.from_state_dict({"params": params, "batch_stats": batch_stats},
                                              {"params": raw["params"], "batch_stats": raw.get("batch_stats", {})})
     return restored["params"], restored["batch_stats"]
+
+
+def read_run(run_dir, kind="best"):
+    """(config namespace, model meta, state dict of numpy arrays) of a run's ckpt_<kind>: what rebuilds the
+    model without the data (sample.py, inspect_run.py). A RunError says what is missing."""
+    from flax import serialization
+
+    ckpt = Path(run_dir) / f"ckpt_{kind}.msgpack"
+    if not ckpt.exists():
+        raise RunError(f"no checkpoint {ckpt}: is {run_dir} a run directory of train_ex.py? (--checkpoint "
+                       f"best|latest picks which)", 2)
+    config = utils.read_json(ckpt.with_suffix(".json"))["config"]
+    meta = config.get("model_meta")
+    if meta is None:
+        raise RunError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): it was written by an "
+                       f"older train_ex.py; rerun or resume the run once to record them", 2)
+    defaults = vars(make_parser().parse_args([]))  # options added since the run was made take their defaults
+    return argparse.Namespace(**{**defaults, **config}), meta, serialization.msgpack_restore(ckpt.read_bytes())
 
 
 def start_wandb(cfg, config, run_dir):

@@ -1,0 +1,168 @@
+"""Draw digits from a trained next-pixel model (`--dataset mnist`), one pixel at a time, in the recurrent mode.
+
+    python sample.py RUN_DIR [--checkpoint best|latest] [--n 16] [--prefix 308] [--temperature 1.0] [--seed 0]
+
+Rebuilds the model from RUN_DIR's checkpoint and config, takes the first N images of the test split, gives the
+model the first --prefix pixels of each (308 = the first 11 rows; 0: unconditional) and draws the rest from its
+predicted distribution at --temperature (0: the most likely pixel). Writes RUN_DIR/samples/<name>.png, a grid of
+pairs (true image | sampled image; a dark line in the sampled one marks where the given pixels end), and logs
+it to wandb when --use_wandb is given or WANDB_MODE is set. The whole draw is one compiled loop over the 784
+steps (models.sample), so it is compiled once per N and costs seconds on a CPU for a small model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import utils
+
+
+class Sampler:
+    """A compiled `models.sample` for one model: call (variables, truth (N, L), n_given, temperature, seed) →
+    (drawn values (N, L) int32 as numpy, seconds). Compiled once per N and L; n_given, temperature and the seed
+    are traced, so changing them does not compile again."""
+
+    def __init__(self, model):
+        import jax
+
+        import models
+
+        self.jax = jax
+        self.fn = jax.jit(lambda variables, key, prefix, n_given, temperature: models.sample(
+            model, variables, key, prefix, n_given, temperature))
+
+    def __call__(self, variables, truth, n_given, temperature, seed=0):
+        t0 = time.perf_counter()
+        key = self.jax.random.PRNGKey(seed)
+        out = self.fn(variables, key, np.asarray(truth, np.int32), np.int32(min(n_given, truth.shape[1])),
+                      np.float32(temperature))
+        out = np.asarray(out)  # waits for the device
+        return out, time.perf_counter() - t0
+
+
+def true_values(split, n: int) -> np.ndarray:
+    """The first n sequences of a split as (n, L) int32 values (pixels 0..255)."""
+    if n > len(split):
+        raise ValueError(f"asked for {n} samples but the split has only {len(split)} sequences")
+    x = np.asarray(split.inputs[:n])
+    return x.reshape(n, -1).astype(np.int32)
+
+
+def grid_image(truth, drawn, n_given: int, cols: int = 4) -> np.ndarray:
+    """A uint8 image: pairs (true | sampled) of square images, `cols` pairs a row, white gaps; in the sampled
+    image the first pixel drawn by the model is preceded by a dark-grey mark when a prefix was given."""
+    N, L = truth.shape
+    side = int(round(np.sqrt(L)))
+    if side * side != L:
+        raise ValueError(f"sequences of length {L} are not square images")
+    gap, cols = 2, max(1, min(cols, N))
+    rows = -(-N // cols)
+    cell_w = 2 * side + gap
+    img = np.full((rows * (side + gap) + gap, cols * (cell_w + 2 * gap) + gap), 255, np.uint8)
+    for i in range(N):
+        r, c = divmod(i, cols)
+        y, x = gap + r * (side + gap), gap + c * (cell_w + 2 * gap)
+        img[y:y + side, x:x + side] = truth[i].reshape(side, side)
+        sampled = drawn[i].astype(np.uint8).reshape(side, side).copy()
+        if 0 < n_given < L:  # mark the row where the model took over, at the image's right edge
+            img[y + n_given // side, x + 2 * side + gap - 1] = 128
+        img[y:y + side, x + side + gap:x + 2 * side + gap] = sampled
+    return img
+
+
+def save_grid(path, truth, drawn, n_given: int) -> Path:
+    """Write the (true | sampled) grid as a PNG, atomically, scaled ×2. → the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(grid_image(np.asarray(truth), np.asarray(drawn), n_given), mode="L")
+    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    utils.atomic_write(path, buf.getvalue())
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory of train_ex.py --dataset mnist")
+    p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    p.add_argument("--n", type=int, default=16, help="digits to draw (the first N test images give the prefixes)")
+    p.add_argument("--prefix", type=int, default=308, help="true pixels given before sampling (308 = 11 rows; "
+                   "0: unconditional)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: the most likely pixel)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir_name", default=None, help="data root (default: the run's --dir_name)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples/<checkpoint>-p<prefix>-t<T>-"
+                   "s<seed>.png)")
+    p.add_argument("--use_wandb", action="store_true", help="log the grid to wandb online (WANDB_MODE, when set, "
+                   "chooses the mode)")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.prefix < 0 or args.temperature < 0:
+        p.error("need --n >= 1, --prefix >= 0 and --temperature >= 0")
+    try:
+        return run(args)
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+class SampleError(Exception):
+    pass
+
+
+def run(args):
+    import os
+
+    import dataloaders
+    import models
+    import train_ex
+
+    run_dir = Path(args.run_dir)
+    try:
+        cfg, meta, state = train_ex.read_run(run_dir, args.checkpoint)
+    except train_ex.RunError as e:
+        raise SampleError(str(e)) from None
+    if meta.get("task") != "next_step":
+        raise SampleError(f"{run_dir} trained a {meta.get('task', 'classification')} model on {cfg.dataset}: only "
+                          f"next-step models (--dataset mnist) can draw samples")
+    if args.dir_name:
+        cfg.dir_name = args.dir_name
+    try:
+        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, downsample=cfg.downsample)
+    except dataloaders.DataError as e:
+        raise SampleError(f"{e}\n  (the true images give the prefixes and the left column; --dir_name DIR points "
+                          f"at another data root)") from None
+    if ds.seq_len != meta["seq_len"]:
+        raise SampleError(f"the data's sequences have {ds.seq_len} steps, the run's model {meta['seq_len']}")
+    if args.n > len(ds.test):
+        raise SampleError(f"--n {args.n} is more than the {len(ds.test)} test images")
+    model = models.build_model(cfg, meta)
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    truth = true_values(ds.test, args.n)
+    draw = Sampler(model)
+    drawn, seconds = draw(variables, truth, args.prefix, args.temperature, args.seed)
+    name = f"{args.checkpoint}-p{args.prefix}-t{args.temperature:g}-s{args.seed}.png"
+    out = save_grid(Path(args.out) if args.out else run_dir / "samples" / name, truth, drawn, args.prefix)
+    print(f"drew {args.n} sequences of {ds.seq_len} values ({min(args.prefix, ds.seq_len)} given) in {seconds:.1f}s "
+          f"(compile included); wrote {out}")
+    mode = os.environ.get("WANDB_MODE") or ("online" if args.use_wandb else None)
+    if mode and mode != "disabled":
+        import wandb
+
+        wb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, dir=str(run_dir), mode=mode,
+                        job_type="sample", config={**vars(args), "run": str(run_dir)})
+        wb.log({"samples": wandb.Image(str(out), caption=f"true | sampled, first {args.prefix} given")})
+        wb.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

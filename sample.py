@@ -4,10 +4,10 @@
 
 Rebuilds the model from RUN_DIR's checkpoint and config, takes the first N images of the test split, gives the
 model the first --prefix pixels of each (308 = the first 11 rows; 0: unconditional) and draws the rest from its
-predicted distribution at --temperature (0: the most likely pixel). Writes RUN_DIR/samples/<name>.png, a grid of
-pairs (true image | sampled image; a dark line in the sampled one marks where the given pixels end), and logs
-it to wandb when --use_wandb is given or WANDB_MODE is set. The whole draw is one compiled loop over the 784
-steps (models.sample), so it is compiled once per N and costs seconds on a CPU for a small model.
+predicted distribution at --temperature (0: the most likely pixel). Writes RUN_DIR/samples/<name>.png, a grid
+of pairs (true image | sampled image; a grey tick right of the sampled one marks the row where the given
+pixels end), and logs it to wandb when --use_wandb is given or WANDB_MODE is set. The whole draw is one
+compiled loop over the 784 steps (models.sample), compiled once per N: seconds on a CPU for a small model.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def true_values(split, n: int) -> np.ndarray:
 
 
 def grid_image(truth, drawn, n_given: int, cols: int = 4) -> np.ndarray:
-    """A uint8 image: pairs (true | sampled) of square images, `cols` pairs a row, white gaps; in the sampled
-    image the first pixel drawn by the model is preceded by a dark-grey mark when a prefix was given."""
+    """A uint8 image: pairs (true | sampled) of square images, `cols` pairs a row, white gaps; when a prefix was
+    given, a grey tick right of the sampled image marks the row where the model took over."""
     N, L = truth.shape
     side = int(round(np.sqrt(L)))
     if side * side != L:
@@ -69,10 +69,9 @@ def grid_image(truth, drawn, n_given: int, cols: int = 4) -> np.ndarray:
         r, c = divmod(i, cols)
         y, x = gap + r * (side + gap), gap + c * (cell_w + 2 * gap)
         img[y:y + side, x:x + side] = truth[i].reshape(side, side)
-        sampled = drawn[i].astype(np.uint8).reshape(side, side).copy()
-        if 0 < n_given < L:  # mark the row where the model took over, at the image's right edge
-            img[y + n_given // side, x + 2 * side + gap - 1] = 128
-        img[y:y + side, x + side + gap:x + 2 * side + gap] = sampled
+        img[y:y + side, x + side + gap:x + 2 * side + gap] = drawn[i].reshape(side, side)
+        if 0 < n_given < L:
+            img[y + n_given // side, x + 2 * side + gap:x + 2 * side + 2 * gap] = 128
     return img
 
 

@@ -1,9 +1,11 @@
 """Speed of every scan, of a training step, and of the data path, on whatever backend JAX has; the memory a
-training step needs at every S5 recipe's size; and every scan's sequential depth.
+training step needs at every S5 recipe's size; every scan's sequential depth; and the time to draw 16 MNIST
+digits in the recurrent mode.
 
     python bench.py --quick                  # CPU-sized shapes, a few minutes
     python bench.py --out bench.json         # the full shapes (a GPU)
     python bench.py --sections memory        # XLA's memory estimate at the S5 recipes (compile only, any backend)
+    python bench.py --quick --sections sample   # drawing 16 MNIST digits in the recurrent mode, per ssm_type
 
 Times are medians over --repeats calls after a warm-up call, each ended by block_until_ready. Every scan
 is reported as a ratio to the S5 scan of the same shape and pass, measured in the same run.
@@ -263,6 +265,28 @@ def bench_memory(recipes):
     return rows
 
 
+def bench_sample(model_flags, n, L, repeats):
+    """Drawing n sequences of L pixels (sample.Sampler: the whole network in its recurrent mode, one compiled
+    lax.scan) per ssm_type: the first call (compile included) and the median of later calls."""
+    import sample
+
+    rows = []
+    for ssm_type in models.SSM_TYPES:
+        cfg = train_ex.parse_args(["--dataset", "mnist", "--ssm_type", ssm_type, *model_flags])
+        model = models.build_model(cfg, dict(n_classes=256, seq_len=L, in_dim=256, tokens=True, pair=False,
+                                             task="next_step"))
+        batch = {"inputs": jnp.zeros((1, L), jnp.int32), "lengths": jnp.full(1, L)}
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+        truth = np.zeros((n, L), np.int32)
+        draw = sample.Sampler(model)
+        _, first = draw(variables, truth, 0, 1.0, seed=0)
+        t = float(np.median([draw(variables, truth, 0, 1.0, seed=i + 1)[1] for i in range(repeats)]))
+        rows.append(dict(ssm_type=ssm_type, n=n, L=L, first_call_s=first, draw_s=t, us_per_step=1e6 * t / L))
+        print(f"  {ssm_type:6} {n} x {L}: first call {first:6.2f} s (compile included), then {t:6.3f} s "
+              f"({1e6 * t / L:7.1f} us per step)", flush=True)
+    return rows
+
+
 def bench_data(data_dir, bsz, n_batches):
     ds = dataloaders.load("listops-classification", data_dir)
     buckets = (512, 1024, 1536)
@@ -281,8 +305,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and models (CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", default="scans,train,data,memory",
-                   help="comma-separated subset of scans,train,data,memory")
+    p.add_argument("--sections", default="scans,train,data,memory,sample",
+                   help="comma-separated subset of scans,train,data,memory,sample")
     p.add_argument("--recipes", default=",".join(S5_RECIPES),
                    help=f"memory section: which S5 recipes (of {','.join(S5_RECIPES)})")
     p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
@@ -313,6 +337,14 @@ def main(argv=None):
         if unknown:
             p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(S5_RECIPES)}")
         out["memory"] = bench_memory(args.recipes.split(","))
+    if "sample" in sections:
+        if args.quick:
+            flags = ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16"]
+        else:  # Annotated S4's MNIST generation model
+            flags = ["--d_model", "512", "--n_layers", "6", "--ssm_size_base", "64", "--no-batchnorm",
+                     "--activation_fn", "full_glu", "--pixel_tokens", "--token_encoder", "embed"]
+        print(f"sampling 16 MNIST digits (784 steps), recurrent mode, model {' '.join(flags[:6])}")
+        out["sample"] = bench_sample(flags, 16, 784, args.repeats)
     if "data" in sections:
         print("data path")
         if args.data_dir:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from PIL import Image
 
 import conftest
@@ -249,17 +250,19 @@ def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, caps
         assert im.format == "PNG"
 
 
-def test_causal_only_and_clear_errors(mnist_root, tmp_path, capsys):
+def test_causal_only_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_ex.parse_args(["--dataset", "mnist", "--bidirectional"])
     assert e.value.code == 2 and "causal" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_ex.parse_args(["--dataset", "mnist-classification", "--sample_every", "1"])
     assert "next-step datasets" in capsys.readouterr().err
-    run = tmp_path / "cls"
-    assert train_ex.main(["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--run_dir", str(run),
-                          "--epochs", "1", "--max_train_samples", "64", "--max_eval_samples", "32", "--downsample",
-                          "4", "--bsz", "32", "--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4"]) == 0
+    run = tmp_path / "cls"  # a classification run's checkpoint files (only its config matters here)
+    run.mkdir()
+    (run / "ckpt_best.msgpack").write_bytes(serialization.msgpack_serialize({"params": {}}))
+    meta = dict(n_classes=10, seq_len=784, in_dim=1, tokens=False, pair=False, task="classification")
+    (run / "ckpt_best.json").write_text(json.dumps({"config": {"dataset": "mnist-classification",
+                                                               "model_meta": meta}}))
     assert sample.main([str(run)]) == 2
     assert "only next-step models" in capsys.readouterr().err
     assert sample.main([str(tmp_path / "nowhere")]) == 2

@@ -42,7 +42,8 @@ Recurrent mode. Streaming needs the C of the recurrence, C = C̃ (I − Ā^L)⁻
 once, when the recurrent mode is set up (`S4SSM.recurrent_system(L)`), in numpy float64 on the host: a dense
 solve never enters an XLA program (jaxlib's LAPACK kernels can deadlock XLA's CPU thread pool when two run at
 once). Ā and B̄ themselves need no solve: I − Δ/2·A = diag(1 − Δ/2·Λ) + (Δ/2) P P* is inverted exactly by the
-Sherman–Morrison formula (`dplr_bilinear`).
+Sherman–Morrison formula (`dplr_bilinear`), and a step applies Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A) in that factored
+form, O(N) per feature.
 
 S4D. A = diag(Λ), Λ from `s4d_init`: "legs" (the diagonal Λ of make_dplr_hippo, real parts −1/2; B from the
 same DPLR form) or "lin" (Λ_n = −1/2 + iπn, B = 1). Zero-order hold: Λ̄ = exp(ΔΛ), B̄ = (Λ̄ − 1)/Λ · B; the
@@ -341,29 +342,39 @@ class S4SSM(_ConvSSM):
                          self._out_weights(self.C), self.step_size(), L)
 
     def recurrent_system(self, seq_len: int):
-        """(Ā (H, N, N), B̄ (H, N), C (H, N)): the forward recurrence whose length-seq_len kernel is this layer's.
+        """What every step of a length-seq_len sequence reuses: the factors of Ā = M₁⁻¹ M₀ (all (H, N) or (H,)),
+        B̄ (H, N) and C (H, N).
 
-        Ā, B̄ in closed form (`dplr_bilinear`); C = C̃ (I − Ā^L)⁻¹ solved on the host in float64 (`recurrent_C`).
-        Set it up once and pass it to `step(..., system=...)` when streaming many steps.
+        With c = Δ/2: M₀ = I + cA = diag(1 + cΛ) − c P P*, and M₁⁻¹ = (I − cA)⁻¹ = D⁻¹ − c D⁻¹P P*D⁻¹ / (1 + c P*D⁻¹P),
+        D = diag(1 − cΛ) (Sherman–Morrison), so a step costs O(N) per feature, not the O(N²) of a dense Ā.
+        C = C̃ (I − Ā^L)⁻¹ is solved once here, on the host in float64 (`recurrent_C`, from the dense Ā of
+        `dplr_bilinear`).
         """
         self._check_streamable()
         if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"S4's recurrent mode needs seq_len, the length L of the sequence (a positive Python "
                              f"int), because its learned C̃ = C (I − Ā^L) depends on L; got {seq_len!r}")
-        A_bar, B_bar = jax.vmap(dplr_bilinear)(self._stable_Lambda(), _as_complex(self.P_lr),
-                                               _as_complex(self.B), self.step_size())
+        Lambda, P, B, step = self._stable_Lambda(), _as_complex(self.P_lr), _as_complex(self.B), self.step_size()
+        A_bar, B_bar = jax.vmap(dplr_bilinear)(Lambda, P, B, step)
         C_tilde = self._out_weights(self.C)[:1]
         C = jax.pure_callback(lambda a, c: recurrent_C(a, c, int(seq_len)).astype(np.complex64),
                               jax.ShapeDtypeStruct(C_tilde.shape, jnp.complex64), A_bar, C_tilde,
                               vmap_method="sequential")
-        return A_bar, B_bar, C[0]
+        c = (step / 2.0)[:, None]
+        d_inv = 1.0 / (1.0 - c * Lambda)
+        denom = 1.0 + c[:, 0] * jnp.sum(P.conj() * d_inv * P, -1)  # 1 + c P*D⁻¹P, (H,)
+        return dict(m0=1.0 + c * Lambda, P=P, c=c, d_inv=d_inv, denom=denom, B_bar=B_bar, C=C[0])
 
     def step(self, x_prev, u_t, t=None, seq_len=None, system=None):
         """(x_{t-1} (H, N), u_t (H,)) → (x_t, y_t (H,)) for a sequence of length seq_len; t is unused.
         `system` = recurrent_system(seq_len), set up once; without it, it is formed at every call."""
-        A_bar, B_bar, C = self.recurrent_system(seq_len) if system is None else system
-        x = jnp.einsum("hnm,hm->hn", A_bar, x_prev) + B_bar * u_t[:, None]
-        return x, 2.0 * jnp.sum(C * x, -1).real + self.D * u_t
+        f = self.recurrent_system(seq_len) if system is None else system
+        P, c, d_inv = f["P"], f["c"], f["d_inv"]
+        v = f["m0"] * x_prev - c * P * jnp.sum(P.conj() * x_prev, -1, keepdims=True)  # M₀ x
+        w = d_inv * v  # D⁻¹ v
+        x = w - c * d_inv * P * (jnp.sum(P.conj() * w, -1) / f["denom"])[:, None]  # M₁⁻¹ M₀ x
+        x = x + f["B_bar"] * u_t[:, None]
+        return x, 2.0 * jnp.sum(f["C"] * x, -1).real + self.D * u_t
 
 
 class S4DSSM(_ConvSSM):

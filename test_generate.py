@@ -217,9 +217,26 @@ def marginal_bits(train_values, held_out_values):
     return float(-np.log2(p[held_out_values.ravel()]).mean())
 
 
-def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, capsys):
+class WandbRecorder:
+    """Stands in for a wandb run: keeps what train_ex logs."""
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step=None):
+        self.logged.append((step, data))
+
+    def finish(self):
+        pass
+
+
+def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, capsys, monkeypatch):
+    import wandb
+
     root, images = disjoint_mnist
     run = tmp_path / "gen"
+    recorder = WandbRecorder()
+    monkeypatch.setattr(train_ex, "start_wandb", lambda *a: recorder)
     code = train_ex.main(["--dataset", "mnist", "--dir_name", str(root), "--run_dir", str(run), "--epochs", "2",
                           "--max_train_samples", "1024", "--max_eval_samples", "256", "--bsz", "32", "--d_model",
                           "32", "--n_layers", "2", "--ssm_size_base", "16", "--lr", "1e-2", "--p_dropout", "0",
@@ -243,6 +260,10 @@ def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, caps
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 4 * 28
     assert not (run / "samples" / "epoch001.png").exists()  # --sample_every 2
+    images_logged = [(step, d["samples"]) for step, d in recorder.logged if "samples" in d]
+    assert len(images_logged) == 1 and images_logged[0][0] == 2 and isinstance(images_logged[0][1], wandb.Image)
+    assert [d["val_bpd"] for _, d in recorder.logged if "val_bpd" in d] == [r["val_bpd"] for r in res["epochs"]]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     # sample.py from the checkpoint: 16 digits, the first 11 rows given
     assert sample.main([str(run), "--n", "16", "--prefix", "308", "--seed", "1", "--out", str(tmp_path / "s.png")]) == 0
     assert "drew 16 sequences of 784 values (308 given)" in capsys.readouterr().out

@@ -62,8 +62,7 @@ LAYOUTS = {  # every type once; each layout (norm placement, norm, activation, i
 }
 CASES = [("s5", "prenorm-batchnorm-values"), ("aux", "postnorm-layernorm-tokens"),
          ("extend", "prenorm-layernorm-onehot"), ("extend-diag", "postnorm-batchnorm-gelu"),
-         ("s4", "prenorm-batchnorm-values"), ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu"),
-         ("aux", "prenorm-batchnorm-values"), ("s5", "prenorm-layernorm-onehot")]
+         ("s4", "prenorm-batchnorm-values"), ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu")]
 
 
 @pytest.mark.parametrize("ssm_type,layout", CASES)

@@ -99,6 +99,11 @@ def load_run(root: Path, d: Path) -> dict:
             val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
 
     note = meta.get("note") or ""
+    val_bpd, test_bpd = num(best.get("val_bpd")), num(best.get("test_bpd"))
+    if val_bpd is not None:  # next-step prediction (train_ex --dataset mnist): its accuracies are per pixel
+        test_text = "—" if test_bpd is None else f"{test_bpd:.4f}"
+        bits = f"next-pixel model: best val {val_bpd:.4f} bits/dim, test {test_text}; accuracies per pixel"
+        note = f"{bits}; {note}" if note else bits
     data = (res or {}).get("data") or {}
     generated = bool(data.get("generated"))
     if generated:  # not the published data set: its numbers do not compare with the papers' tables
@@ -115,7 +120,7 @@ def load_run(root: Path, d: Path) -> dict:
                 epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
                 wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
                 n_params=(res or {}).get("n_params"), device=(res or {}).get("device"), note=note,
-                generated=generated)
+                generated=generated, val_bpd=val_bpd, test_bpd=test_bpd)
 
 
 def summarise(runs):
@@ -231,7 +236,7 @@ def write_csvs(out: Path, rows):
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",
-                "epochs_total", "wall", "steps_per_s", "n_params", "device", "note"]
+                "epochs_total", "wall", "steps_per_s", "n_params", "device", "note", "val_bpd", "test_bpd"]
         w.writerow(cols)
         for row in rows:
             for r in row["runs"]:

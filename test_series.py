@@ -333,3 +333,19 @@ def test_summarize_links_inspect_folders(tmp_path):
     _, runs = md_tables((root / "summary.md").read_text())
     notes = {r[0]: r[-1] for r in runs}
     assert notes["g/a/seed0"] == "[inspect](g/a/seed0/inspect/)" and "inspect" not in notes["g/b/seed0"]
+
+
+def test_summarize_reports_bits_per_dim_of_next_pixel_runs(tmp_path):
+    root = tmp_path / "series"
+    write_run(root, "g/gen/seed0", "finished", (0.8, 0.7), [(0.8, 0.7)])
+    write_run(root, "g/cls/seed0", "finished", (0.6, 0.5), [(0.6, 0.5)])
+    res = json.loads((root / "g/gen/seed0/results.json").read_text())
+    res["best"].update(val_bpd=1.25, test_bpd=1.5)
+    (root / "g/gen/seed0/results.json").write_text(json.dumps(res))
+    assert summarize.main([str(root)]) == 0
+    runs = {r["dir"]: r for r in read_csv(root / "runs.csv")}
+    assert float(runs["g/gen/seed0"]["val_bpd"]) == 1.25 and float(runs["g/gen/seed0"]["test_bpd"]) == 1.5
+    assert runs["g/cls/seed0"]["val_bpd"] == ""
+    _, md_runs = md_tables((root / "summary.md").read_text())
+    notes = {r[0]: r[-1] for r in md_runs}
+    assert "best val 1.2500 bits/dim, test 1.5000" in notes["g/gen/seed0"] and "bits/dim" not in notes["g/cls/seed0"]

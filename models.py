@@ -63,14 +63,15 @@ class SequenceLayer(nn.Module):
             self.out1 = nn.Dense(self.d_model)
         if self.activation != "gelu":
             self.out2 = nn.Dense(self.d_model)
-        self.drop = nn.Dropout(self.dropout, broadcast_dims=[1])  # one mask per sequence, shared over time
+        # one mask per sequence, shared over time; named as the compact form named it, so a seed draws the same masks
+        self.Dropout_0 = nn.Dropout(self.dropout, broadcast_dims=[1])
 
     def _norm(self, x, training):
         return self.norm(x, use_running_average=not training) if self.batchnorm else self.norm(x)
 
     def _activate(self, x, training):
         """The SSM's output → the layer's update (before the residual)."""
-        drop = lambda v: self.drop(v, deterministic=not training)  # noqa: E731
+        drop = lambda v: self.Dropout_0(v, deterministic=not training)  # noqa: E731
         if self.activation == "full_glu":
             x = drop(nn.gelu(x))
             return self.out1(x) * nn.sigmoid(self.out2(x))
@@ -88,7 +89,7 @@ class SequenceLayer(nn.Module):
         if self.mask_padding:
             x = x * mask[..., None]
         x = nn.vmap(lambda ssm, u: ssm(u), variable_axes={"params": None}, split_rngs={"params": False})(self.ssm, x)
-        x = skip + self.drop(self._activate(x, training), deterministic=not training)
+        x = skip + self.Dropout_0(self._activate(x, training), deterministic=not training)
         return x if self.prenorm else self._norm(x, training)
 
     def recurrent_system(self, seq_len: int):

@@ -3,11 +3,11 @@
     python sample.py RUN_DIR [--checkpoint best|latest] [--n 16] [--prefix 308] [--temperature 1.0] [--seed 0]
 
 Rebuilds the model from RUN_DIR's checkpoint and config, takes the first N images of the test split, gives the
-model the first --prefix pixels of each (308 = the first 11 rows; 0: unconditional) and draws the rest from its
-predicted distribution at --temperature (0: the most likely pixel). Writes RUN_DIR/samples/<name>.png, a grid
-of pairs (true image | sampled image; a grey tick right of the sampled one marks the row where the given
-pixels end), and logs it to wandb when --use_wandb is given or WANDB_MODE is set. The whole draw is one
-compiled loop over the 784 steps (models.sample), compiled once per N: seconds on a CPU for a small model.
+model the first --prefix pixels of each (default 308 = the first 11 rows of 28; 0: unconditional) and draws the
+rest from its predicted distribution at --temperature (0: the most likely pixel). Writes RUN_DIR/samples/<name>.png,
+a grid of pairs (true image | sampled image; a grey tick right of the sampled one marks the row where the given
+pixels end), and logs it to wandb when --use_wandb is given or WANDB_MODE is set. The whole draw is one compiled
+loop over the 784 steps (models.sample), compiled once per N: seconds on a CPU for a small model.
 """
 
 from __future__ import annotations
@@ -46,10 +46,22 @@ class Sampler:
         return out, time.perf_counter() - t0
 
 
+def resolve_prefix(prefix, L: int) -> int:
+    """How many true values to give: `prefix`, or by default the first 11/28 of an image's rows (308 of MNIST's 784
+    pixels; 70 of 196 at --downsample 2). A ValueError when nothing would be left to draw."""
+    side = int(round(np.sqrt(L)))
+    if prefix is None:
+        return (11 * side // 28) * side if side * side == L else (11 * L) // 28
+    if not 0 <= prefix < L:
+        raise ValueError(f"the prefix of {prefix} given values must be in 0..{L - 1}: the sequences have {L} steps, "
+                         f"and at least one must be drawn")
+    return int(prefix)
+
+
 def true_values(split, n: int) -> np.ndarray:
     """The first n sequences of a split as (n, L) int32 values (pixels 0..255)."""
     if n > len(split):
-        raise ValueError(f"asked for {n} samples but the split has only {len(split)} sequences")
+        raise ValueError(f"{n} samples need {n} test sequences, but the split has only {len(split)}")
     x = np.asarray(split.inputs[:n])
     return x.reshape(n, -1).astype(np.int32)
 
@@ -94,8 +106,8 @@ def main(argv=None):
     p.add_argument("run_dir", help="a run directory of train_ex.py --dataset mnist")
     p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
     p.add_argument("--n", type=int, default=16, help="digits to draw (the first N test images give the prefixes)")
-    p.add_argument("--prefix", type=int, default=308, help="true pixels given before sampling (308 = 11 rows; "
-                   "0: unconditional)")
+    p.add_argument("--prefix", type=int, default=None, help="true pixels given before sampling (0: unconditional; "
+                   "default: the first 11/28 of the rows, 308 pixels at 28×28)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: the most likely pixel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir_name", default=None, help="data root (default: the run's --dir_name)")
@@ -104,8 +116,8 @@ def main(argv=None):
     p.add_argument("--use_wandb", action="store_true", help="log the grid to wandb online (WANDB_MODE, when set, "
                    "chooses the mode)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.prefix < 0 or args.temperature < 0:
-        p.error("need --n >= 1, --prefix >= 0 and --temperature >= 0")
+    if args.n < 1 or (args.prefix is not None and args.prefix < 0) or not 0 <= args.temperature < float("inf"):
+        p.error("need --n >= 1, --prefix >= 0 and a finite --temperature >= 0")
     try:
         return run(args)
     except SampleError as e:
@@ -143,22 +155,26 @@ def run(args):
         raise SampleError(f"the data's sequences have {ds.seq_len} steps, the run's model {meta['seq_len']}")
     if args.n > len(ds.test):
         raise SampleError(f"--n {args.n} is more than the {len(ds.test)} test images")
+    try:
+        prefix = resolve_prefix(args.prefix, ds.seq_len)
+    except ValueError as e:
+        raise SampleError(f"--prefix: {e}") from None
     model = models.build_model(cfg, meta)
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     truth = true_values(ds.test, args.n)
     draw = Sampler(model)
-    drawn, seconds = draw(variables, truth, args.prefix, args.temperature, args.seed)
-    name = f"{args.checkpoint}-p{args.prefix}-t{args.temperature:g}-s{args.seed}.png"
-    out = save_grid(Path(args.out) if args.out else run_dir / "samples" / name, truth, drawn, args.prefix)
-    print(f"drew {args.n} sequences of {ds.seq_len} values ({min(args.prefix, ds.seq_len)} given) in {seconds:.1f}s "
-          f"(compile included); wrote {out}")
+    drawn, seconds = draw(variables, truth, prefix, args.temperature, args.seed)
+    name = f"{args.checkpoint}-p{prefix}-t{args.temperature:g}-s{args.seed}.png"
+    out = save_grid(Path(args.out) if args.out else run_dir / "samples" / name, truth, drawn, prefix)
+    print(f"drew {args.n} sequences of {ds.seq_len} values ({prefix} given) in {seconds:.1f}s (compile included); "
+          f"wrote {out}")
     mode = os.environ.get("WANDB_MODE") or ("online" if args.use_wandb else None)
     if mode and mode != "disabled":
         import wandb
 
         wb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, dir=str(run_dir), mode=mode,
                         job_type="sample", config={**vars(args), "run": str(run_dir)})
-        wb.log({"samples": wandb.Image(str(out), caption=f"true | sampled, first {args.prefix} given")})
+        wb.log({"samples": wandb.Image(str(out), caption=f"true | sampled, first {prefix} given")})
         wb.finish()
     return 0
 

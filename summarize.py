@@ -94,7 +94,12 @@ def load_run(root: Path, d: Path) -> dict:
     val, test, best_epoch = num(best.get("val_acc")), num(best.get("test_acc")), best.get("epoch")
     if val is None:  # e.g. a hand-written or old results.json without `best`: take it from the epochs
         scored = [e for e in epochs if num(e.get("val_acc")) is not None]
-        if scored:
+        by_bits = [e for e in scored if num(e.get("val_bpd")) is not None]
+        if by_bits:  # a next-pixel run: the epoch with the lowest validation bits/dim, as train_ex chooses
+            e = min(by_bits, key=lambda e: e["val_bpd"])
+            best = {"val_bpd": e["val_bpd"], "test_bpd": e.get("test_bpd")}
+            val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
+        elif scored:
             e = max(scored, key=lambda e: e["val_acc"])  # first epoch with the highest validation accuracy
             val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
 

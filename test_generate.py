@@ -26,8 +26,12 @@ L_TEST = 40  # a short sequence: the recurrent mode's cost is L compiled steps e
 
 
 def next_step_model(ssm_type, *flags, d_model=8, n_layers=3, P=4, L=L_TEST):
-    cfg = train_ex.parse_args(["--dataset", "mnist", "--ssm_type", ssm_type, "--d_model", str(d_model),
-                               "--n_layers", str(n_layers), "--ssm_size_base", str(P), "--R", "2", *flags])
+    """A next-step model of L steps and 256 classes. Built from a classification config, so that the recurrent-mode
+    proof also covers BatchNorm (which `--dataset mnist` refuses for training, but a layer must still stream)."""
+    tokens = "--pixel_tokens" in flags
+    cfg = train_ex.parse_args(["--ssm_type", ssm_type, "--d_model", str(d_model), "--n_layers", str(n_layers),
+                               "--ssm_size_base", str(P), "--R", "2", *(f for f in flags if f != "--pixel_tokens")])
+    cfg.pixel_tokens = tokens
     meta = dict(n_classes=256, seq_len=L, in_dim=256, tokens=True, pair=False, task="next_step")
     return models.build_model(cfg, meta)
 
@@ -85,6 +89,25 @@ def test_recurrent_logits_equal_parallel_logits(ssm_type, layout):
     moved = parallel_fn(variables, inputs.at[:, -1].set((inputs[:, -1] + 128) % 256))
     before = float(jnp.max(jnp.abs(moved[:, :-1] - parallel[:, :-1])))  # FFT rounding only (S4 family)
     assert before < 1e-5 * max(scale, 1.0) and float(jnp.max(jnp.abs(moved[:, -1] - parallel[:, -1]))) > 1e-2
+
+
+def test_the_default_next_pixel_model_is_causal_in_training_too():
+    """With --dataset mnist's defaults (LayerNorm, dropout) a change of the last input changes no earlier position's
+    training-mode logits: nothing in a training step looks ahead."""
+    cfg = train_ex.parse_args(["--dataset", "mnist", "--d_model", "8", "--n_layers", "2", "--ssm_size_base", "4"])
+    model = models.build_model(cfg, dict(n_classes=256, seq_len=L_TEST, in_dim=256, tokens=True, pair=False,
+                                         task="next_step"))
+    inputs = jax.random.randint(jax.random.PRNGKey(8), (4, L_TEST), 0, 256)
+    variables = model.init(jax.random.PRNGKey(0), {"inputs": inputs, "lengths": jnp.full(4, L_TEST)})
+
+    @jax.jit
+    def train_logits(x):
+        out, _ = model.apply(variables, {"inputs": x, "lengths": jnp.full(4, L_TEST)}, training=True,
+                             rngs={"dropout": jax.random.PRNGKey(9)}, mutable=["batch_stats"])
+        return out
+
+    a, b = train_logits(inputs), train_logits(inputs.at[:, -1].set((inputs[:, -1] + 100) % 256))
+    assert float(jnp.max(jnp.abs(a[:, :-1] - b[:, :-1]))) < 1e-5 and float(jnp.max(jnp.abs(a[:, -1] - b[:, -1]))) > 1e-3
 
 
 def test_the_time_index_matters_in_the_proof():
@@ -249,6 +272,7 @@ def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, caps
             assert row[f"{s}_bpd"] == pytest.approx(row[f"{s}_loss"] / np.log(2), rel=1e-6)
     best = res["best"]
     assert best["val_bpd"] == min(r["val_bpd"] for r in res["epochs"])
+    assert res["config"]["batchnorm"] is False
     # held-out images: clearly below uniform (8 bits), and below the best model that ignores the context
     ds = dataloaders.load("mnist", root)
     train_px = np.asarray(ds.train.inputs[:1024])
@@ -264,19 +288,35 @@ def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, caps
     assert [d["val_bpd"] for _, d in recorder.logged if "val_bpd" in d] == [r["val_bpd"] for r in res["epochs"]]
     monkeypatch.setenv("WANDB_MODE", "disabled")
     # sample.py from the checkpoint: 16 digits, the first 11 rows given
-    assert sample.main([str(run), "--n", "16", "--prefix", "308", "--seed", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert sample.main([str(run), "--n", "16", "--seed", "1", "--out", str(tmp_path / "s.png")]) == 0
     assert "drew 16 sequences of 784 values (308 given)" in capsys.readouterr().out
+    assert sample.main([str(run), "--prefix", "784"]) == 2 and "at least one must be drawn" in capsys.readouterr().err
+    # bad sampling options stop a run before it trains, with exit code 2
+    code = train_ex.main(["--dataset", "mnist", "--dir_name", str(root), "--run_dir", str(tmp_path / "bad"),
+                          "--max_eval_samples", "4", "--sample_every", "1", "--n_samples", "8", "--d_model", "8",
+                          "--n_layers", "1", "--ssm_size_base", "4", "--max_train_samples", "64"])
+    assert code == 2 and "8 samples need 8 test sequences, but the split has only 4" in capsys.readouterr().err
     with Image.open(tmp_path / "s.png") as im:
         assert im.format == "PNG"
 
 
 def test_causal_only_and_clear_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train_ex.parse_args(["--dataset", "mnist", "--bidirectional"])
-    assert e.value.code == 2 and "causal" in capsys.readouterr().err
+    for flags, message in ((["--bidirectional"], "--bidirectional is not allowed"),
+                           (["--batchnorm"], "--batchnorm is not allowed"), (["--mode", "last"], "--mode pools"),
+                           (["--temperature", "nan"], "finite --temperature")):
+        with pytest.raises(SystemExit) as e:
+            train_ex.parse_args(["--dataset", "mnist", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert train_ex.parse_args(["--dataset", "mnist"]).batchnorm is False  # LayerNorm by default here
+    assert train_ex.parse_args(["--dataset", "mnist-classification"]).batchnorm is True
     with pytest.raises(SystemExit):
         train_ex.parse_args(["--dataset", "mnist-classification", "--sample_every", "1"])
     assert "next-step datasets" in capsys.readouterr().err
+    assert (sample.resolve_prefix(None, 784), sample.resolve_prefix(None, 196), sample.resolve_prefix(0, 784)) == \
+        (308, 70, 0)
+    for bad in (784, 1000):
+        with pytest.raises(ValueError, match="at least one must be drawn"):
+            sample.resolve_prefix(bad, 784)
     run = tmp_path / "cls"  # a classification run's checkpoint files (only its config matters here)
     run.mkdir()
     (run / "ckpt_best.msgpack").write_bytes(serialization.msgpack_serialize({"params": {}}))

@@ -349,3 +349,17 @@ def test_summarize_reports_bits_per_dim_of_next_pixel_runs(tmp_path):
     _, md_runs = md_tables((root / "summary.md").read_text())
     notes = {r[0]: r[-1] for r in md_runs}
     assert "best val 1.2500 bits/dim, test 1.5000" in notes["g/gen/seed0"] and "bits/dim" not in notes["g/cls/seed0"]
+
+
+def test_summarize_picks_a_next_pixel_runs_best_epoch_by_bits(tmp_path):
+    """Without `best` (an interrupted or hand-written results.json) a next-pixel run's best epoch is the one with the
+    lowest validation bits/dim, as train_ex chooses it, not the one with the highest per-pixel accuracy."""
+    root = tmp_path / "series"
+    write_run(root, "g/gen/seed0", "running", None, [(0.80, 0.7), (0.79, 0.75)])
+    res = json.loads((root / "g/gen/seed0/results.json").read_text())
+    for row, (v, t) in zip(res["epochs"], [(2.0, 2.1), (1.5, 1.6)]):
+        row.update(val_bpd=v, test_bpd=t)
+    (root / "g/gen/seed0/results.json").write_text(json.dumps(res))
+    assert summarize.main([str(root)]) == 0
+    run = read_csv(root / "runs.csv")[0]
+    assert run["best_epoch"] == "2" and float(run["val"]) == 0.79 and float(run["val_bpd"]) == 1.5

@@ -69,7 +69,9 @@ def make_parser():
     g.add_argument("--bidirectional", action=B, default=False)
     g.add_argument("--activation_fn", default="half_glu1", choices=models.ACTIVATIONS)
     g.add_argument("--prenorm", action=B, default=True)
-    g.add_argument("--batchnorm", action=B, default=True)
+    g.add_argument("--batchnorm", action=B, default=None,
+                   help="BatchNorm (else LayerNorm); default: on, except for next-step datasets (mnist), which refuse "
+                   "it: its batch statistics in training would mix later positions into every position")
     g.add_argument("--bn_momentum", type=float, default=0.95)
     g.add_argument("--p_dropout", type=float, default=0.1)
     g.add_argument("--mode", default="pool", choices=("pool", "last"), help="pooling over time")
@@ -133,8 +135,8 @@ def make_parser():
     g.add_argument("--sample_every", type=int, default=0, help="draw --n_samples digits every this many epochs "
                    "(0: never) into <run_dir>/samples/epoch<k>.png (true | sampled) and wandb")
     g.add_argument("--n_samples", type=int, default=8, help="digits per --sample_every grid")
-    g.add_argument("--sample_prefix", type=int, default=308, help="pixels of each true test image given before "
-                   "sampling (308 = the first 11 rows; 0: unconditional)")
+    g.add_argument("--sample_prefix", type=int, default=None, help="pixels of each true test image given before "
+                   "sampling (0: unconditional; default: the first 11/28 of the rows, 308 pixels at 28×28)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: the most likely pixel)")
     g = p.add_argument_group("logging")
     g.add_argument("--log_every", type=int, default=25, help="steps between progress-bar updates and the "
@@ -167,15 +169,23 @@ def parse_args(argv=None):
     if args.downsample != 1 and "mnist" not in args.dataset:
         parser.error("--downsample applies to mnist-classification and pmnist-classification only")
     if dataloaders.task_of(args.dataset) == "next_step":
+        causal = f"--dataset {args.dataset} predicts each value from the ones before it, so the model must be causal"
         if args.bidirectional:
-            parser.error(f"--dataset {args.dataset} predicts each value from the ones before it: the model must be "
-                         f"causal, so --bidirectional is not allowed (use --no-bidirectional)")
+            parser.error(f"{causal}: --bidirectional is not allowed (use --no-bidirectional)")
+        if args.batchnorm:
+            parser.error(f"{causal}: --batchnorm is not allowed (its batch statistics in training mix later pixels "
+                         f"into every position); the default for this dataset is LayerNorm")
+        if args.mode != "pool":
+            parser.error(f"--mode pools a classifier's outputs; --dataset {args.dataset} predicts at every position")
         if args.eval_resolutions != "1":
             parser.error(f"--eval_resolutions applies to classification datasets, not --dataset {args.dataset}")
     elif args.sample_every or args.pixel_tokens:
         parser.error(f"--sample_every and --pixel_tokens apply to next-step datasets (mnist), not {args.dataset}")
-    if args.sample_every < 0 or args.n_samples < 1 or args.temperature < 0 or args.sample_prefix < 0:
-        parser.error("need --sample_every >= 0, --n_samples >= 1, --temperature >= 0, --sample_prefix >= 0")
+    if args.batchnorm is None:
+        args.batchnorm = dataloaders.task_of(args.dataset) != "next_step"
+    if (args.sample_every < 0 or args.n_samples < 1 or not 0 <= args.temperature < float("inf")
+            or (args.sample_prefix is not None and args.sample_prefix < 0)):
+        parser.error("need --sample_every >= 0, --n_samples >= 1, a finite --temperature >= 0, --sample_prefix >= 0")
     if args.freeze and not args.load_checkpoint:
         parser.error("--freeze base needs --load_checkpoint (the S5 checkpoint to build on)")
     if args.freeze and args.ssm_type == "s5":
@@ -560,6 +570,7 @@ def run(cfg):
                   f"{bpd(test_loss)} acc {test_acc:.4f}")
         return 0
 
+    after_epoch = sampler(cfg, rt, model, test, ds.seq_len, run_dir)
     report = Report(cfg, rt, run_dir, config, ds, n_params)
     report.say(f"{cfg.dataset} ({ds.source}): train {len(train):,} val {len(val):,} test {len(test):,} | "
                f"{cfg.ssm_type} model, {n_params:,} parameters | {rt.describe()} | run {run_dir}")
@@ -571,7 +582,7 @@ def run(cfg):
         try:
             state, status, code = train_epochs(cfg, rt, state, progress, (train, val, test), buckets,
                                                steps_per_epoch, train_step, evaluate, ckpts, report, signals,
-                                               sampler(cfg, rt, model, test, run_dir, report))
+                                               after_epoch)
             return code
         except Exception:
             status = "failed"
@@ -583,7 +594,7 @@ def run(cfg):
 
 def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, train_step, evaluate, ckpts, report,
                  signals, after_epoch=None):
-    """The step loop over the remaining epochs. → (state, status, exit code). `after_epoch(state, epoch)` runs
+    """The step loop over the remaining epochs. → (state, status, exit code). `after_epoch(state, epoch, report)` runs
     after each epoch's checkpoint and report (the samples of --sample_every).
 
     Every --log_every steps (and at the end of an epoch) the host reads the on-device accumulator (loss, NaN
@@ -650,8 +661,9 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
         if next_step:  # nats per value → bits per dimension
             row.update({f"{s}_bpd": row[f"{s}_loss"] / np.log(2.0) for s in ("train", "val", "test")})
         progress["history"].append(row)
-        if next_step:
-            improved = progress["best"] is None or val_loss < progress["best"]["val_loss"]
+        if next_step:  # a non-finite best (e.g. a NaN first evaluation) is replaced by any finite loss
+            best_loss = (progress["best"] or {}).get("val_loss", float("nan"))
+            improved = not np.isfinite(best_loss) or val_loss < best_loss
         else:
             improved = progress["best"] is None or val_acc > progress["best"]["val_acc"]
         if improved:
@@ -666,7 +678,7 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
         report.results(progress, "running")
         report.epoch(row, progress)
         if after_epoch is not None:
-            after_epoch(state, epoch + 1)
+            after_epoch(state, epoch + 1, report)
         if cfg.early_stop_patience and epochs_since_best >= cfg.early_stop_patience:
             report.say(f"early stop: no better validation {'loss' if next_step else 'accuracy'} for "
                        f"{epochs_since_best} epochs")
@@ -674,25 +686,32 @@ def train_epochs(cfg, rt, state, progress, splits, buckets, steps_per_epoch, tra
     return state, "finished", 0
 
 
-def sampler(cfg, rt, model, test, run_dir, report):
-    """--sample_every: a function (state, epoch) that draws --n_samples digits (process 0, on its host copy of the
-    state) into <run_dir>/samples/epoch<k>.png and wandb; None when off."""
-    if not (cfg.sample_every and rt.main):
+def sampler(cfg, rt, model, test, seq_len, run_dir):
+    """--sample_every: a function (state, epoch, report) that draws --n_samples digits (process 0, on its host copy
+    of the state) into <run_dir>/samples/epoch<k>.png and wandb; None when off. Bad sampling options are a RunError
+    here, before any training."""
+    if not cfg.sample_every:
         return None
     import sample
 
+    try:
+        prefix = sample.resolve_prefix(cfg.sample_prefix, seq_len)
+        truth = sample.true_values(test, cfg.n_samples)
+    except ValueError as e:
+        raise RunError(f"--sample_every: {e} (--sample_prefix, --n_samples, --max_eval_samples)", 2) from None
+    if not rt.main:
+        return None
     draw = sample.Sampler(model)
-    truth = sample.true_values(test, cfg.n_samples)
 
-    def after_epoch(state, epoch):
+    def after_epoch(state, epoch, report):
         if epoch % cfg.sample_every:
             return
         variables = {k: rt.jax.tree_util.tree_map(rt.host, state[k]) for k in ("params", "batch_stats")}
-        drawn, seconds = draw(variables, truth, cfg.sample_prefix, cfg.temperature, seed=cfg.jax_seed + epoch)
-        path = sample.save_grid(run_dir / "samples" / f"epoch{epoch:03d}.png", truth, drawn, cfg.sample_prefix)
-        report.say(f"  samples: {path} ({len(truth)} digits, prefix {cfg.sample_prefix}, temperature "
-                   f"{cfg.temperature}, {seconds:.1f}s)")
-        report.image(path, epoch, f"epoch {epoch}: true | sampled, first {cfg.sample_prefix} pixels given")
+        drawn, seconds = draw(variables, truth, prefix, cfg.temperature, seed=cfg.jax_seed + epoch)
+        path = sample.save_grid(run_dir / "samples" / f"epoch{epoch:03d}.png", truth, drawn, prefix)
+        report.say(f"  samples: {path} ({len(truth)} digits, prefix {prefix}, temperature {cfg.temperature}, "
+                   f"{seconds:.1f}s)")
+        report.image(path, epoch, f"epoch {epoch}: true | sampled, first {prefix} pixels given")
 
     return after_epoch
 
@@ -811,6 +830,9 @@ def read_run(run_dir, kind="best"):
     if not ckpt.exists():
         raise RunError(f"no checkpoint {ckpt}: is {run_dir} a run directory of train_ex.py? (--checkpoint "
                        f"best|latest picks which)", 2)
+    if not ckpt.with_suffix(".json").exists():
+        raise RunError(f"{ckpt} has no {ckpt.with_suffix('.json').name} beside it (the run's config): was it copied "
+                       f"without it?", 2)
     config = utils.read_json(ckpt.with_suffix(".json"))["config"]
     meta = config.get("model_meta")
     if meta is None:

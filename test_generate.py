@@ -327,3 +327,6 @@ def test_causal_only_and_clear_errors(tmp_path, capsys):
     assert "only next-step models" in capsys.readouterr().err
     assert sample.main([str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    (run / "ckpt_best.json").unlink()
+    assert sample.main([str(run)]) == 2
+    assert "has no ckpt_best.json beside it" in capsys.readouterr().err

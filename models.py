@@ -269,10 +269,7 @@ def recurrent_logits(model: NextStepModel, variables, inputs):
     recurrent mode: one compiled lax.scan over time, the whole stack advanced one position per step for
     every sequence. Equal to `model.apply(variables, batch)` up to float rounding (the tests' proof)."""
     B, L = inputs.shape
-    systems = model.apply(variables, L, method="recurrent_system")  # once, outside the loop
-    one = lambda states, v, t: model.apply(variables, states, v, t, L, systems, method="step")  # noqa: E731
-    step = jax.vmap(one, in_axes=(0, 0, None))
-    states = _batched(model.apply(variables, method="initial_state"), B)
+    step, states = _recurrent(model, variables, L, B)
 
     def body(states, tv):
         t, v = tv
@@ -290,9 +287,7 @@ def sample(model: NextStepModel, variables, key, prefix, n_given, temperature=1.
     likely value). Returns (N, L) int32 values in 0..n_classes−1. Jit it with the model and L static.
     """
     N, L = prefix.shape
-    systems = model.apply(variables, L, method="recurrent_system")
-    one = lambda states, v, t: model.apply(variables, states, v, t, L, systems, method="step")  # noqa: E731
-    step = jax.vmap(one, in_axes=(0, 0, None))
+    step, states = _recurrent(model, variables, L, N)
     keys = jax.random.split(key, L)
 
     def body(carry, t):
@@ -304,16 +299,20 @@ def sample(model: NextStepModel, variables, key, prefix, n_given, temperature=1.
         value = jnp.where(t < n_given, prefix[:, t].astype(jnp.int32), drawn)
         return (states, value), value
 
-    states = _batched(model.apply(variables, method="initial_state"), N)
     _, values = jax.lax.scan(body, (states, jnp.zeros((N,), jnp.int32)), jnp.arange(L))
     return values.T
 
 
+def _recurrent(model, variables, L: int, n: int):
+    """(step, states) for n sequences of length L: step(states, values (n,), t) → (states, logits (n, classes)),
+    with every layer's recurrent system formed once, here, outside the loop over time; states start at zero."""
+    systems = model.apply(variables, L, method="recurrent_system")
+    one = lambda states, v, t: model.apply(variables, states, v, t, L, systems, method="step")  # noqa: E731
+    return jax.vmap(one, in_axes=(0, 0, None)), _batched(model.apply(variables, method="initial_state"), n)
+
+
 def _batched(tree, n):
     return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
-
-
-TASKS = ("classification", "next_step")
 
 
 def build_model(cfg, ds_meta):

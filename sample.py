@@ -40,8 +40,7 @@ class Sampler:
     def __call__(self, variables, truth, n_given, temperature, seed=0):
         t0 = time.perf_counter()
         key = self.jax.random.PRNGKey(seed)
-        out = self.fn(variables, key, np.asarray(truth, np.int32), np.int32(min(n_given, truth.shape[1])),
-                      np.float32(temperature))
+        out = self.fn(variables, key, np.asarray(truth, np.int32), np.int32(n_given), np.float32(temperature))
         out = np.asarray(out)  # waits for the device
         return out, time.perf_counter() - t0
 

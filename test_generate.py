@@ -120,10 +120,7 @@ def test_the_time_index_matters_in_the_proof():
 
     @jax.jit
     def late(variables, inputs):  # models.recurrent_logits with t + 1 in place of t
-        systems = model.apply(variables, L_TEST, method="recurrent_system")
-        step = jax.vmap(lambda s, v, t: model.apply(variables, s, v, t, L_TEST, systems, method="step"),
-                        in_axes=(0, 0, None))
-        states = models._batched(model.apply(variables, method="initial_state"), 3)
+        step, states = models._recurrent(model, variables, L_TEST, 3)
         body = lambda s, tv: step(s, tv[1], jnp.minimum(tv[0] + 1, L_TEST - 1))  # noqa: E731
         return jnp.swapaxes(jax.lax.scan(body, states, (jnp.arange(L_TEST), inputs.T))[1], 0, 1)
 

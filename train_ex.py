@@ -168,7 +168,8 @@ def parse_args(argv=None):
         parser.error("need 0 < --dt_min <= --dt_max")
     if args.downsample != 1 and "mnist" not in args.dataset:
         parser.error("--downsample applies to mnist-classification and pmnist-classification only")
-    if dataloaders.task_of(args.dataset) == "next_step":
+    next_step = dataloaders.task_of(args.dataset) == "next_step"
+    if next_step:
         causal = f"--dataset {args.dataset} predicts each value from the ones before it, so the model must be causal"
         if args.bidirectional:
             parser.error(f"{causal}: --bidirectional is not allowed (use --no-bidirectional)")
@@ -182,7 +183,7 @@ def parse_args(argv=None):
     elif args.sample_every or args.pixel_tokens:
         parser.error(f"--sample_every and --pixel_tokens apply to next-step datasets (mnist), not {args.dataset}")
     if args.batchnorm is None:
-        args.batchnorm = dataloaders.task_of(args.dataset) != "next_step"
+        args.batchnorm = not next_step
     if (args.sample_every < 0 or args.n_samples < 1 or not 0 <= args.temperature < float("inf")
             or (args.sample_prefix is not None and args.sample_prefix < 0)):
         parser.error("need --sample_every >= 0, --n_samples >= 1, a finite --temperature >= 0, --sample_prefix >= 0")

@@ -31,14 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import config
 import dataloaders
 import models
 import ssm
 import ssm_ex
-import train_ex
 
 FULL_SHAPES = [(32, 1024, 64), (32, 2048, 64), (8, 16384, 128)]
-QUICK_SHAPES = [(8, 256, 16), (32, 1024, 64), (2, 4096, 32)]  # (32, 1024, 64): the issue-11 target shape
+QUICK_SHAPES = [(8, 256, 16), (32, 1024, 64), (2, 4096, 32)]  # (32, 1024, 64): the full mode's target shape
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 R = 10
 
@@ -151,9 +151,23 @@ def bench_scans(shapes, repeats, on_gpu):
     return rows
 
 
-TRAIN_VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
-                  "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
-                  "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
+# The variants every training and memory row compares: S5 and the extensions on the same recipe
+VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
+            "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
+            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
+
+
+def compiled_step(cfg, meta, batch):
+    """(the training step lowered and compiled for `batch`'s shapes, its state, compile seconds). `batch` may hold
+    jax.ShapeDtypeStruct leaves: then the state is abstract too and nothing is allocated."""
+    model = models.build_model(cfg, meta)
+    variables = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)
+    tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+    state = jax.eval_shape(lambda v: models.new_state(v["params"], v.get("batch_stats", {}), tx), variables)
+    train_step, _ = models.make_steps(model, tx, jax.random.PRNGKey(1))
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile()
+    return compiled, model, state, time.perf_counter() - t0
 
 
 def bench_train(recipes, repeats):
@@ -163,23 +177,18 @@ def bench_train(recipes, repeats):
     rows = []
     for label, argv, L, tokens in recipes:
         runs = {}
-        for name, extra in TRAIN_VARIANTS.items():
-            cfg = train_ex.parse_args([*argv, *extra])
+        for name, extra in VARIANTS.items():
+            cfg = config.parse_args([*argv, *extra])
             meta = dict(n_classes=10, seq_len=L, in_dim=18 if tokens else 1, tokens=tokens, pair=False)
-            model = models.build_model(cfg, meta)
             rng = np.random.default_rng(0)
-            shape = (cfg.bsz, L) if tokens else (cfg.bsz, L, 1)
-            batch = {"inputs": jnp.asarray(rng.integers(3, 18, shape) if tokens else rng.normal(size=shape),
-                                           jnp.int32 if tokens else jnp.float32),
-                     "lengths": jnp.full(cfg.bsz, L, jnp.int32), "labels": jnp.asarray(rng.integers(0, 10, cfg.bsz)),
-                     "weights": jnp.ones(cfg.bsz)}
+            batch = models.example_batch(meta, cfg.bsz)
+            x = rng.integers(3, 18, (cfg.bsz, L)) if tokens else rng.normal(size=(cfg.bsz, L, 1))
+            batch.update(inputs=jnp.asarray(x, batch["inputs"].dtype),
+                         labels=jnp.asarray(rng.integers(0, 10, cfg.bsz), jnp.int32))
+            compiled, model, _, compile_s = compiled_step(cfg, meta, batch)
             variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
-            tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
-            state = train_ex.new_state(variables["params"], variables.get("batch_stats", {}), tx)
-            train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
-            t0 = time.perf_counter()
-            compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile()
-            compile_s = time.perf_counter() - t0
+            tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+            state = models.new_state(variables["params"], variables.get("batch_stats", {}), tx)
             state = jax.block_until_ready(compiled(state, batch, 0))
             runs[name] = dict(cfg=cfg, compiled=compiled, state=state, batch=batch, compile_s=compile_s, times=[])
         for i in range(repeats):
@@ -202,61 +211,34 @@ def bench_train(recipes, repeats):
     return rows
 
 
-# The S5 release's recipe per LRA task (its run_train.py flags; all prenorm, batchnorm, bidirectional, conj_sym)
-# and the task's shapes: (flags, seq_len, in_dim, tokens, pair, n_classes). Token vocabularies as in the
-# release (Text: 135 byte-level tokens; Retrieval: 97).
-S5_RECIPES = {
-    "listops": (["--blocks", "8", "--bsz", "50", "--d_model", "128", "--ssm_size_base", "16", "--n_layers", "8",
-                 "--activation_fn", "half_glu2"], 2048, 18, True, False, 10),
-    "text": (["--blocks", "12", "--bsz", "50", "--d_model", "256", "--ssm_size_base", "192", "--n_layers", "6",
-              "--activation_fn", "half_glu2"], 4096, 135, True, False, 2),
-    "retrieval": (["--blocks", "16", "--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--n_layers", "6",
-                   "--C_init", "trunc_standard_normal"], 4000, 97, True, True, 2),
-    "image": (["--blocks", "3", "--bsz", "50", "--d_model", "512", "--ssm_size_base", "384", "--n_layers", "6",
-               "--clip_eigs"], 1024, 1, False, False, 10),
-    "pathfinder": (["--blocks", "8", "--bsz", "64", "--d_model", "192", "--ssm_size_base", "256", "--n_layers", "6",
-                    "--C_init", "trunc_standard_normal"], 1024, 1, False, False, 2),
-    "path-x": (["--blocks", "16", "--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--n_layers", "6",
-                "--C_init", "complex_normal", "--dt_min", "1e-4"], 16384, 1, False, False, 2),
-}
-S5_COMMON = ["--prenorm", "--batchnorm", "--bidirectional", "--conj_sym", "--R", str(R)]
-MEMORY_VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
-                   "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
-                   "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
-
-
-def abstract_batch(bsz, L, in_dim, tokens, pair):
-    x = jax.ShapeDtypeStruct((bsz, L) if tokens else (bsz, L, in_dim), jnp.int32 if tokens else jnp.float32)
-    n = jax.ShapeDtypeStruct((bsz,), jnp.int32)
-    batch = {"inputs": x, "lengths": n, "labels": n, "weights": jax.ShapeDtypeStruct((bsz,), jnp.float32)}
-    if pair:
-        batch.update(inputs2=x, lengths2=n)
-    return batch
-
-
-def step_memory(argv, L, in_dim, tokens, pair, n_classes):
+def step_memory(argv, meta):
     """XLA's compiled memory estimate of one training step (abstract shapes: nothing is allocated)."""
-    cfg = train_ex.parse_args(argv)
-    model = models.build_model(cfg, dict(n_classes=n_classes, seq_len=L, in_dim=in_dim, tokens=tokens, pair=pair))
-    batch = abstract_batch(cfg.bsz, L, in_dim, tokens, pair)
-    variables = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)
-    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
-    state = jax.eval_shape(lambda v: train_ex.new_state(v["params"], v.get("batch_stats", {}), tx), variables)
-    train_step, _ = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
-    t0 = time.perf_counter()
-    mem = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile().memory_analysis()
+    cfg = config.parse_args(argv)
+    batch = jax.eval_shape(lambda: models.example_batch(meta, cfg.bsz))
+    compiled, _, _, compile_s = compiled_step(cfg, meta, batch)
+    mem = compiled.memory_analysis()
     return dict(temp_GB=mem.temp_size_in_bytes / 1e9, argument_GB=mem.argument_size_in_bytes / 1e9,
-                output_GB=mem.output_size_in_bytes / 1e9, compile_s=time.perf_counter() - t0)
+                output_GB=mem.output_size_in_bytes / 1e9, compile_s=compile_s)
+
+
+def s5_recipes() -> dict:
+    """{short name: (the README's S5 command for the task, the task's dataset)}, the LRA tasks and Speech."""
+    short = {"listops-classification": "listops", "imdb-classification": "text", "aan-classification": "retrieval",
+             "lra-cifar-classification": "image", "pathfinder-classification": "pathfinder",
+             "pathx-classification": "path-x", "speech35-classification": "speech"}
+    return {short[name]: (argv, name) for name, argv in config.readme_recipes().items()}
 
 
 def bench_memory(recipes):
     rows = []
+    all_recipes = s5_recipes()
     for label in recipes:
-        flags, L, in_dim, tokens, pair, n_classes = S5_RECIPES[label]
+        argv, dataset = all_recipes[label]
+        meta = dataloaders.model_meta(dataset)
         base = None
-        for variant, extra in MEMORY_VARIANTS.items():
-            row = dict(recipe=label, variant=variant, L=L,
-                       **step_memory([*S5_COMMON, *flags, *extra], L, in_dim, tokens, pair, n_classes))
+        for variant, extra in VARIANTS.items():
+            row = dict(recipe=label, variant=variant, L=meta["seq_len"],
+                       **step_memory([*argv, "--R", str(R), *extra], meta))
             base = base or row["temp_GB"]
             row["temp_ratio"] = row["temp_GB"] / base
             rows.append(row)
@@ -266,19 +248,16 @@ def bench_memory(recipes):
 
 
 def bench_sample(model_flags, n, L, repeats):
-    """Drawing n sequences of L pixels (sample.Sampler: the whole network in its recurrent mode, one compiled
+    """Drawing n sequences of L pixels (models.Sampler: the whole network in its recurrent mode, one compiled
     lax.scan) per ssm_type: the first call (compile included) and the median of later calls."""
-    import sample
-
     rows = []
     for ssm_type in models.SSM_TYPES:
-        cfg = train_ex.parse_args(["--dataset", "mnist", "--ssm_type", ssm_type, *model_flags])
-        model = models.build_model(cfg, dict(n_classes=256, seq_len=L, in_dim=256, tokens=True, pair=False,
-                                             task="next_step"))
-        batch = {"inputs": jnp.zeros((1, L), jnp.int32), "lengths": jnp.full(1, L)}
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+        cfg = config.parse_args(["--dataset", "mnist", "--ssm_type", ssm_type, *model_flags])
+        meta = dict(dataloaders.model_meta("mnist"), seq_len=L)
+        model = models.build_model(cfg, meta)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), models.example_batch(meta))
         truth = np.zeros((n, L), np.int32)
-        draw = sample.Sampler(model)
+        draw = models.Sampler(model)
         _, first = draw(variables, truth, 0, 1.0, seed=0)
         t = float(np.median([draw(variables, truth, 0, 1.0, seed=i + 1)[1] for i in range(repeats)]))
         rows.append(dict(ssm_type=ssm_type, n=n, L=L, first_call_s=first, draw_s=t, us_per_step=1e6 * t / L))
@@ -307,8 +286,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sections", default="scans,train,data,memory,sample",
                    help="comma-separated subset of scans,train,data,memory,sample")
-    p.add_argument("--recipes", default=",".join(S5_RECIPES),
-                   help=f"memory section: which S5 recipes (of {','.join(S5_RECIPES)})")
+    p.add_argument("--recipes", default=",".join(s5_recipes()),
+                   help=f"memory section: which S5 recipes (of {','.join(s5_recipes())})")
     p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -333,9 +312,9 @@ def main(argv=None):
         out["train"] = bench_train(recipes, args.repeats)
     if "memory" in sections:
         print(f"memory of one training step at the S5 recipes (XLA's estimate on {dev.platform}; R = {R})")
-        unknown = set(args.recipes.split(",")) - set(S5_RECIPES)
+        unknown = set(args.recipes.split(",")) - set(s5_recipes())
         if unknown:
-            p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(S5_RECIPES)}")
+            p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(s5_recipes())}")
         out["memory"] = bench_memory(args.recipes.split(","))
     if "sample" in sections:
         if args.quick:

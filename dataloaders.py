@@ -270,7 +270,7 @@ class _InProcess:
 
 
 def _pool(workers: int):
-    return _InProcess() if workers <= 1 else mp.get_context("fork").Pool(workers)
+    return _InProcess() if workers <= 1 else mp.get_context("spawn").Pool(workers)  # no fork: JAX may run threads
 
 
 def _smallest_int(vocab_size: int):
@@ -705,6 +705,32 @@ DATASETS = {
     "speech35-classification": (build_speech, dict(), "train", None),  # standardised by the training set
     "mnist": (build_mnist, dict(downsample=1), None, 0.1),  # next-pixel prediction: 256 intensity classes
 }
+# What a model of each dataset sees, at its default options, without reading any data (bench.py compiles the S5
+# recipes at these shapes): (seq_len, in_dim, tokens, pair, n_classes). in_dim is the vocabulary size of token
+# datasets; Text's and Retrieval's vocabularies are built from the data, and the values here are those of the
+# published files (characters seen often enough).
+SHAPES = {
+    "listops-classification": (2048, len(LISTOPS_VOCAB), True, False, 10),
+    "imdb-classification": (4096, 135, True, False, 2),
+    "aan-classification": (4000, 97, True, True, 2),
+    "lra-cifar-classification": (1024, 1, False, False, 10),
+    "cifar-classification": (1024, 3, False, False, 10),
+    "pathfinder-classification": (32 ** 2, 1, False, False, 2),
+    "pathx-classification": (128 ** 2, 1, False, False, 2),
+    "mnist-classification": (784, 1, False, False, 10),
+    "pmnist-classification": (784, 1, False, False, 10),
+    "speech35-classification": (SPEECH_LEN, 1, False, False, len(SPEECH_WORDS)),
+    "mnist": (784, 256, True, False, 256),  # next-pixel prediction: the previous pixel, one of 256 values
+}
+
+
+def model_meta(name: str) -> dict:
+    """The model-facing fields of a dataset (as a loaded Dataset gives them) from SHAPES: seq_len, in_dim, tokens,
+    pair, n_classes, task."""
+    seq_len, in_dim, tokens, pair, n_classes = SHAPES[name]
+    return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name))
+
+
 # Datasets whose task is next-step prediction (density modelling, generation), not classification
 NEXT_STEP = {"mnist"}
 

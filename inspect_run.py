@@ -27,7 +27,15 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+import models
+import s4
+import ssm
+import ssm_ex
+import utils
 
 EXACT_MAX_P = 128  # Λ_ex(t) spectra from dense matrices up to this many states; an upper bound beyond
 
@@ -43,18 +51,15 @@ class InspectError(Exception):
 
 def load_run(run_dir: Path, kind: str):
     """(config namespace, model meta, parameters) of a run's checkpoint."""
-    import train_ex
-
     try:
-        cfg, meta, state = train_ex.read_run(run_dir, kind)
-    except train_ex.RunError as e:
+        cfg, meta, state = models.read_run(run_dir, kind)
+    except utils.RunError as e:
         raise InspectError(str(e)) from None
     return cfg, meta, state["params"]
 
 
 def ssm_layers(cfg, meta, params):
     """[(layer name, module, its params)] for every SequenceLayer's SSM."""
-    import models
 
     model = models.build_model(cfg, meta)
     cls, kw = model.encoder.ssm
@@ -65,18 +70,8 @@ def ssm_layers(cfg, meta, params):
 
 def initial_params(cfg, meta):
     """The parameters the run started from (the config's seed, drawn as train_ex draws them)."""
-    import jax.numpy as jnp
-
-    import models
-    import train_ex
-
     model = models.build_model(cfg, meta)
-    L = meta["seq_len"]
-    x = jnp.zeros((1, L), jnp.int32) if meta["tokens"] else jnp.zeros((1, L, meta["in_dim"]), jnp.float32)
-    batch = {"inputs": x, "lengths": jnp.full(1, L), "labels": jnp.zeros(1, jnp.int32), "weights": jnp.ones(1)}
-    if meta["pair"]:
-        batch.update(inputs2=x, lengths2=jnp.full(1, L))
-    return train_ex.init_variables(cfg, model, batch)[0]["params"]
+    return models.init_variables(cfg, model, models.example_batch(meta))[0]["params"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,17 +82,15 @@ def initial_params(cfg, meta):
 def discrete_eigs(module, p):
     """(Λ̄ (n,) complex, steps Δ) of a layer: S5-type layers' diagonal Λ̄; S4D/DSS exp(ΔΛ) per feature; S4 the
     eigenvalues of each feature's dense bilinear Ā."""
-    import jax
 
-    import s4
 
     m = module.bind({"params": p})
     if isinstance(module, s4.S4SSM):
-        A_bar, _ = jax.vmap(s4.dplr_bilinear)(m._stable_Lambda(), s4._as_complex(m.P_lr), s4._as_complex(m.B),
+        A_bar, _ = jax.vmap(s4.dplr_bilinear)(m.Lambda(), ssm.as_complex(m.P_lr), ssm.as_complex(m.B),
                                              m.step_size())
         return np.linalg.eigvals(np.asarray(A_bar, np.complex128)).ravel(), np.asarray(m.step_size())
     if isinstance(module, (s4.S4DSSM, s4.DSSSSM)):
-        Lam = m._stable_Lambda() if isinstance(module, s4.S4DSSM) else m._Lambda()
+        Lam = m.Lambda()
         step = m.step_size()
         return np.asarray(np.exp(step[:, None] * Lam)).ravel(), np.asarray(step)
     Lambda_bar, _, _ = m.discrete_system()
@@ -113,12 +106,10 @@ def timescales(Lambda_bar):
 
 def aux_modulus(module, p, L):
     """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, and the fraction of (t, state) the clamp acted on."""
-    import ssm
-    import ssm_ex
 
     m = module.bind({"params": p})
     Lambda_bar, _, _ = m.discrete_system()
-    a = ssm_ex.aux_transitions(Lambda_bar, ssm._as_complex(p["E"]), ssm_ex.time_scale(L, module.time_scale_type))
+    a = ssm_ex.aux_transitions(Lambda_bar, ssm.as_complex(p["E"]), ssm_ex.time_scale(L, module.time_scale_type))
     raw = np.abs(np.asarray(a))
     return np.minimum(raw, 1.0), float(np.mean(raw > 1.0))
 
@@ -126,13 +117,12 @@ def aux_modulus(module, p, L):
 def extend_spectra(module, p, L, n_t=64):
     """δ(t) (L, R); for a sample of t: spectral radius and ∞-norm of Λ_ex(t) as the model runs it (guarded), or
     for P > EXACT_MAX_P (or diag mode, which is diagonal) bounds; the guard's row scale (L, P) or None."""
-    import ssm
 
     m = module.bind({"params": p})
     Lambda_bar, _, _ = m.discrete_system()
     delta = m.delta(L)
     a, s = m.guarded(Lambda_bar, delta)
-    E, F = np.asarray(ssm._as_complex(p["E"]), np.complex128), np.asarray(ssm._as_complex(p["F"]), np.complex128)
+    E, F = np.asarray(ssm.as_complex(p["E"]), np.complex128), np.asarray(ssm.as_complex(p["F"]), np.complex128)
     ts = np.unique(np.linspace(0, L - 1, min(n_t, L)).astype(int))
     d = np.asarray(delta, np.float64)
     if module.mode == "diag":  # the transition is diagonal: both quantities are max |a_t|
@@ -157,8 +147,6 @@ def extend_spectra(module, p, L, n_t=64):
 
 def impulse_responses(module, p, L, H, t0s):
     """For each t₀: the SSM part's output (L, H), D·u removed, to u = e_{t₀} on input channel 0."""
-    import jax
-    import jax.numpy as jnp
 
     apply = jax.jit(lambda u: module.apply({"params": p}, u))
     out = {}
@@ -333,7 +321,6 @@ def plot_curves(path, epochs):
 
 def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None) -> dict:
     """Write the pictures and inspect.json; return the report (the same numbers)."""
-    import ssm_ex
 
     cfg, meta, params = load_run(run_dir, kind)
     L, H = meta["seq_len"], cfg.d_model

@@ -1,4 +1,5 @@
-"""Layers, stacks and heads around the SSMs of ssm.py / ssm_ex.py.
+"""Layers, stacks and heads around the SSMs of ssm.py / ssm_ex.py / s4.py; the optimiser, training state and step
+functions; sampling from next-step models; rebuilding a model from a run directory.
 
 Shapes: a batch of sequences x (B, L, H); `mask` (B, L) is 1 on real positions and 0 on padding.
 The SSMs work on one sequence and are vmapped over the batch here (parameters shared).
@@ -14,15 +15,24 @@ a row lookup, kernel lecun-normal: std 1/√vocab); "embed" is flax's nn.Embed (
 
 from __future__ import annotations
 
+import argparse
+import io
+import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import linen as nn
+from flax import serialization
+from PIL import Image
 
 import s4
 import ssm
 import ssm_ex
+import utils
 
 SSM_TYPES = ("s5", "aux", "extend", "s4", "s4d", "dss")  # the last three: the S4-family baselines
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
@@ -63,7 +73,7 @@ class SequenceLayer(nn.Module):
             self.out1 = nn.Dense(self.d_model)
         if self.activation != "gelu":
             self.out2 = nn.Dense(self.d_model)
-        # one mask per sequence, shared over time; named as the compact form named it, so a seed draws the same masks
+        # one mask per sequence, shared over time; the name Dropout_0 fixes where its random stream comes from
         self.Dropout_0 = nn.Dropout(self.dropout, broadcast_dims=[1])
 
     def _norm(self, x, training):
@@ -338,3 +348,294 @@ def build_model(cfg, ds_meta):
         return NextStepModel(encoder, ds_meta["n_classes"])
     head = RetrievalModel if ds_meta["pair"] else ClassificationModel
     return head(encoder, ds_meta["n_classes"], cfg.mode)
+
+
+# ==================================================================================================
+# The model's options: defaults, what fixes the architecture, rebuilding a model from a run directory
+# ==================================================================================================
+
+# Every option build_model reads, with its default (the training command line takes its defaults from here; a
+# run directory whose config lacks an option gets it from here too). batchnorm None: on, except for next-step
+# datasets (decided with the dataset, in config.parse_args).
+MODEL_DEFAULTS = dict(
+    ssm_type="s5", d_model=128, n_layers=4, ssm_size_base=64, s4d_init="legs", blocks=1, C_init="lecun_normal",
+    discretization="zoh", dt_min=0.001, dt_max=0.1, conj_sym=True, clip_eigs=False, bidirectional=False,
+    activation_fn="half_glu1", prenorm=True, batchnorm=None, bn_momentum=0.95, p_dropout=0.1, mode="pool",
+    token_encoder="onehot", pixel_tokens=False, mask_padding=True,
+    time_scale_type="sinusoidal", auxiliary_strength=0.1, R=10, extend_mode="full", delta_type="learned",
+    extend_init_scale=0.05, extend_chunk=0,
+)
+# The options a checkpoint's parameters depend on: loading it into a model that differs in any is refused.
+ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
+               "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
+               "time_scale_type", "token_encoder", "pixel_tokens")
+
+
+def check_architecture(saved: dict, cfg):
+    """A RunError (exit 2) listing every ARCH_FIELDS option in which a saved config differs from `cfg`."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCH_FIELDS
+            if k in saved and saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise utils.RunError("the checkpoint was made by a different architecture:\n  " + "\n  ".join(diff), 2)
+
+
+def read_run(run_dir, kind="best"):
+    """(config namespace, model meta, state dict of numpy arrays) of a run's ckpt_<kind>: what rebuilds the
+    model without the data (sample.py, inspect_run.py). Options the config lacks take MODEL_DEFAULTS. A RunError
+    says what is missing."""
+    ckpt = utils.checkpoint_path(run_dir, kind)
+    if not ckpt.exists():
+        raise utils.RunError(f"no checkpoint {ckpt}: is {run_dir} a run directory of train_ex.py? (--checkpoint "
+                             f"best|latest picks which)", 2)
+    if not ckpt.with_suffix(".json").exists():
+        raise utils.RunError(f"{ckpt} has no {ckpt.with_suffix('.json').name} beside it (the run's config): was it "
+                             f"copied without it?", 2)
+    saved, state = utils.read_checkpoint(ckpt)
+    config = saved["config"]
+    meta = config.get("model_meta")
+    if meta is None:
+        raise utils.RunError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): rerun or "
+                             f"resume the run once to record them", 2)
+    return argparse.Namespace(**{**MODEL_DEFAULTS, **config}), meta, state
+
+
+def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
+    """A batch of `bsz` zero sequences of length L (default: the dataset's), every one full length, with a
+    dataset's shapes (meta: seq_len, in_dim, tokens, pair, task): for initialising a model or, through
+    jax.eval_shape, for compiling a step without allocating anything."""
+    L = meta["seq_len"] if L is None else L
+    next_step = meta.get("task") == "next_step"
+    x = jnp.zeros((bsz, L), jnp.int32) if meta["tokens"] or next_step else jnp.zeros((bsz, L, meta["in_dim"]))
+    lengths = jnp.full((bsz,), L, jnp.int32)
+    batch = {"inputs": x, "lengths": lengths, "labels": jnp.zeros((bsz, L) if next_step else (bsz,), jnp.int32),
+             "weights": jnp.ones((bsz,), jnp.float32)}
+    if meta["pair"]:
+        batch.update(inputs2=x, lengths2=lengths)
+    return batch
+
+
+def init_variables(cfg, model, batch):
+    """(the model's initial variables, the dropout key), both from cfg.jax_seed; only the batch's shapes matter."""
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+    init = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))
+    return init(init_key, batch), dropout_key
+
+
+# ==================================================================================================
+# Optimiser: the S5 parameter groups and learning-rate schedule
+# ==================================================================================================
+
+
+def param_label(path, cfg, frozen: bool) -> str:
+    """The optimiser group of a parameter, from its leaf name (see the README's optimiser recipe)."""
+    names = [getattr(k, "key", str(k)) for k in path]
+    leaf, in_ssm = names[-1], "ssm" in names
+    if frozen and not (in_ssm and leaf in ssm_ex.EXTENSION_PARAMS):
+        return "frozen"
+    if not in_ssm:
+        return "regular"
+    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im", "P"):  # P: S4's low-rank term
+        return "ssm"
+    if leaf == "log_step":
+        return "regular" if cfg.dt_global else "ssm"
+    groups = {"standard": {"B": "ssm"}, "BandCdecay": {"B": "ssm_decay"}, "BfastandCdecay": {},
+              "noBCdecay": {"B": "ssm", "C": "ssm", "D": "ssm"}}[cfg.opt_config]
+    return groups.get(leaf, "regular")
+
+
+def lr_schedule(base, cfg, steps_per_epoch):
+    """The S5 release's learning rate at optimiser step k (its loop sets the rate after every step, from the
+    number of steps taken so far), with W = warmup_end·steps_per_epoch and T = epochs·steps_per_epoch:
+
+        k = 0: base;   k ≥ 1: f(k − 1),   f(j) = base·(j + 1)/W                                   if j < W
+                                          f(j) = lr_min + (base − lr_min)·½(1 + cos(π·min(j, T−W)/(T−W)))  otherwise
+    (f(j) = base without --cosine_anneal). The cosine runs on the global step, so it reaches lr_min W steps
+    before the end and stays there.
+    """
+    W = cfg.warmup_end * steps_per_epoch
+    span = max(cfg.epochs * steps_per_epoch - W, 1)
+
+    def lr(count):
+        j = count - 1
+        warm = base * (j + 1) / max(W, 1)
+        if cfg.cosine_anneal:
+            after = cfg.lr_min + (base - cfg.lr_min) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(j, span) / span))
+        else:
+            after = base
+        return jnp.where(count == 0, base, jnp.where(j < W, warm, after))
+
+    return lr
+
+
+def make_optimizer(params, cfg, steps_per_epoch, frozen=False):
+    """(optax transformation, the group label of every parameter): Adam/AdamW per group, each on its schedule."""
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: param_label(p, cfg, frozen), params)
+    txs = {
+        "ssm": optax.adam(lr_schedule(cfg.ssm_lr, cfg, steps_per_epoch)),
+        "ssm_decay": optax.adamw(lr_schedule(cfg.ssm_lr, cfg, steps_per_epoch), weight_decay=cfg.weight_decay),
+        "regular": optax.adamw(lr_schedule(cfg.global_lr, cfg, steps_per_epoch), weight_decay=cfg.weight_decay),
+        "frozen": optax.set_to_zero(),
+    }
+    tx = optax.multi_transform(txs, labels)
+    if cfg.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, labels
+
+
+# ==================================================================================================
+# Training state and steps
+# ==================================================================================================
+
+
+def new_state(params, batch_stats, tx):
+    """The training state: parameters, BatchNorm statistics, optimiser state, and the on-device running totals
+    (loss·n, correct, n, non-finite steps) that train_step adds to."""
+    return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+            "totals": jnp.zeros(4, jnp.float32)}
+
+
+def make_steps(model, tx, dropout_key):
+    """(train_step, eval_step), not yet jit-compiled.
+
+    train_step(state, batch, step) → state: one optimiser step; a step whose loss is not finite changes no
+    parameter and is counted in state["totals"][3] (the host looks at it every --log_every steps).
+    state["totals"] sums (loss·n, correct, n, non-finite steps) on the device, so no step syncs the host.
+    eval_step(state, batch) → (loss·n, correct, n).
+    For next-step prediction (logits (B, L, classes)) a sequence's loss is its mean over positions (nats per
+    value) and its "correct" the fraction of positions whose most likely value is the true one.
+    """
+
+    def loss_fn(params, batch_stats, batch, rng, training):
+        out = model.apply({"params": params, "batch_stats": batch_stats}, batch, training=training,
+                          rngs={"dropout": rng}, mutable=["batch_stats"] if training else False)
+        logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
+        w = batch["weights"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        hit = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        if nll.ndim == 2:  # next-step prediction: per sequence, the mean over its positions (nats per value)
+            nll, hit = nll.mean(axis=1), hit.mean(axis=1)
+        loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+        correct = jnp.sum(hit * w)
+        return loss, (new_stats, correct, jnp.sum(w))
+
+    def train_step(state, batch, step):
+        rng = jax.random.fold_in(dropout_key, step)
+        (loss, (stats, correct, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, rng, True)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ok = jnp.isfinite(loss)  # a non-finite step changes nothing; the host stops the run
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        totals = state["totals"] + jnp.array([jnp.where(ok, loss * n, 0.0), correct, n, 1.0 - ok])
+        return {"params": keep(params, state["params"]), "batch_stats": keep(stats, state["batch_stats"]),
+                "opt_state": keep(opt_state, state["opt_state"]), "totals": totals}
+
+    def eval_step(state, batch):
+        loss, (_, correct, n) = loss_fn(state["params"], state["batch_stats"], batch, dropout_key, False)
+        return jnp.array([loss * n, correct, n])
+
+    return train_step, eval_step
+
+
+def load_weights(path, cfg, params, batch_stats):
+    """(params, batch_stats) from a checkpoint file; with cfg.freeze == "base", an S5 checkpoint warm-starts the
+    extension (ssm_ex.warm_start) and every other parameter is the checkpoint's."""
+    path = Path(path)
+    if not path.exists():
+        raise utils.RunError(f"--load_checkpoint: no file {path}", 2)
+    saved, raw = utils.read_checkpoint(path)
+    if cfg.freeze == "base":
+        if saved["config"].get("ssm_type") != "s5":
+            raise utils.RunError(f"--freeze base builds on an S5 checkpoint; {path} holds "
+                                 f"{saved['config'].get('ssm_type')}", 2)
+        base = {k: v for k, v in saved["config"].items() if k in ARCH_FIELDS}
+        check_architecture({**base, "ssm_type": cfg.ssm_type, "R": cfg.R, "extend_mode": cfg.extend_mode,
+                            "delta_type": cfg.delta_type, "time_scale_type": cfg.time_scale_type}, cfg)
+        new = jax.tree_util.tree_map(np.asarray, params)
+
+        def merge(new_tree, old_tree, name):
+            if name == "ssm":
+                return ssm_ex.warm_start(old_tree, new_tree)
+            if isinstance(new_tree, dict):
+                return {k: merge(v, old_tree[k], k) for k, v in new_tree.items()}
+            return old_tree
+
+        return merge(new, raw["params"], ""), raw.get("batch_stats", batch_stats)
+    check_architecture(saved["config"], cfg)
+    restored = serialization.from_state_dict({"params": params, "batch_stats": batch_stats},
+                                             {"params": raw["params"], "batch_stats": raw.get("batch_stats", {})})
+    return restored["params"], restored["batch_stats"]
+
+
+# ==================================================================================================
+# Sampling from a next-step model: the compiled draw, its prefix, the true values, the picture
+# ==================================================================================================
+
+
+class Sampler:
+    """A compiled `sample` for one model: call (variables, truth (N, L), n_given, temperature, seed) →
+    (drawn values (N, L) int32 as numpy, seconds). Compiled once per N and L; n_given, temperature and the seed
+    are traced, so changing them does not compile again."""
+
+    def __init__(self, model):
+        self.fn = jax.jit(lambda variables, key, prefix, n_given, temperature: sample(
+            model, variables, key, prefix, n_given, temperature))
+
+    def __call__(self, variables, truth, n_given, temperature, seed=0):
+        t0 = time.perf_counter()
+        key = jax.random.PRNGKey(seed)
+        out = self.fn(variables, key, np.asarray(truth, np.int32), np.int32(n_given), np.float32(temperature))
+        out = np.asarray(out)  # waits for the device
+        return out, time.perf_counter() - t0
+
+
+def resolve_prefix(prefix, L: int) -> int:
+    """How many true values to give: `prefix`, or by default the first 11/28 of an image's rows (308 of MNIST's 784
+    pixels; 70 of 196 at --downsample 2). A ValueError when nothing would be left to draw."""
+    side = int(round(np.sqrt(L)))
+    if prefix is None:
+        return (11 * side // 28) * side if side * side == L else (11 * L) // 28
+    if not 0 <= prefix < L:
+        raise ValueError(f"the prefix of {prefix} given values must be in 0..{L - 1}: the sequences have {L} steps, "
+                         f"and at least one must be drawn")
+    return int(prefix)
+
+
+def true_values(split, n: int) -> np.ndarray:
+    """The first n sequences of a split as (n, L) int32 values (pixels 0..255)."""
+    if n > len(split):
+        raise ValueError(f"{n} samples need {n} test sequences, but the split has only {len(split)}")
+    x = np.asarray(split.inputs[:n])
+    return x.reshape(n, -1).astype(np.int32)
+
+
+def grid_image(truth, drawn, n_given: int, cols: int = 4) -> np.ndarray:
+    """A uint8 image: pairs (true | sampled) of square images, `cols` pairs a row, white gaps; when a prefix was
+    given, a grey tick right of the sampled image marks the row where the model took over."""
+    N, L = truth.shape
+    side = int(round(np.sqrt(L)))
+    if side * side != L:
+        raise ValueError(f"sequences of length {L} are not square images")
+    gap, cols = 2, max(1, min(cols, N))
+    rows = -(-N // cols)
+    cell_w = 2 * side + gap
+    img = np.full((rows * (side + gap) + gap, cols * (cell_w + 2 * gap) + gap), 255, np.uint8)
+    for i in range(N):
+        r, c = divmod(i, cols)
+        y, x = gap + r * (side + gap), gap + c * (cell_w + 2 * gap)
+        img[y:y + side, x:x + side] = truth[i].reshape(side, side)
+        img[y:y + side, x + side + gap:x + 2 * side + gap] = drawn[i].reshape(side, side)
+        if 0 < n_given < L:
+            img[y + n_given // side, x + 2 * side + gap:x + 2 * side + 2 * gap] = 128
+    return img
+
+
+def save_grid(path, truth, drawn, n_given: int) -> Path:
+    """Write the (true | sampled) grid as a PNG, atomically, scaled ×2. → the path."""
+    path = Path(path)
+    img = Image.fromarray(grid_image(np.asarray(truth), np.asarray(drawn), n_given), mode="L")
+    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    utils.atomic_write(path, buf.getvalue())
+    return path

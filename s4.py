@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from ssm import _as_complex, _real_pair, complex_normal_init, log_step_init, make_dplr_hippo
+from ssm import as_complex, complex_normal_init, log_step_init, make_dplr_hippo, real_pair
 
 S4D_INITS = ("legs", "lin")
 DSS_EPS = 1e-10  # regularises DSS's complex reciprocals: 1/z ≈ z̄ / (|z|² + ε)
@@ -267,7 +267,7 @@ def dss_discrete(Lambda, W, step, L: int):
 
 def _tiled(z, H):
     """(N,) complex numpy → (H, N, 2) real, the same for every feature."""
-    return lambda key: jnp.tile(_real_pair(jnp.asarray(z, jnp.complex64))[None], (H, 1, 1))
+    return lambda key: jnp.tile(real_pair(jnp.asarray(z, jnp.complex64))[None], (H, 1, 1))
 
 
 class _ConvSSM(nn.Module):
@@ -301,9 +301,10 @@ class _ConvSSM(nn.Module):
 
     def _out_weights(self, W):
         """(H, dirs·N, 2) stored → (dirs, H, N) complex."""
-        return jnp.moveaxis(_as_complex(W).reshape(self.H, self.n_dirs, self.N), 1, 0)
+        return jnp.moveaxis(as_complex(W).reshape(self.H, self.n_dirs, self.N), 1, 0)
 
-    def _stable_Lambda(self):
+    def Lambda(self):
+        """The continuous-time eigenvalues (H, N), real parts clipped at MAX_RE (stable)."""
         return jnp.minimum(self.Lambda_re, MAX_RE) + 1j * self.Lambda_im
 
     def step_size(self):
@@ -338,7 +339,7 @@ class S4SSM(_ConvSSM):
         self.C = self.param("C", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
     def kernel(self, L: int):
-        return s4_kernel(self._stable_Lambda(), _as_complex(self.P_lr), _as_complex(self.B),
+        return s4_kernel(self.Lambda(), as_complex(self.P_lr), as_complex(self.B),
                          self._out_weights(self.C), self.step_size(), L)
 
     def recurrent_system(self, seq_len: int):
@@ -354,7 +355,7 @@ class S4SSM(_ConvSSM):
         if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"S4's recurrent mode needs seq_len, the length L of the sequence (a positive Python "
                              f"int), because its learned C̃ = C (I − Ā^L) depends on L; got {seq_len!r}")
-        Lambda, P, B, step = self._stable_Lambda(), _as_complex(self.P_lr), _as_complex(self.B), self.step_size()
+        Lambda, P, B, step = self.Lambda(), as_complex(self.P_lr), as_complex(self.B), self.step_size()
         A_bar, B_bar = jax.vmap(dplr_bilinear)(Lambda, P, B, step)
         C_tilde = self._out_weights(self.C)[:1]
         C = jax.pure_callback(lambda a, c: recurrent_C(a, c, int(seq_len)).astype(np.complex64),
@@ -392,12 +393,12 @@ class S4DSSM(_ConvSSM):
         self.C = self.param("C", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
     def kernel(self, L: int):
-        return s4d_kernel(self._stable_Lambda(), _as_complex(self.B), self._out_weights(self.C),
+        return s4d_kernel(self.Lambda(), as_complex(self.B), self._out_weights(self.C),
                           self.step_size(), L)
 
     def discrete_system(self):
         """(Λ̄ (H, N), B̄ (H, N), C (dirs, H, N))."""
-        Lambda_bar, B_bar = zoh_diag(self._stable_Lambda(), _as_complex(self.B), self.step_size())
+        Lambda_bar, B_bar = zoh_diag(self.Lambda(), as_complex(self.B), self.step_size())
         return Lambda_bar, B_bar, self._out_weights(self.C)
 
     def recurrent_system(self, seq_len=None):
@@ -423,15 +424,16 @@ class DSSSSM(_ConvSSM):
         self._eigenvalue_params(Lambda)
         self.W = self.param("W", complex_normal_init(), (self.H, self.n_dirs * self.N))
 
-    def _Lambda(self):
+    def Lambda(self):
+        """The continuous-time eigenvalues (H, N); DSS leaves the real part free (the softmax bounds the kernel)."""
         return self.Lambda_re + 1j * self.Lambda_im
 
     def kernel(self, L: int):
-        return dss_kernel(self._Lambda(), self._out_weights(self.W), self.step_size(), L)
+        return dss_kernel(self.Lambda(), self._out_weights(self.W), self.step_size(), L)
 
     def discrete_system(self, seq_len: int):
         """(Λ̄ (H, N), C̄ (dirs, H, N)) of the diagonal system whose kernel of length seq_len is DSS's; B̄ = 1."""
-        return dss_discrete(self._Lambda(), self._out_weights(self.W), self.step_size(), seq_len)
+        return dss_discrete(self.Lambda(), self._out_weights(self.W), self.step_size(), seq_len)
 
     def recurrent_system(self, seq_len: int):
         """(Λ̄, C̄) for sequences of length seq_len (a Python int: DSS's C̄ is normalised over the seq_len

@@ -191,11 +191,11 @@ def log_step_init(dt_min: float, dt_max: float):
     return init
 
 
-def _as_complex(x):
+def as_complex(x):
     return x[..., 0] + 1j * x[..., 1]
 
 
-def _real_pair(z):
+def real_pair(z):
     """Complex array → trailing (re, im) axis: parameters are stored real so optimisers see real leaves."""
     return jnp.stack([z.real, z.imag], axis=-1).astype(jnp.float32)
 
@@ -233,7 +233,7 @@ def init_C_tilde(key, C_init: str, H: int, V, Vinv_rows: int, n_dirs: int):
             C = nn.initializers.lecun_normal()(k, (H, P, 2))
         else:
             raise ValueError(f"unknown C_init {C_init!r}: use one of {C_INITS}")
-        blocks.append(_real_pair(_as_complex(C) @ V))
+        blocks.append(real_pair(as_complex(C) @ V))
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -273,7 +273,7 @@ class S5SSM(nn.Module):
         self.Lambda_re = self.param("Lambda_re", lambda k: jnp.asarray(Lambda.real, jnp.float32))
         self.Lambda_im = self.param("Lambda_im", lambda k: jnp.asarray(Lambda.imag, jnp.float32))
         self.B = self.param(
-            "B", lambda k: _real_pair(Vinv @ nn.initializers.lecun_normal()(k, (self.P, self.H)))
+            "B", lambda k: real_pair(Vinv @ nn.initializers.lecun_normal()(k, (self.P, self.H)))
         )
         n_dirs = 2 if self.bidirectional else 1
         self.C = self.param("C", lambda k: init_C_tilde(k, self.C_init, self.H, V, self.P_s, n_dirs))
@@ -288,8 +288,8 @@ class S5SSM(nn.Module):
     def discrete_system(self):
         """(Λ̄ (P_s,), B̄ (P_s, H), C̃ (H, P_s·dirs)) in complex64."""
         step = self.step_rescale * jnp.exp(self.log_step)
-        Lambda_bar, B_bar = discretize(self.Lambda(), _as_complex(self.B), step, self.discretization)
-        return Lambda_bar, B_bar, _as_complex(self.C)
+        Lambda_bar, B_bar = discretize(self.Lambda(), as_complex(self.B), step, self.discretization)
+        return Lambda_bar, B_bar, as_complex(self.C)
 
     # Parallel mode -------------------------------------------------------------------------------
     def __call__(self, u):

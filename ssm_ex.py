@@ -345,7 +345,7 @@ class S5SSMAux(ssm.S5SSM):
 
     def __call__(self, u):
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
-        a = aux_transitions(Lambda_bar, ssm._as_complex(self.E),
+        a = aux_transitions(Lambda_bar, ssm.as_complex(self.E),
                             time_scale(u.shape[0], self.time_scale_type, self.step_rescale))
         return ssm.apply_ssm(clamp_modulus(a), B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
 
@@ -354,7 +354,7 @@ class S5SSMAux(ssm.S5SSM):
         Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         k = self.step_rescale
         delta_prev = jnp.where(t > 0, schedule(k * (t - 1), k * seq_len, self.time_scale_type), 0.0)
-        a = clamp_modulus(Lambda_bar + delta_prev * ssm._as_complex(self.E))
+        a = clamp_modulus(Lambda_bar + delta_prev * ssm.as_complex(self.E))
         x = a * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
 
@@ -405,7 +405,7 @@ class S5SSMExtend(ssm.S5SSM):
 
     def guarded(self, Lambda_bar, delta):
         """(Λ̄ or a (L,P) diagonal transition, row scale or None) after the stability guard."""
-        E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+        E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
         if self.mode == "diag":
             return clamp_modulus(extend_diag_transitions(Lambda_bar, E, F, delta)), None
         Lambda_bar = clamp_modulus(Lambda_bar)
@@ -419,7 +419,7 @@ class S5SSMExtend(ssm.S5SSM):
         if self.mode == "diag":
             y = ssm.apply_ssm(a, B_bar, C_tilde, u, self.conj_sym, self.bidirectional)
         else:
-            E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+            E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
             y = _apply_lowrank(a, B_bar, C_tilde, E, F, delta, u, self.conj_sym, self.bidirectional, s,
                                self.chunk)
         return y + self.D * u
@@ -436,7 +436,7 @@ class S5SSMExtend(ssm.S5SSM):
         if self.mode == "diag":
             x = a[0] * x_prev
         else:
-            E, F = ssm._as_complex(self.E), ssm._as_complex(self.F)
+            E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
             x = a * x_prev + (s[0] * (E @ (delta_t[0].astype(E.dtype) * (F @ x_prev))))
         x = x + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t

@@ -29,6 +29,8 @@ import re
 import sys
 from pathlib import Path
 
+import utils
+
 RESULTS, META = "results.json", "series_run.json"
 PARTIAL = ("running", "interrupted")
 
@@ -79,7 +81,7 @@ def load_run(root: Path, d: Path) -> dict:
     seed = meta.get("seed", cfg.get("jax_seed", int(m.group(1)) if m else None))
 
     code = meta.get("exit_code")
-    crashed = code not in (None, 0, 130)
+    crashed = utils.exit_status(code) == "failed"
     if res is not None:
         status = res.get("status") or "unknown"
         if status in PARTIAL and crashed:
@@ -92,15 +94,15 @@ def load_run(root: Path, d: Path) -> dict:
     epochs = [e for e in ((res or {}).get("epochs") or []) if isinstance(e, dict)]
     best = (res or {}).get("best") or {}
     val, test, best_epoch = num(best.get("val_acc")), num(best.get("test_acc")), best.get("epoch")
-    if val is None:  # e.g. a hand-written or old results.json without `best`: take it from the epochs
+    if val is None:  # a results.json without `best` (e.g. written by hand): take it from the epochs
         scored = [e for e in epochs if num(e.get("val_acc")) is not None]
-        by_bits = [e for e in scored if num(e.get("val_bpd")) is not None]
-        if by_bits:  # a next-pixel run: the epoch with the lowest validation bits/dim, as train_ex chooses
-            e = min(by_bits, key=lambda e: e["val_bpd"])
-            best = {"val_bpd": e["val_bpd"], "test_bpd": e.get("test_bpd")}
-            val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
-        elif scored:
-            e = max(scored, key=lambda e: e["val_acc"])  # first epoch with the highest validation accuracy
+        by_bits = [e for e in scored if num(e.get("val_bpd")) is not None]  # a next-pixel run
+        e = None
+        for row in by_bits or scored:  # the epoch train_ex.py would have chosen
+            e = row if utils.improves(e, row, next_step=bool(by_bits)) else e
+        if e is not None:
+            if by_bits:
+                best = {"val_bpd": e["val_bpd"], "test_bpd": e.get("test_bpd")}
             val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
 
     note = meta.get("note") or ""

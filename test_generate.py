@@ -138,7 +138,7 @@ def small_model():
 def test_sampling_is_reproducible_valid_and_respects_the_prefix(small_model):
     model, variables = small_model
     truth = np.asarray(jax.random.randint(jax.random.PRNGKey(5), (5, 64), 0, 256), np.int32)
-    draw = sample.Sampler(model)
+    draw = models.Sampler(model)
     a, _ = draw(variables, truth, 20, 1.0, seed=3)
     b, _ = draw(variables, truth, 20, 1.0, seed=3)
     c, _ = draw(variables, truth, 20, 1.0, seed=4)
@@ -157,7 +157,7 @@ def test_greedy_sample_is_the_parallel_models_argmax(small_model):
     the drawn sequence before it: the sampler conditions on exactly what it drew."""
     model, variables = small_model
     truth = np.asarray(jax.random.randint(jax.random.PRNGKey(6), (4, 64), 0, 256), np.int32)
-    drawn, _ = sample.Sampler(model)(variables, truth, 10, 0.0, seed=0)
+    drawn, _ = models.Sampler(model)(variables, truth, 10, 0.0, seed=0)
     inputs = jnp.pad(jnp.asarray(drawn[:, :-1]), ((0, 0), (1, 0)))
     logits = jax.jit(model.apply)(variables, {"inputs": inputs, "lengths": jnp.full(4, 64)})
     np.testing.assert_array_equal(drawn[:, 10:], np.asarray(jnp.argmax(logits, -1))[:, 10:])
@@ -172,7 +172,7 @@ def test_sampling_is_one_compiled_loop(small_model):
         variables, jax.random.PRNGKey(0), truth, 0, 1.0)
     scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     assert [e.params["length"] for e in scans] == [64]
-    draw = sample.Sampler(model)
+    draw = models.Sampler(model)
     for n_given, temperature, seed in ((0, 1.0, 0), (30, 0.5, 1), (64, 0.0, 2)):
         draw(variables, truth, n_given, temperature, seed)
     assert draw.fn._cache_size() == 1
@@ -181,12 +181,12 @@ def test_sampling_is_one_compiled_loop(small_model):
 def test_grid_image_pairs_truth_and_samples():
     truth = np.arange(5 * 16, dtype=np.int32).reshape(5, 16) % 256
     drawn = 255 - truth
-    img = sample.grid_image(truth, drawn, n_given=8, cols=2)
+    img = models.grid_image(truth, drawn, n_given=8, cols=2)
     assert img.dtype == np.uint8 and img.shape == (3 * (4 + 2) + 2, 2 * (2 * 4 + 2 + 4) + 2)
     np.testing.assert_array_equal(img[2:6, 2:6], truth[0].reshape(4, 4))  # first pair: truth, then sample
     np.testing.assert_array_equal(img[2:6, 8:12], drawn[0].reshape(4, 4))
     with pytest.raises(ValueError, match="not square"):
-        sample.grid_image(truth[:, :15], drawn[:, :15], 0)
+        models.grid_image(truth[:, :15], drawn[:, :15], 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,11 +309,11 @@ def test_causal_only_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_ex.parse_args(["--dataset", "mnist-classification", "--sample_every", "1"])
     assert "next-step datasets" in capsys.readouterr().err
-    assert (sample.resolve_prefix(None, 784), sample.resolve_prefix(None, 196), sample.resolve_prefix(0, 784)) == \
+    assert (models.resolve_prefix(None, 784), models.resolve_prefix(None, 196), models.resolve_prefix(0, 784)) == \
         (308, 70, 0)
     for bad in (784, 1000):
         with pytest.raises(ValueError, match="at least one must be drawn"):
-            sample.resolve_prefix(bad, 784)
+            models.resolve_prefix(bad, 784)
     run = tmp_path / "cls"  # a classification run's checkpoint files (only its config matters here)
     run.mkdir()
     (run / "ckpt_best.msgpack").write_bytes(serialization.msgpack_serialize({"params": {}}))

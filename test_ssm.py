@@ -699,11 +699,11 @@ def test_module_without_active_guard_equals_pure_function(name, kw):
     params = {k: (v * 1e-2 if k in ("E", "F") else v) for k, v in params.items()}
     m = model.bind({"params": params})
     Lambda_bar, B_bar, C = m.discrete_system()
-    E = ssm._as_complex(params["E"])
+    E = ssm.as_complex(params["E"])
     if name == "aux":
         y = apply_ssm_aux(Lambda_bar, B_bar, C, E, ssm_ex.time_scale(L, kw["time_scale_type"]), u, True, True)
     else:
-        y = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm._as_complex(params["F"]), m.delta(L), u, True,
+        y = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm.as_complex(params["F"]), m.delta(L), u, True,
                                     True, kw["mode"])
     assert rel_err(jax.jit(model.apply)({"params": params}, u), np.asarray(y + params["D"] * u)) < 1e-5
 
@@ -729,11 +729,11 @@ def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw):
         np.asarray(params["D"] * u))
     assert np.all(np.abs(y) <= y_bound * (1 + 1e-4) + 1e-4)
     # ... and the same parameters without the guard do explode: the test exercises the guard.
-    E = ssm._as_complex(params["E"])
+    E = ssm.as_complex(params["E"])
     if name == "aux":
         y_raw = apply_ssm_aux(Lambda_bar, B_bar, C, E, ssm_ex.time_scale(L, kw["time_scale_type"]), u, True)
     else:
-        y_raw = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm._as_complex(params["F"]), m.delta(L), u, True,
+        y_raw = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm.as_complex(params["F"]), m.delta(L), u, True,
                                         False, kw["mode"])
     y_raw = np.asarray(y_raw)
     assert not np.all(np.isfinite(y_raw)) or np.max(np.abs(y_raw)) > 1e6 * np.max(np.abs(y))

@@ -59,7 +59,7 @@ def test_train_steps_lower_the_loss(variant):
     model = models.build_model(cfg, meta)
     batch = token_batch(np.random.default_rng(0))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
-    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+    tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
 
     def loss_fn(params, stats):
         logits, upd = model.apply({"params": params, "batch_stats": stats}, batch, training=True,
@@ -115,15 +115,15 @@ def test_retrieval_head_shapes():
 def test_parameter_groups():
     cfg = train_ex.parse_args(["--opt_config", "BandCdecay", "--ssm_type", "extend"])
     path = lambda *names: [jax.tree_util.DictKey(n) for n in names]  # noqa: E731
-    assert train_ex.param_label(path("layer_0", "ssm", "B"), cfg, False) == "ssm_decay"
-    assert train_ex.param_label(path("layer_0", "ssm", "C"), cfg, False) == "regular"
-    assert train_ex.param_label(path("layer_0", "ssm", "Lambda_re"), cfg, False) == "ssm"
-    assert train_ex.param_label(path("layer_0", "ssm", "E"), cfg, False) == "ssm"
-    assert train_ex.param_label(path("layer_0", "out2", "kernel"), cfg, False) == "regular"
-    assert train_ex.param_label(path("layer_0", "ssm", "B"), cfg, True) == "frozen"
-    assert train_ex.param_label(path("layer_0", "ssm", "F"), cfg, True) == "ssm"
+    assert models.param_label(path("layer_0", "ssm", "B"), cfg, False) == "ssm_decay"
+    assert models.param_label(path("layer_0", "ssm", "C"), cfg, False) == "regular"
+    assert models.param_label(path("layer_0", "ssm", "Lambda_re"), cfg, False) == "ssm"
+    assert models.param_label(path("layer_0", "ssm", "E"), cfg, False) == "ssm"
+    assert models.param_label(path("layer_0", "out2", "kernel"), cfg, False) == "regular"
+    assert models.param_label(path("layer_0", "ssm", "B"), cfg, True) == "frozen"
+    assert models.param_label(path("layer_0", "ssm", "F"), cfg, True) == "ssm"
     dt = train_ex.parse_args(["--dt_global"])
-    assert train_ex.param_label(path("layer_0", "ssm", "log_step"), dt, False) == "regular"
+    assert models.param_label(path("layer_0", "ssm", "log_step"), dt, False) == "regular"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,9 +260,9 @@ def test_train_and_eval_steps_have_no_dense_linear_algebra(variant):
     batch = {"inputs": jnp.zeros((8, 16, 1)), "lengths": jnp.full(8, 16), "labels": jnp.zeros(8, jnp.int32),
              "weights": jnp.ones(8)}
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))
-    tx, _ = train_ex.make_optimizer(variables["params"], cfg, steps_per_epoch=10)
-    state = jax.eval_shape(lambda: train_ex.new_state(variables["params"], variables.get("batch_stats", {}), tx))
-    train_step, eval_step = train_ex.make_steps(model, tx, jax.random.PRNGKey(1))
+    tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=10)
+    state = jax.eval_shape(lambda: models.new_state(variables["params"], variables.get("batch_stats", {}), tx))
+    train_step, eval_step = models.make_steps(model, tx, jax.random.PRNGKey(1))
     for name, text in (("train", jax.jit(train_step).lower(state, batch, 0).as_text()),
                        ("eval", jax.jit(eval_step).lower(state, batch).as_text())):
         bad = {t for t in custom_call_targets(text) if any(k in t.lower() for k in LINALG_TARGETS)}
@@ -425,7 +425,7 @@ def test_schedule_is_the_release_per_step_update(warmup_end, cosine):
             rates.append(current)
             current = decay(step, end)
             step += 1
-    lr = train_ex.schedule(base, cfg, spe)
+    lr = models.lr_schedule(base, cfg, spe)
     np.testing.assert_allclose([float(lr(k)) for k in range(len(rates))], rates, rtol=1e-5, atol=1e-9)
 
 
@@ -470,15 +470,12 @@ RELEASE_COMMON = dict(prenorm=True, batchnorm=True, bidirectional=True, conj_sym
 
 
 def test_readme_s5_recipes_parse_to_the_release_settings():
-    import shlex
+    import config
 
-    text = (HERE / "README.md").read_text()
-    s5 = next(line for line in text.splitlines() if line.startswith('S5="'))[4:-1]
-    commands = [line for line in text.splitlines() if line.startswith("python train_ex.py $S5 ")]
-    assert len(commands) == 7
+    recipes = config.readme_recipes(HERE / "README.md")
+    assert len(recipes) == 7
     seen = set()
-    for line in commands:
-        argv = shlex.split(line.replace("$S5", s5))[2:]
+    for argv in recipes.values():
         cfg = train_ex.parse_args(argv)
         seen.add(cfg.dataset)
         c_init, blocks, bsz, d, p, n, epochs, ssm_lr, factor, opt, drop, wd, other = RELEASE_RECIPES[cfg.dataset]
@@ -513,3 +510,30 @@ def test_eval_resolutions_must_include_1(bad, capsys):
     with pytest.raises(SystemExit):
         train_ex.parse_args(["--eval_resolutions", bad])
     assert "--eval_resolutions" in capsys.readouterr().err
+
+
+def test_a_run_directory_written_before_the_library_split_resumes_samples_and_inspects(tmp_path, mnist_root):
+    """testdata/run_format1 was written by the train_ex.py that kept the optimiser, steps and run-directory code in
+    itself (a next-pixel aux model stopped by --max_steps at step 6 of 8; its state's totals under the key "acc").
+    Today's code resumes it to the epochs the same command gave uninterrupted, and sample.py and inspect_run.py
+    read it."""
+    import shlex
+    import shutil
+
+    import inspect_run
+    import sample
+
+    run = tmp_path / "run"
+    shutil.copytree(HERE / "testdata" / "run_format1", run)
+    reference = json.loads((run / "uninterrupted.json").read_text())
+    argv = shlex.split(reference["command"].split(" (")[0])[1:]
+    assert train_ex.main([*argv, "--dir_name", str(mnist_root), "--run_dir", str(run), "--resume"]) == 0
+    got = results(run)
+    assert got["status"] == "finished" and len(got["epochs"]) == 2
+    for mine, want in zip(got["epochs"], reference["epochs"]):
+        for key in ("train_loss", "val_loss", "test_loss", "val_acc", "test_acc"):
+            assert mine[key] == pytest.approx(want[key], abs=1e-5), (mine["epoch"], key)
+    assert sample.main([str(run), "--n", "2", "--dir_name", str(mnist_root), "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert inspect_run.main([str(run), "--checkpoint", "latest"]) == 0
+    assert (run / "inspect" / "inspect.json").exists()

@@ -70,6 +70,7 @@ def load_run(root: Path, d: Path) -> dict:
     res = read_json(d / RESULTS)
     meta = read_json(d / META) or {}
     res = res if isinstance(res, dict) else None
+    unreadable = res is None and (d / RESULTS).exists()  # truncated, damaged, not JSON
     cfg = (res or {}).get("config") or {}
     rel = d.relative_to(root).parts if d != root else (d.name,)
 
@@ -90,6 +91,8 @@ def load_run(root: Path, d: Path) -> dict:
         status = "failed" if crashed else (meta.get("status") or "unknown")
     else:
         status = "unknown"
+    if unreadable:
+        status = "unreadable"
 
     epochs = [e for e in ((res or {}).get("epochs") or []) if isinstance(e, dict)]
     best = (res or {}).get("best") or {}
@@ -119,7 +122,9 @@ def load_run(root: Path, d: Path) -> dict:
     if (d / "inspect" / "inspect.json").exists():  # pictures from inspect_run.py
         link = f"[inspect]({(d.relative_to(root) if d != root else Path('.')) / 'inspect'}/)"
         note = f"{note}; {link}" if note else link
-    if status == "failed" and (d / "train.log").exists():
+    if unreadable:
+        note = f"{d.relative_to(root) / RESULTS if d != root else RESULTS} cannot be read; {note}".rstrip("; ")
+    if status in ("failed", "unreadable") and (d / "train.log").exists():
         log = f"log {d.relative_to(root) / 'train.log'}"
         note = f"{note}; {log}" if note else log
     return dict(dir=str(d.relative_to(root)) if d != root else ".", group=group, setting=setting, seed=seed,
@@ -220,6 +225,10 @@ def write_markdown(path: Path, root: Path, rows, runs):
     if generated:
         L += ["", f"**Generated data**, not the published release (numbers do not compare with the papers' tables): "
               f"{', '.join(generated)}."]
+    unreadable = [r for r in runs if r["status"] == "unreadable"]
+    if unreadable:
+        L += ["", f"**{len(unreadable)} results.json cannot be read** (truncated or damaged; these runs count nowhere "
+              f"above): " + ", ".join(f"`{Path(r['dir']) / RESULTS}`" for r in unreadable) + "."]
     L += ["", "## Runs", "", "| run | seed | status | epochs | best val | test at best val | wall time | note |",
           "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -335,8 +344,12 @@ def main(argv=None):
     write_csvs(out, rows)
     plots = write_plots(out, rows) if args.plots and rows else []
     n_failed = sum(r["status"] == "failed" for r in runs)
-    print(f"summary of {len(runs)} run(s) in {len(rows)} setting(s), {n_failed} failed: {out / 'summary.md'}, "
-          f"summary.csv, runs.csv" + (f", {len(plots)} plot(s)" if plots else ""))
+    unreadable = [root / r["dir"] / RESULTS for r in runs if r["status"] == "unreadable"]
+    for path in unreadable:
+        print(f"summarize.py: warning: {path} cannot be read (truncated or damaged): its run counts nowhere",
+              file=sys.stderr)
+    print(f"summary of {len(runs)} run(s) in {len(rows)} setting(s), {n_failed} failed, {len(unreadable)} "
+          f"unreadable: {out / 'summary.md'}, summary.csv, runs.csv" + (f", {len(plots)} plot(s)" if plots else ""))
     return 0
 
 

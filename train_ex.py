@@ -114,12 +114,22 @@ class Checkpoints:
             utils.save_checkpoint(self.dir, kind, jax.tree_util.tree_map(self.rt.host, state), self.config, progress)
 
     def restore(self, cfg, state):
-        """(state, progress) from ckpt_latest, or a RunError saying what is missing or different."""
+        """(state, progress) from the newest readable checkpoint (ckpt_latest, else the one before it, else
+        ckpt_best), saying which when it is not ckpt_latest and why; a RunError when none can be read or the
+        architecture differs."""
+        found, problems = utils.newest_checkpoint(self.dir)
         latest = utils.checkpoint_path(self.dir, "latest")
-        if not latest.exists():
+        if found is None and not problems:
             raise RunError(f"--resume: no checkpoint at {latest} (a run that never saved one starts without "
                            f"--resume)", 2)
-        saved, raw = utils.read_checkpoint(latest)
+        why = "".join(f"\n  {path.name}: {reason}" for path, reason in problems)
+        if found is None:
+            raise RunError(f"--resume: no checkpoint of {self.dir} can be read:{why}\n  start the run again "
+                           f"without --resume, or copy intact ckpt_latest.msgpack and .json files into {self.dir}", 2)
+        path, saved, raw = found
+        if path != latest and self.rt.main:
+            print(f"--resume: using {path.name} (step {saved['progress']['step']}), the newest checkpoint that can "
+                  f"be read{why or ' (ckpt_latest is missing)'}", flush=True)
         models.check_architecture(saved["config"], cfg)
         return serialization.from_state_dict(state, raw), saved["progress"]
 
@@ -135,17 +145,26 @@ class Report:
         if self.rt.main:
             print(text, flush=True)
 
-    def results(self, progress, status):
+    def results(self, progress, status, error=None) -> bool:
+        """Write results.json (process 0). → False when it could not be written (said on stderr)."""
         if not self.rt.main:
-            return
+            return True
         best = progress["best"] or {}
         F = utils.BEST_FIELDS
-        utils.write_json(self.dir / "results.json", {
+        results = {
             "config": self.config, "epochs": progress["history"],
             "best": {k: best[k] for k in F if k in best} if best else {k: None for k in F[:3]},
             "wall_time_s": progress["wall_time_s"],
             "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
-            "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status})
+            "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status}
+        if error:
+            results["error"] = error
+        try:
+            utils.write_json(self.dir / "results.json", results)
+        except utils.WriteError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def epoch(self, row, progress):
         if self.wandb:
@@ -281,9 +300,17 @@ def decimate(batch, k):
     return out
 
 
-def setup(cfg, rt):
-    """(Loop, model, state, progress, dataset, n_params, run_dir, config) for a run: the data (process 0 builds
-    any cache first, so processes sharing a disk never write it together), the model, its state, the steps."""
+def prepare_run_dir(cfg, rt) -> Path:
+    """The run directory (--run_dir, or a new folder under runs/), created and proven writable by process 0
+    before any data is read or anything compiled: a RunError (exit 2) when it cannot be."""
+    if cfg.run_dir is not None:
+        return utils.check_writable(cfg.run_dir) if rt.main else Path(cfg.run_dir)
+    return utils.new_run_dir(utils.check_writable("runs"), cfg.dataset)
+
+
+def setup(cfg, rt, run_dir):
+    """(Loop, model, state, progress, dataset, n_params, config) for a run: the data (process 0 builds any cache
+    first, so processes sharing a disk never write it together), the model, its state, the steps."""
     if rt.main:
         ds, train, val, test = load_data(cfg)
     rt.barrier("data")
@@ -296,9 +323,6 @@ def setup(cfg, rt):
     meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair,
                 task=ds.task)
     model = models.build_model(cfg, meta)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else utils.new_run_dir("runs", cfg.dataset)
-    if rt.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     config = dict(vars(cfg), model_meta=meta)  # model_meta: what rebuilds the model without the data
     ckpts = Checkpoints(run_dir, rt, config)
     state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
@@ -310,12 +334,13 @@ def setup(cfg, rt):
     loop = Loop(cfg, rt, (train, val, test), buckets, steps_per_epoch,
                 jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated), eval_steps, ckpts,
                 ds.task == "next_step")
-    return loop, model, state, progress, ds, n_params, run_dir, config
+    return loop, model, state, progress, ds, n_params, config
 
 
 def run(cfg):
     rt = Runtime(cfg)
-    loop, model, state, progress, ds, n_params, run_dir, config = setup(cfg, rt)
+    run_dir = prepare_run_dir(cfg, rt)
+    loop, model, state, progress, ds, n_params, config = setup(cfg, rt, run_dir)
     val, test = loop.splits[1:]
     if cfg.eval_only:
         (val_loss, val_acc), (test_loss, test_acc) = loop.evaluate(state, val), loop.evaluate(state, test)
@@ -333,15 +358,16 @@ def run(cfg):
         if rt.count > 1:  # after the handlers are in place: from here a SIGTERM saves and stops
             print(f"process {rt.index} of {rt.count}: {jax.local_device_count()} local device(s), training",
                   flush=True)
+        error = None
         try:
             state, status, code = train_epochs(loop, state, progress, report, signals, after_epoch)
-            return code
-        except Exception:
-            status = "failed"
+        except Exception as e:
+            status, error = "failed", str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
             raise
         finally:
-            report.results(progress, status)
+            written = report.results(progress, status, error)
             report.close()
+    return code if written else utils.WriteError.code  # results.json could not be written
 
 
 def train_epochs(loop: Loop, state, progress, report, signals, after_epoch=None):

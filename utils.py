@@ -10,6 +10,7 @@ A run directory (written by train_ex.py, read by sample.py, inspect_run.py, summ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ EXIT_CODES = {
     1: "crashed: an unexpected error (traceback in the log)",
     2: "bad input: options, data, checkpoint or run directory (the message says what to do)",
     3: "non-finite loss: stopped; ckpt_latest holds the last good state",
+    4: "could not write the run directory (disk full, quota, permissions): the files written before are intact",
     130: "interrupted by SIGINT (Ctrl-C): ckpt_latest saved, resumable with --resume",
     143: "interrupted by SIGTERM (preemption, time limit): ckpt_latest saved, resumable with --resume",
 }
@@ -47,6 +49,23 @@ class RunError(Exception):
         self.code = code
 
 
+class WriteError(RunError):
+    """A file of the run directory could not be written (exit 4); nothing it replaces was touched."""
+
+    code = 4
+
+    def __init__(self, path, error: OSError):
+        super().__init__(f"could not write {path}: {error.strerror or error} (disk full? quota? permissions?); the "
+                         f"files written before it are intact, and no temporary file is left", self.code)
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read back: missing, truncated, damaged (exit 2)."""
+
+    def __init__(self, message):
+        super().__init__(message, 2)
+
+
 # ---- results.json: the best epoch ----
 # "best": the epoch with the best validation accuracy (classification) or the lowest validation loss (next-step
 # prediction), with its test numbers
@@ -67,15 +86,40 @@ def improves(best: dict | None, row: dict, next_step: bool) -> bool:
 
 # ---- files ----
 def atomic_write(path, data: bytes | str):
-    """Write a file so that a reader (or a crash) sees the old file or the new one, never a partial one."""
+    """Write a file so that a reader (or a crash) sees the old file or the new one, never a partial one. A failed
+    write (disk full, file-size limit, permissions) raises WriteError and leaves the old file and no temporary."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_temporary(path, data), path)
+
+
+def _write_temporary(path: Path, data: bytes | str) -> Path:
+    """`data` in a hidden temporary beside `path`, flushed to disk. → its path. WriteError (and no temporary left)
+    when it cannot be written."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(path, e) from None
+    return tmp
+
+
+def check_writable(folder) -> Path:
+    """Create `folder` if needed and prove a file can be written in it; a RunError (exit 2) saying why not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--run_dir {folder} cannot be created or written ({e.strerror or e}): choose a folder you can "
+                       f"write to", 2) from None
+    return folder
 
 
 def write_json(path, obj):
@@ -99,26 +143,76 @@ def new_run_dir(root="runs", name=None) -> Path:
 
 # ---- checkpoints ----
 def checkpoint_path(run_dir, kind: str) -> Path:
-    """RUN_DIR/ckpt_<kind>.msgpack (kind: latest or best); its metadata is the same name with .json."""
+    """RUN_DIR/ckpt_<kind>.msgpack (kind: latest, latest.prev or best); its metadata is the same name with .json."""
     return Path(run_dir) / f"ckpt_{kind}.msgpack"
 
 
 def save_checkpoint(run_dir, kind: str, host_state, config: dict, progress: dict):
-    """Write a training state (a tree of host arrays) and its metadata, each file atomically."""
+    """Write a training state (a tree of host arrays) and its metadata (config, progress, the state's sha256).
+
+    Both files are written in full to temporaries first; only then is ckpt_latest (if that is the kind) moved to
+    ckpt_latest.prev and the new files moved into place. So a failed write (WriteError) changes nothing, and a
+    crash at any moment leaves a readable checkpoint: the new one, or the one before it."""
+    data = serialization.to_bytes(host_state)
     path = checkpoint_path(run_dir, kind)
-    atomic_write(path, serialization.to_bytes(host_state))
-    write_json(path.with_suffix(".json"), {"config": config, "progress": progress})
+    meta_path = path.with_suffix(".json")
+    meta = json.dumps({"config": config, "progress": progress, "sha256": hashlib.sha256(data).hexdigest()},
+                      indent=2, default=str) + "\n"
+    tmp_data = _write_temporary(path, data)
+    try:
+        tmp_meta = _write_temporary(meta_path, meta)
+    except WriteError:
+        tmp_data.unlink(missing_ok=True)
+        raise
+    if kind == "latest" and path.exists():
+        prev = checkpoint_path(run_dir, "latest.prev")
+        os.replace(path, prev)
+        if meta_path.exists():
+            os.replace(meta_path, prev.with_suffix(".json"))
+    os.replace(tmp_data, path)
+    os.replace(tmp_meta, meta_path)
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:
-    """(metadata {config, progress}, the raw state as nested dicts of numpy arrays) of a checkpoint file. A state
-    saved with the totals under their former key "acc" is returned with them under "totals"."""
+    """(metadata {config, progress}, the raw state as nested dicts of numpy arrays) of a checkpoint file, verified:
+    a CheckpointError says what is wrong (missing metadata, a sha256 that does not match, bytes that do not
+    decode). A state whose totals are stored under the key "acc" (run directories of earlier versions) is returned
+    with them under "totals"."""
     path = Path(path)
-    meta = read_json(path.with_suffix(".json"))
-    raw = serialization.msgpack_restore(path.read_bytes())
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = read_json(meta_path)
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e.filename} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} cannot be read ({e})") from None
+    if meta.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the sha256 in {meta_path.name} "
+                              f"({len(data):,} bytes)")
+    try:
+        raw = serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack raises several types for truncated or foreign bytes
+        raise CheckpointError(f"{path} is damaged: it does not decode ({e})") from None
     if "acc" in raw and "totals" not in raw:
         raw["totals"] = raw.pop("acc")
     return meta, raw
+
+
+def newest_checkpoint(run_dir, kinds=("latest", "latest.prev", "best")):
+    """The readable checkpoint of a run directory with the most steps (ties: the order of `kinds`), and why the
+    others were passed over. → ((path, metadata, raw state) or None, [(path, reason)])."""
+    found, problems = [], []
+    for kind in kinds:
+        path = checkpoint_path(run_dir, kind)
+        if not path.exists() and not path.with_suffix(".json").exists():
+            continue
+        try:
+            meta, raw = read_checkpoint(path)
+            found.append((-int(meta["progress"]["step"]), len(found), (path, meta, raw)))
+        except CheckpointError as e:
+            problems.append((path, str(e)))
+    return (min(found)[2] if found else None), problems
 
 
 # ---- wandb ----

@@ -10,9 +10,11 @@ from there memory-mapped afterwards. Seeded choices (hold-out splits) are applie
 serves every seed. Conventions (the LRA release's, as in S4/S5): pad token 0, lengths count the appended end
 token, pooling must average the real positions only.
 
-Splits as in the S5 release: held-out sets are drawn by torch's `random_split` with a fixed seed (42 by
-default, `seed`, independent of the training seed), so the indices are the release's exactly (same source
-order, same `torch.randperm`); psMNIST uses the release's fixed bit-reversal permutation of the pixels.
+Splits as in the S5 release: held-out sets are the parts of one `torch.randperm(n)` drawn with
+`torch.Generator().manual_seed(seed)` (what torch's `random_split` does; seed 42 by default, independent of the
+training seed), re-derived here in numpy (`torch_randperm`), so the indices are the release's exactly (same
+source order, same permutation) without torch; psMNIST uses the release's fixed bit-reversal permutation of the
+pixels.
 
 Command line:
     python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
@@ -763,25 +765,48 @@ def _load_cache(path: Path):
     return dict(splits), meta
 
 
-def release_split(n: int, lengths, seed: int, cache: Path | None = None):
+MT19937_N = 624  # words of MT19937's state
+TORCH_RANDPERM_32BIT_MAX = (2 ** 32 - 1) // 20  # torch's CPU randperm draws 32-bit numbers for n below this
+
+
+def mt19937_key(seed: int) -> np.ndarray:
+    """MT19937's state after init_genrand(seed): what torch.Generator().manual_seed(seed) sets on the CPU (torch
+    keeps the seed's low 32 bits; a negative seed counts as its 64-bit two's complement, with the same low bits)."""
+    key = np.empty(MT19937_N, np.uint32)
+    s = int(seed) & 0xFFFFFFFF
+    for j in range(MT19937_N):
+        key[j] = s
+        s = (1812433253 * (s ^ (s >> 30)) + j + 1) & 0xFFFFFFFF
+    return key
+
+
+def torch_randperm(n: int, seed: int) -> np.ndarray:
+    """torch.randperm(n, generator=torch.Generator().manual_seed(seed)) on the CPU, computed without torch.
+
+    torch's CPU generator is MT19937 seeded by init_genrand (mt19937_key); its first draw twists the whole state,
+    as numpy's MT19937 does at position 624. randperm starts from 0..n-1 and, for i = 0..n-2, swaps entry i with
+    entry i + (r_i mod (n - i)), r_i the i-th 32-bit draw: a Fisher-Yates shuffle. Every torch version does this
+    for n < (2^32 - 1)/20 (recent ones draw 64-bit numbers above that size, which no dataset here reaches)."""
+    n = int(n)
+    if not 0 <= n < TORCH_RANDPERM_32BIT_MAX:
+        raise ValueError(f"torch_randperm handles 0 <= n < {TORCH_RANDPERM_32BIT_MAX:,}, got n = {n:,}")
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": mt19937_key(seed), "pos": MT19937_N}}
+    steps = max(n - 1, 0)
+    draws = bits.random_raw(steps).astype(np.int64)  # the generator's 32-bit outputs, in order
+    offsets = (draws % (n - np.arange(steps))).tolist()
+    perm = list(range(n))
+    for i, z in enumerate(offsets):
+        perm[i], perm[i + z] = perm[i + z], perm[i]
+    return np.array(perm, np.int64)
+
+
+def release_split(n: int, lengths, seed: int):
     """Row indices of consecutive parts of sizes `lengths` of n rows, as torch.utils.data.random_split draws
-    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order. With `cache` (a
-    dataset's cache folder) the permutation is kept there, so later loads need no torch import."""
+    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order."""
     if sum(lengths) != n:
         raise ValueError(f"split sizes {lengths} do not add up to {n} rows")
-    stored = None if cache is None else cache / "splits" / f"randperm-{n}-seed{int(seed)}.npy"
-    if stored is not None and stored.exists():
-        perm = np.load(stored)
-    else:
-        import torch  # the release's generator, for its exact split indices
-
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
-        if stored is not None:
-            stored.parent.mkdir(exist_ok=True)
-            tmp = stored.with_name(f".{stored.name}.tmp{os.getpid()}.npy")
-            np.save(tmp, perm)
-            os.replace(tmp, stored)
-    return np.split(perm, np.cumsum(lengths)[:-1])
+    return np.split(torch_randperm(n, seed), np.cumsum(lengths)[:-1])
 
 
 def _take(split: dict, idx):
@@ -834,12 +859,12 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
     elif isinstance(rule, float):  # the release: train = the first ⌊n(1 − f)⌋ of one randperm, val the rest
         n = len(splits["train"]["labels"])
         n_train = int(n * (1.0 - rule))
-        tr, va = release_split(n, [n_train, n - n_train], seed, path)
+        tr, va = release_split(n, [n_train, n - n_train], seed)
         splits["train"], splits["val"] = _take(splits["train"], tr), _take(splits["train"], va)
     elif rule == "80/10/10":  # the release: val and test ⌊n/10⌋ each, train the rest (first)
         everything = splits.pop("all")
         n = len(everything["labels"])
-        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed, path)
+        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed)
         splits.update(train=_take(everything, tr), val=_take(everything, va), test=_take(everything, te))
     if name == "pmnist-classification":
         perm = bitreversal_permutation(meta["seq_len"])

@@ -65,8 +65,8 @@ class Split:
     labels: np.ndarray  # (N,)
     inputs2: np.ndarray | None = None  # pair tasks: the second document
     lengths2: np.ndarray | None = None
-    mean: np.ndarray | None = None  # normalisation (per channel, on the value/scale scale); None for tokens
-    std: np.ndarray | None = None
+    mean: np.ndarray | None = None  # normalisation on the value/scale scale: (C,) per channel or (L, C) per step;
+    std: np.ndarray | None = None  # None for tokens
     scale: float = 255.0  # raw values → 0-1 (pixels) or −1..1 (16-bit PCM audio: 32768)
     next_step: bool = False  # next-step prediction: labels are the values themselves, inputs shifted right by one
 
@@ -83,7 +83,10 @@ class Split:
     def _features(self, x):
         if self.mean is None:
             return x.astype(np.int32)
-        return ((x.astype(np.float32) / self.scale) - self.mean) / self.std
+        mean, std = self.mean, self.std
+        if mean.ndim == 2:  # per time step: the first steps, for a batch cut to a shorter width
+            mean, std = mean[:x.shape[1]], std[:x.shape[1]]
+        return ((x.astype(np.float32) / self.scale) - mean) / std
 
     def num_batches(self, bsz, drop_last=False, buckets=None):
         return len(self._plan(bsz, False, 0, 0, drop_last, buckets))
@@ -689,6 +692,44 @@ def build_speech(root: Path, workers=None):
                         source=str(base), train_mean=float(mean), train_std=max(std, 1e-8), value_scale=32768.0)
 
 
+SPEECH_NORMS = ("global", "release")
+# The S5 release reads the clips with torchaudio.load, which already returns int16/2^15 (its default normalize=True),
+# divides them by 2^15 once more, and standardises every step with std + 1e-5 on that scale: on the -1..1 scale
+# of the clips the added constant is 1e-5 * 2^15.
+SPEECH_RELEASE_EPS = 1e-5 * 2 ** 15
+
+
+def step_stats(inputs, scale: float, chunk: int = 256):
+    """Per time step mean and sample standard deviation (n - 1 in the denominator, as torch's std) over the rows
+    of integer inputs (N, L, C), on the scale of inputs / scale: arrays (L, C) in float64."""
+    n = len(inputs)
+    if n < 2:
+        raise DataError(f"per-step statistics need at least 2 training sequences, got {n}")
+    total = np.zeros(inputs.shape[1:], np.int64)  # exact integer sums (16-bit samples: no overflow below 2^33 rows)
+    squares = np.zeros(inputs.shape[1:], np.int64)
+    for i in range(0, n, chunk):
+        x = np.asarray(inputs[i:i + chunk], np.int64)
+        total += x.sum(axis=0)
+        squares += (x * x).sum(axis=0)
+    mean = total / n
+    var = np.maximum((squares - total * mean) / (n - 1), 0.0)
+    return mean / scale, np.sqrt(var) / scale
+
+
+def _step_stats(cache: Path, inputs, scale: float):
+    """step_stats of a dataset's training inputs, kept in its cache folder after the first call."""
+    stored = cache / "stats" / "train-step-mean-std.npy"
+    if stored.exists():
+        mean, std = np.load(stored)
+        return mean, std
+    mean, std = step_stats(inputs, scale)
+    stored.parent.mkdir(exist_ok=True)
+    tmp = stored.with_name(f".{stored.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, np.stack([mean, std]))
+    os.replace(tmp, stored)
+    return mean, std
+
+
 # ==================================================================================================
 # The registry, the cache, and load()
 # ==================================================================================================
@@ -824,15 +865,21 @@ def bitreversal_permutation(n: int) -> np.ndarray:
     return rev[rev < n]
 
 
-def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
+def load(name: str, dir_name="./data", seed: int = 42, speech_norm: str = "global", **options) -> Dataset:
     """Load a dataset by its `--dataset` name from the data root `dir_name` (see the module docstring).
-    `seed` draws the held-out splits (the S5 release uses 42 for every run).
+    `seed` draws the held-out splits (the S5 release uses 42 for every run). `speech_norm` (Speech Commands
+    only): "global" standardises with one mean and std of the training audio, "release" as the S5 release does
+    (each time step by its own training mean and std, see SPEECH_RELEASE_EPS).
 
     Options override the dataset's defaults (e.g. seq_len, min_freq); the cache is keyed by them.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     builder, defaults, norm, rule = DATASETS[name]
+    if speech_norm not in SPEECH_NORMS:
+        raise DataError(f"speech_norm must be one of {', '.join(SPEECH_NORMS)}, got {speech_norm!r}")
+    if speech_norm != "global" and norm != "train":
+        raise DataError(f"speech_norm={speech_norm!r} applies to speech35-classification only, not {name}")
     unknown = set(options) - set(defaults) - {"generate", "workers"}
     if unknown:
         raise DataError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(defaults)}")
@@ -876,7 +923,10 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         meta = dict(meta, n_classes=256, in_dim=256)
     mean = std = None
     scale = meta.get("value_scale", 255.0)  # raw values → the model's scale: pixels 255, 16-bit PCM 32768
-    if norm == "train":  # the training set's own mean and std, computed when the cache was built
+    if norm == "train" and speech_norm == "release":  # every step by its own training statistics
+        step_mean, step_std = _step_stats(path, splits["train"]["inputs"], scale)
+        mean, std = step_mean.astype(np.float32), (step_std + SPEECH_RELEASE_EPS).astype(np.float32)
+    elif norm == "train":  # the training set's own mean and std, computed when the cache was built
         mean, std = np.full(1, meta["train_mean"], np.float32), np.full(1, meta["train_std"], np.float32)
     elif norm is not None:
         c = meta["in_dim"]

@@ -654,13 +654,14 @@ def write_wav(path, samples, rate=16000, width=2):
 
 
 def make_speech(root: Path):
-    """yes/no/zero clips (one shorter than 1 s), a validation and a testing list, background noise."""
+    """yes/no/zero clips (a test and a training clip shorter than 1 s), a validation and a testing list,
+    background noise."""
     base = root / "speech_commands_v0.02"
     rng = np.random.default_rng(0)
     clips = {}
     for word in ("yes", "no", "zero"):
         for i in range(3):
-            n = 8000 if (word, i) == ("no", 1) else 16000
+            n = {("no", 1): 8000, ("yes", 2): 12000}.get((word, i), 16000)
             clips[f"{word}/c{i}_nohash_0.wav"] = rng.integers(-3000, 3000, n)
     for rel, x in clips.items():
         write_wav(base / rel, x)
@@ -685,6 +686,34 @@ def test_speech_commands_splits_padding_and_standardisation(tmp_path):
     mean, std = (train / 32768).mean(), (train / 32768).std()
     b = next(ds.test.batches(2))
     np.testing.assert_allclose(b["inputs"], (ds.test.inputs / 32768 - mean) / std, rtol=1e-4, atol=1e-5)
+
+
+def test_speech_release_standardises_every_step_by_the_training_clips(tmp_path):
+    """speech_norm="release": each of the 16,000 steps standardised by the training clips' own mean and sample std
+    at that step (padding included), applied to every split; the std carries the release's + 1e-5 on its scale
+    2^15 below the -1..1 one."""
+    base, clips = make_speech(tmp_path)
+    ds = dl.load("speech35-classification", tmp_path, workers=1, speech_norm="release")
+    held_out = ("yes/c1_nohash_0.wav", "no/c1_nohash_0.wav", "zero/c2_nohash_0.wav")
+    train = np.stack([np.pad(np.asarray(x, np.float64), (0, 16000 - len(x))) / 32768 for rel, x in clips.items()
+                      if rel not in held_out])  # (6, 16000), one clip padded with zeros past 12,000 samples
+    mean, std = train.mean(axis=0), train.std(axis=0, ddof=1)
+    eps = 1e-5 * 32768  # the release: (x/2^15 - m)/(s + 1e-5) with x, m, s on the -1..1 scale
+    features = next(ds.train.batches(len(ds.train)))["inputs"][:, :, 0].astype(np.float64)
+    np.testing.assert_allclose(features.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(features.std(axis=0, ddof=1), std / (std + eps), rtol=1e-4)
+    assert np.ptp(mean) > 0.01 and np.ptp(std) > 0.01  # the steps differ: one mean and std could not pass this
+    for split in (ds.val, ds.test):
+        b = next(split.batches(len(split)))
+        np.testing.assert_allclose(b["inputs"][:, :, 0], (split.inputs[:, :, 0] / 32768 - mean) / (std + eps),
+                                   rtol=1e-4, atol=1e-5)
+    again = dl.load("speech35-classification", tmp_path, speech_norm="release")  # statistics kept in the cache
+    assert again.cached and np.array_equal(again.test.mean, ds.test.mean)
+    with pytest.raises(dl.DataError, match="speech_norm must be one of global, release"):
+        dl.load("speech35-classification", tmp_path, speech_norm="per-step")
+    make_mnist(tmp_path)
+    with pytest.raises(dl.DataError, match="applies to speech35-classification only"):
+        dl.load("mnist-classification", tmp_path, speech_norm="release")
 
 
 def test_speech_commands_bad_files_and_missing_data(tmp_path, capsys):

@@ -46,6 +46,9 @@ def make_parser():
     g.add_argument("--eval_resolutions", default="1", help="also evaluate val and test on every k-th sample "
                    "(x[::k]) with the model's steps × k, for each k listed (e.g. 1,2: the S5 Speech recipe's "
                    "zero-shot 8 kHz evaluation); results carry val_acc@k and test_acc@k")
+    g.add_argument("--speech_norm", default="global", choices=dataloaders.SPEECH_NORMS,
+                   help="speech35-classification: standardise the audio with one training mean and std (global) or "
+                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; README)")
     g.add_argument("--buckets", action=B, default=True,
                    help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
                    "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
@@ -168,6 +171,8 @@ def parse_args(argv=None):
         parser.error("need 0 < --dt_min <= --dt_max")
     if args.downsample != 1 and "mnist" not in args.dataset:
         parser.error("--downsample applies to mnist-classification and pmnist-classification only")
+    if args.speech_norm != "global" and args.dataset != "speech35-classification":
+        parser.error("--speech_norm applies to speech35-classification only")
     next_step = dataloaders.task_of(args.dataset) == "next_step"
     if next_step:
         causal = f"--dataset {args.dataset} predicts each value from the ones before it, so the model must be causal"
@@ -721,7 +726,7 @@ def load_data(cfg):
     """(dataset, train, val, test) for a config: splits drawn with --split_seed, subsets by --max_*_samples."""
     try:
         opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
-        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, **opts)
+        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, speech_norm=cfg.speech_norm, **opts)
     except dataloaders.DataError as e:
         raise RunError(str(e), 2) from None
     train, val, test = ds.train, ds.val, ds.test

@@ -187,6 +187,7 @@ class Dataset:
     generator_seed: int | None = None  # its generator's seed, when known
     split_seed: int | None = None  # the seed of the held-out splits, when they were drawn here
     task: str = "classification"  # or "next_step" (task_of)
+    onehot_width: int | None = None  # token datasets: the one-hot encoder's width (ONEHOT_WIDTH), >= in_dim
 
     @property
     def tokens(self):
@@ -750,6 +751,10 @@ DATASETS = {
 }
 # Datasets whose task is next-step prediction (density modelling, generation), not classification
 NEXT_STEP = {"mnist"}
+# The width of the one-hot token encoding, where the S5 release hard-codes it (its IN_DIM): ListOps 20 for 18
+# tokens, Text 135. The columns past the vocabulary are never hot; a larger vocabulary widens it. Elsewhere the
+# width is the vocabulary size, as in the release.
+ONEHOT_WIDTH = {"listops-classification": 20, "imdb-classification": 135}
 
 
 def task_of(name: str) -> str:
@@ -937,10 +942,12 @@ def load(name: str, dir_name="./data", seed: int = 42, speech_norm: str = "globa
     for s in ("train", "val", "test"):
         if len(made[s]) == 0:
             raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")
+    tokens = mean is None and not next_step
     return Dataset(name, made["train"], made["val"], made["test"], meta["n_classes"], meta["seq_len"],
                    meta["in_dim"], meta["padded"], meta["pair"], cached, meta.get("source", ""),
                    meta.get("vocab", []), meta.get("generated", False), meta.get("generator_seed"),
-                   seed if rule not in (None, "val=test") else None, task_of(name))
+                   seed if rule not in (None, "val=test") else None, task_of(name),
+                   max(ONEHOT_WIDTH.get(name, 0), meta["in_dim"]) if tokens else None)
 
 
 # ==================================================================================================

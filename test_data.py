@@ -212,6 +212,28 @@ def test_text_vocabularies_count_only_what_the_model_sees(tmp_path):
     assert set(dl.load("aan-classification", tmp_path, seq_len=64).vocab[3:]) == seen
 
 
+def test_onehot_widths_are_the_releases(tmp_path, generated_listops):
+    """The one-hot encoder's width: the release's hard-coded 20 (ListOps, 18 tokens) and 135 (Text), wider only for
+    a Text vocabulary past 135; the vocabulary size for Retrieval; none for pixels."""
+    shutil.copytree(generated_listops, tmp_path / "listops_generated")
+    listops = dl.load("listops-classification", tmp_path)
+    assert (listops.in_dim, listops.onehot_width) == (18, 20)
+    make_imdb(tmp_path)
+    imdb = dl.load("imdb-classification", tmp_path, seq_len=128, min_freq=3)
+    assert imdb.in_dim < 135 and imdb.onehot_width == 135
+    for f in (tmp_path / "aclImdb/train/pos").glob("*.txt"):
+        f.write_text("".join(chr(0x4E00 + k) for k in range(150)))  # 150 more characters, each in 6 files
+    wide = dl.load("imdb-classification", tmp_path, seq_len=256, min_freq=3)
+    assert wide.in_dim == 3 + len(set(imdb.vocab[3:]) | {chr(0x4E00 + k) for k in range(150)}) > 135
+    assert wide.onehot_width == wide.in_dim
+    write_aan(tmp_path)
+    aan = dl.load("aan-classification", tmp_path, seq_len=64)
+    assert aan.onehot_width == aan.in_dim == len(aan.vocab)
+    make_mnist(tmp_path)
+    assert dl.load("mnist-classification", tmp_path).onehot_width is None
+    assert dl.load("mnist", tmp_path).onehot_width is None  # next-pixel tokens: the model takes 256
+
+
 def write_aan(root: Path, n=8, bad_line=None, bad_label=False):
     d = root / "lra_release" / "tsv_data"
     d.mkdir(parents=True, exist_ok=True)

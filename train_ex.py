@@ -531,7 +531,7 @@ def run(cfg):
     if steps_per_epoch == 0:
         raise RunError(f"{len(train)} training samples make no full batch of {cfg.bsz}: lower --bsz", 2)
     meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair,
-                task=ds.task)
+                task=ds.task, onehot_width=ds.onehot_width)
 
     # ---- model and state ----
     model = models.build_model(cfg, meta)

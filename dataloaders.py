@@ -45,6 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 CACHE_VERSION = 2  # 2: Text/Retrieval vocabularies counted over the truncated text, as in the S5 release
+# Datasets whose arrays changed since: their own cache version (3: gray CIFAR in Pillow's fixed-point luma)
+CACHE_VERSION_OF = {"lra-cifar-classification": 3}
 PAD, UNK, EOS = 0, 1, 2
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
@@ -510,7 +512,7 @@ def build_aan(root: Path, seq_len=4000, min_freq=1):
 # --------------------------------------------------------------------------------------------------
 
 CIFAR_GRAY_MEAN, CIFAR_GRAY_STD = 122.6 / 255, 61.0 / 255
-CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # the S5 release's values
 MNIST_MEAN, MNIST_STD = 0.0, 1.0  # the S5 release feeds MNIST pixels on the 0-1 scale, unnormalised
 
 
@@ -542,9 +544,9 @@ def build_cifar(root: Path, gray: bool):
     raw, source = _cifar_batches(root)
     splits = {}
     for split, (rgb, labels) in raw.items():
-        if gray:  # ITU-R 601 luma, as torchvision's Grayscale
-            x = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
-            rgb = np.clip(x, 0, 255).astype(np.uint8)[..., None]
+        if gray:  # torchvision's Grayscale: Pillow's convert("L"), ITU-R 601 luma in 16-bit fixed point, rounded
+            luma = rgb.astype(np.uint32) @ np.array([19595, 38470, 7471], np.uint32) + 0x8000
+            rgb = (luma >> 16).astype(np.uint8)[..., None]
         splits[split] = dict(inputs=rgb, lengths=np.full(len(labels), 1024, np.int32), labels=labels)
     return splits, dict(n_classes=10, seq_len=1024, in_dim=1 if gray else 3, padded=False, pair=False,
                         source=source)
@@ -785,7 +787,7 @@ def _fingerprint(root: Path, name: str) -> str:
 
 
 def cache_dir(root: Path, name: str, options: dict) -> Path:
-    key = json.dumps({"name": name, "options": options, "version": CACHE_VERSION,
+    key = json.dumps({"name": name, "options": options, "version": CACHE_VERSION_OF.get(name, CACHE_VERSION),
                       "source": _fingerprint(root, name)}, sort_keys=True)
     return root / "cache" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 

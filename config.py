@@ -52,6 +52,9 @@ def _data_options(p):
     g.add_argument("--eval_resolutions", default="1", help="also evaluate val and test on every k-th sample "
                    "(x[::k]) with the model's steps × k, for each k listed (e.g. 1,2: the S5 Speech recipe's "
                    "zero-shot 8 kHz evaluation); results carry val_acc@k and test_acc@k")
+    g.add_argument("--speech_norm", default="global", choices=dataloaders.SPEECH_NORMS,
+                   help="speech35-classification: standardise the audio with one training mean and std (global) or "
+                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; README)")
     g.add_argument("--buckets", action=Flag, default=True,
                    help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
                    "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
@@ -209,6 +212,8 @@ def _check_task(args, error):
     """What the dataset's task allows; sets the dataset-dependent default of --batchnorm."""
     if args.downsample != 1 and "mnist" not in args.dataset:
         error("--downsample applies to mnist-classification and pmnist-classification only")
+    if args.speech_norm != "global" and args.dataset != "speech35-classification":
+        error("--speech_norm applies to speech35-classification only")
     next_step = dataloaders.task_of(args.dataset) == "next_step"
     if next_step:
         causal = f"--dataset {args.dataset} predicts each value from the ones before it, so the model must be causal"

@@ -10,9 +10,11 @@ from there memory-mapped afterwards. Seeded choices (hold-out splits) are applie
 serves every seed. Conventions (the LRA release's, as in S4/S5): pad token 0, lengths count the appended end
 token, pooling must average the real positions only.
 
-Splits as in the S5 release: held-out sets are drawn by torch's `random_split` with a fixed seed (42 by
-default, `seed`, independent of the training seed), so the indices are the release's exactly (same source
-order, same `torch.randperm`); psMNIST uses the release's fixed bit-reversal permutation of the pixels.
+Splits as in the S5 release: held-out sets are the parts of one `torch.randperm(n)` drawn with
+`torch.Generator().manual_seed(seed)` (what torch's `random_split` does; seed 42 by default, independent of the
+training seed), re-derived here in numpy (`torch_randperm`), so the indices are the release's exactly (same
+source order, same permutation) without torch; psMNIST uses the release's fixed bit-reversal permutation of the
+pixels.
 
 Command line:
     python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
@@ -43,6 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 CACHE_VERSION = 2  # 2: Text/Retrieval vocabularies counted over the truncated text, as in the S5 release
+# Datasets whose arrays changed since: their own cache version (3: gray CIFAR in Pillow's fixed-point luma)
+CACHE_VERSION_OF = {"lra-cifar-classification": 3}
 PAD, UNK, EOS = 0, 1, 2
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 
@@ -63,8 +67,8 @@ class Split:
     labels: np.ndarray  # (N,)
     inputs2: np.ndarray | None = None  # pair tasks: the second document
     lengths2: np.ndarray | None = None
-    mean: np.ndarray | None = None  # normalisation (per channel, on the value/scale scale); None for tokens
-    std: np.ndarray | None = None
+    mean: np.ndarray | None = None  # normalisation on the value/scale scale: (C,) per channel or (L, C) per step;
+    std: np.ndarray | None = None  # None for tokens
     scale: float = 255.0  # raw values → 0-1 (pixels) or −1..1 (16-bit PCM audio: 32768)
     next_step: bool = False  # next-step prediction: labels are the values themselves, inputs shifted right by one
 
@@ -81,7 +85,10 @@ class Split:
     def _features(self, x):
         if self.mean is None:
             return x.astype(np.int32)
-        return ((x.astype(np.float32) / self.scale) - self.mean) / self.std
+        mean, std = self.mean, self.std
+        if mean.ndim == 2:  # per time step: the first steps, for a batch cut to a shorter width
+            mean, std = mean[:x.shape[1]], std[:x.shape[1]]
+        return ((x.astype(np.float32) / self.scale) - mean) / std
 
     def num_batches(self, bsz, drop_last=False, buckets=None):
         return len(self._plan(bsz, False, 0, 0, drop_last, buckets))
@@ -182,6 +189,7 @@ class Dataset:
     generator_seed: int | None = None  # its generator's seed, when known
     split_seed: int | None = None  # the seed of the held-out splits, when they were drawn here
     task: str = "classification"  # or "next_step" (task_of)
+    onehot_width: int | None = None  # token datasets: the one-hot encoder's width (ONEHOT_WIDTH), >= in_dim
 
     @property
     def tokens(self):
@@ -504,7 +512,7 @@ def build_aan(root: Path, seq_len=4000, min_freq=1):
 # --------------------------------------------------------------------------------------------------
 
 CIFAR_GRAY_MEAN, CIFAR_GRAY_STD = 122.6 / 255, 61.0 / 255
-CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_RGB_MEAN, CIFAR_RGB_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # the S5 release's values
 MNIST_MEAN, MNIST_STD = 0.0, 1.0  # the S5 release feeds MNIST pixels on the 0-1 scale, unnormalised
 
 
@@ -536,9 +544,9 @@ def build_cifar(root: Path, gray: bool):
     raw, source = _cifar_batches(root)
     splits = {}
     for split, (rgb, labels) in raw.items():
-        if gray:  # ITU-R 601 luma, as torchvision's Grayscale
-            x = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
-            rgb = np.clip(x, 0, 255).astype(np.uint8)[..., None]
+        if gray:  # torchvision's Grayscale: Pillow's convert("L"), ITU-R 601 luma in 16-bit fixed point, rounded
+            luma = rgb.astype(np.uint32) @ np.array([19595, 38470, 7471], np.uint32) + 0x8000
+            rgb = (luma >> 16).astype(np.uint8)[..., None]
         splits[split] = dict(inputs=rgb, lengths=np.full(len(labels), 1024, np.int32), labels=labels)
     return splits, dict(n_classes=10, seq_len=1024, in_dim=1 if gray else 3, padded=False, pair=False,
                         source=source)
@@ -687,6 +695,44 @@ def build_speech(root: Path, workers=None):
                         source=str(base), train_mean=float(mean), train_std=max(std, 1e-8), value_scale=32768.0)
 
 
+SPEECH_NORMS = ("global", "release")
+# The S5 release reads the clips with torchaudio.load, which already returns int16/2^15 (its default normalize=True),
+# divides them by 2^15 once more, and standardises every step with std + 1e-5 on that scale: on the -1..1 scale
+# of the clips the added constant is 1e-5 * 2^15.
+SPEECH_RELEASE_EPS = 1e-5 * 2 ** 15
+
+
+def step_stats(inputs, scale: float, chunk: int = 256):
+    """Per time step mean and sample standard deviation (n - 1 in the denominator, as torch's std) over the rows
+    of integer inputs (N, L, C), on the scale of inputs / scale: arrays (L, C) in float64."""
+    n = len(inputs)
+    if n < 2:
+        raise DataError(f"per-step statistics need at least 2 training sequences, got {n}")
+    total = np.zeros(inputs.shape[1:], np.int64)  # exact integer sums (16-bit samples: no overflow below 2^33 rows)
+    squares = np.zeros(inputs.shape[1:], np.int64)
+    for i in range(0, n, chunk):
+        x = np.asarray(inputs[i:i + chunk], np.int64)
+        total += x.sum(axis=0)
+        squares += (x * x).sum(axis=0)
+    mean = total / n
+    var = np.maximum((squares - total * mean) / (n - 1), 0.0)
+    return mean / scale, np.sqrt(var) / scale
+
+
+def _step_stats(cache: Path, inputs, scale: float):
+    """step_stats of a dataset's training inputs, kept in its cache folder after the first call."""
+    stored = cache / "stats" / "train-step-mean-std.npy"
+    if stored.exists():
+        mean, std = np.load(stored)
+        return mean, std
+    mean, std = step_stats(inputs, scale)
+    stored.parent.mkdir(exist_ok=True)
+    tmp = stored.with_name(f".{stored.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, np.stack([mean, std]))
+    os.replace(tmp, stored)
+    return mean, std
+
+
 # ==================================================================================================
 # The registry, the cache, and load()
 # ==================================================================================================
@@ -726,13 +772,18 @@ SHAPES = {
 
 def model_meta(name: str) -> dict:
     """The model-facing fields of a dataset (as a loaded Dataset gives them) from SHAPES: seq_len, in_dim, tokens,
-    pair, n_classes, task."""
+    pair, n_classes, task, onehot_width."""
     seq_len, in_dim, tokens, pair, n_classes = SHAPES[name]
-    return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name))
+    return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name),
+                onehot_width=max(ONEHOT_WIDTH.get(name, 0), in_dim) if tokens else None)
 
 
 # Datasets whose task is next-step prediction (density modelling, generation), not classification
 NEXT_STEP = {"mnist"}
+# The width of the one-hot token encoding, where the S5 release hard-codes it (its IN_DIM): ListOps 20 for 18
+# tokens, Text 135. The columns past the vocabulary are never hot; a larger vocabulary widens it. Elsewhere the
+# width is the vocabulary size, as in the release.
+ONEHOT_WIDTH = {"listops-classification": 20, "imdb-classification": 135}
 
 
 def task_of(name: str) -> str:
@@ -763,7 +814,7 @@ def _fingerprint(root: Path, name: str) -> str:
 
 
 def cache_dir(root: Path, name: str, options: dict) -> Path:
-    key = json.dumps({"name": name, "options": options, "version": CACHE_VERSION,
+    key = json.dumps({"name": name, "options": options, "version": CACHE_VERSION_OF.get(name, CACHE_VERSION),
                       "source": _fingerprint(root, name)}, sort_keys=True)
     return root / "cache" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
@@ -789,25 +840,48 @@ def _load_cache(path: Path):
     return dict(splits), meta
 
 
-def release_split(n: int, lengths, seed: int, cache: Path | None = None):
+MT19937_N = 624  # words of MT19937's state
+TORCH_RANDPERM_32BIT_MAX = (2 ** 32 - 1) // 20  # torch's CPU randperm draws 32-bit numbers for n below this
+
+
+def mt19937_key(seed: int) -> np.ndarray:
+    """MT19937's state after init_genrand(seed): what torch.Generator().manual_seed(seed) sets on the CPU (torch
+    keeps the seed's low 32 bits; a negative seed counts as its 64-bit two's complement, with the same low bits)."""
+    key = np.empty(MT19937_N, np.uint32)
+    s = int(seed) & 0xFFFFFFFF
+    for j in range(MT19937_N):
+        key[j] = s
+        s = (1812433253 * (s ^ (s >> 30)) + j + 1) & 0xFFFFFFFF
+    return key
+
+
+def torch_randperm(n: int, seed: int) -> np.ndarray:
+    """torch.randperm(n, generator=torch.Generator().manual_seed(seed)) on the CPU, computed without torch.
+
+    torch's CPU generator is MT19937 seeded by init_genrand (mt19937_key); its first draw twists the whole state,
+    as numpy's MT19937 does at position 624. randperm starts from 0..n-1 and, for i = 0..n-2, swaps entry i with
+    entry i + (r_i mod (n - i)), r_i the i-th 32-bit draw: a Fisher-Yates shuffle. Every torch version does this
+    for n < (2^32 - 1)/20 (recent ones draw 64-bit numbers above that size, which no dataset here reaches)."""
+    n = int(n)
+    if not 0 <= n < TORCH_RANDPERM_32BIT_MAX:
+        raise ValueError(f"torch_randperm handles 0 <= n < {TORCH_RANDPERM_32BIT_MAX:,}, got n = {n:,}")
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": mt19937_key(seed), "pos": MT19937_N}}
+    steps = max(n - 1, 0)
+    draws = bits.random_raw(steps).astype(np.int64)  # the generator's 32-bit outputs, in order
+    offsets = (draws % (n - np.arange(steps))).tolist()
+    perm = list(range(n))
+    for i, z in enumerate(offsets):
+        perm[i], perm[i + z] = perm[i + z], perm[i]
+    return np.array(perm, np.int64)
+
+
+def release_split(n: int, lengths, seed: int):
     """Row indices of consecutive parts of sizes `lengths` of n rows, as torch.utils.data.random_split draws
-    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order. With `cache` (a
-    dataset's cache folder) the permutation is kept there, so later loads need no torch import."""
+    them with torch.Generator().manual_seed(seed): one torch.randperm(n), cut in order."""
     if sum(lengths) != n:
         raise ValueError(f"split sizes {lengths} do not add up to {n} rows")
-    stored = None if cache is None else cache / "splits" / f"randperm-{n}-seed{int(seed)}.npy"
-    if stored is not None and stored.exists():
-        perm = np.load(stored)
-    else:
-        import torch  # the release's generator, for its exact split indices
-
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
-        if stored is not None:
-            stored.parent.mkdir(exist_ok=True)
-            tmp = stored.with_name(f".{stored.name}.tmp{os.getpid()}.npy")
-            np.save(tmp, perm)
-            os.replace(tmp, stored)
-    return np.split(perm, np.cumsum(lengths)[:-1])
+    return np.split(torch_randperm(n, seed), np.cumsum(lengths)[:-1])
 
 
 def _take(split: dict, idx):
@@ -825,15 +899,21 @@ def bitreversal_permutation(n: int) -> np.ndarray:
     return rev[rev < n]
 
 
-def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
+def load(name: str, dir_name="./data", seed: int = 42, speech_norm: str = "global", **options) -> Dataset:
     """Load a dataset by its `--dataset` name from the data root `dir_name` (see the module docstring).
-    `seed` draws the held-out splits (the S5 release uses 42 for every run).
+    `seed` draws the held-out splits (the S5 release uses 42 for every run). `speech_norm` (Speech Commands
+    only): "global" standardises with one mean and std of the training audio, "release" as the S5 release does
+    (each time step by its own training mean and std, see SPEECH_RELEASE_EPS).
 
     Options override the dataset's defaults (e.g. seq_len, min_freq); the cache is keyed by them.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     builder, defaults, norm, rule = DATASETS[name]
+    if speech_norm not in SPEECH_NORMS:
+        raise DataError(f"speech_norm must be one of {', '.join(SPEECH_NORMS)}, got {speech_norm!r}")
+    if speech_norm != "global" and norm != "train":
+        raise DataError(f"speech_norm={speech_norm!r} applies to speech35-classification only, not {name}")
     unknown = set(options) - set(defaults) - {"generate", "workers"}
     if unknown:
         raise DataError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(defaults)}")
@@ -860,12 +940,12 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
     elif isinstance(rule, float):  # the release: train = the first ⌊n(1 − f)⌋ of one randperm, val the rest
         n = len(splits["train"]["labels"])
         n_train = int(n * (1.0 - rule))
-        tr, va = release_split(n, [n_train, n - n_train], seed, path)
+        tr, va = release_split(n, [n_train, n - n_train], seed)
         splits["train"], splits["val"] = _take(splits["train"], tr), _take(splits["train"], va)
     elif rule == "80/10/10":  # the release: val and test ⌊n/10⌋ each, train the rest (first)
         everything = splits.pop("all")
         n = len(everything["labels"])
-        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed, path)
+        tr, va, te = release_split(n, [n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)], seed)
         splits.update(train=_take(everything, tr), val=_take(everything, va), test=_take(everything, te))
     if name == "pmnist-classification":
         perm = bitreversal_permutation(meta["seq_len"])
@@ -877,7 +957,10 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
         meta = dict(meta, n_classes=256, in_dim=256)
     mean = std = None
     scale = meta.get("value_scale", 255.0)  # raw values → the model's scale: pixels 255, 16-bit PCM 32768
-    if norm == "train":  # the training set's own mean and std, computed when the cache was built
+    if norm == "train" and speech_norm == "release":  # every step by its own training statistics
+        step_mean, step_std = _step_stats(path, splits["train"]["inputs"], scale)
+        mean, std = step_mean.astype(np.float32), (step_std + SPEECH_RELEASE_EPS).astype(np.float32)
+    elif norm == "train":  # the training set's own mean and std, computed when the cache was built
         mean, std = np.full(1, meta["train_mean"], np.float32), np.full(1, meta["train_std"], np.float32)
     elif norm is not None:
         c = meta["in_dim"]
@@ -888,10 +971,12 @@ def load(name: str, dir_name="./data", seed: int = 42, **options) -> Dataset:
     for s in ("train", "val", "test"):
         if len(made[s]) == 0:
             raise DataError(f"{name}: the {s} split is empty after splitting (source: {meta.get('source')})")
+    tokens = mean is None and not next_step
     return Dataset(name, made["train"], made["val"], made["test"], meta["n_classes"], meta["seq_len"],
                    meta["in_dim"], meta["padded"], meta["pair"], cached, meta.get("source", ""),
                    meta.get("vocab", []), meta.get("generated", False), meta.get("generator_seed"),
-                   seed if rule not in (None, "val=test") else None, task_of(name))
+                   seed if rule not in (None, "val=test") else None, task_of(name),
+                   max(ONEHOT_WIDTH.get(name, 0), meta["in_dim"]) if tokens else None)
 
 
 # ==================================================================================================

@@ -10,7 +10,9 @@ the S5 release computes: the scans run over the padding tokens (the backward sca
 BatchNorm's statistics include them. Either way pooling averages the real positions only.
 
 Token encoder (`token_encoder`): "onehot" is the release's Dense layer with bias on one-hot tokens (computed as
-a row lookup, kernel lecun-normal: std 1/√vocab); "embed" is flax's nn.Embed (std 1/√H), no bias.
+a row lookup, kernel lecun-normal: std 1/√width), its width the dataset's `onehot_width` (the release's
+hard-coded widths: ListOps 20, Text 135; else the vocabulary size); "embed" is flax's nn.Embed over the vocabulary
+(std 1/√H), no bias.
 """
 
 from __future__ import annotations
@@ -120,14 +122,14 @@ class SequenceLayer(nn.Module):
 
 
 class OneHotDense(nn.Module):
-    """nn.Dense(features) applied to one_hot(tokens, vocab), without building the one-hot array."""
+    """nn.Dense(features) applied to one_hot(tokens, width), without building the one-hot array (tokens < width)."""
 
-    vocab: int
+    width: int
     features: int
 
     @nn.compact
     def __call__(self, tokens):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.vocab, self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return jnp.take(kernel, tokens, axis=0) + bias
 
@@ -327,7 +329,8 @@ def _batched(tree, n):
 
 def build_model(cfg, ds_meta):
     """The model for a config (argparse namespace or dict-like with attribute access) and a dataset's fields
-    (n_classes, seq_len, in_dim, tokens, pair; task: classification (default) or next_step)."""
+    (n_classes, seq_len, in_dim, tokens, pair; task: classification (default) or next_step; onehot_width: the
+    one-hot encoder's width for tokens, in_dim when absent)."""
     ssm_kw = dict(blocks=cfg.blocks, C_init=cfg.C_init, discretization=cfg.discretization, dt_min=cfg.dt_min,
                   dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
@@ -342,6 +345,8 @@ def build_model(cfg, ds_meta):
     if next_step:  # the previous value as a token (--pixel_tokens) or as a number through a Dense layer
         tokens = bool(getattr(cfg, "pixel_tokens", False))
         in_dim = ds_meta["n_classes"] if tokens else 1
+    elif tokens and cfg.token_encoder == "onehot":  # the dataset's one-hot width (the release's, >= vocabulary)
+        in_dim = ds_meta.get("onehot_width") or in_dim
     encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
                              tokens, in_dim, layer_kw, cfg.token_encoder)
     if next_step:

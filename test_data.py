@@ -212,6 +212,28 @@ def test_text_vocabularies_count_only_what_the_model_sees(tmp_path):
     assert set(dl.load("aan-classification", tmp_path, seq_len=64).vocab[3:]) == seen
 
 
+def test_onehot_widths_are_the_releases(tmp_path, generated_listops):
+    """The one-hot encoder's width: the release's hard-coded 20 (ListOps, 18 tokens) and 135 (Text), wider only for
+    a Text vocabulary past 135; the vocabulary size for Retrieval; none for pixels."""
+    shutil.copytree(generated_listops, tmp_path / "listops_generated")
+    listops = dl.load("listops-classification", tmp_path)
+    assert (listops.in_dim, listops.onehot_width) == (18, 20)
+    make_imdb(tmp_path)
+    imdb = dl.load("imdb-classification", tmp_path, seq_len=128, min_freq=3)
+    assert imdb.in_dim < 135 and imdb.onehot_width == 135
+    for f in (tmp_path / "aclImdb/train/pos").glob("*.txt"):
+        f.write_text("".join(chr(0x4E00 + k) for k in range(150)))  # 150 more characters, each in 6 files
+    wide = dl.load("imdb-classification", tmp_path, seq_len=256, min_freq=3)
+    assert wide.in_dim == 3 + len(set(imdb.vocab[3:]) | {chr(0x4E00 + k) for k in range(150)}) > 135
+    assert wide.onehot_width == wide.in_dim
+    write_aan(tmp_path)
+    aan = dl.load("aan-classification", tmp_path, seq_len=64)
+    assert aan.onehot_width == aan.in_dim == len(aan.vocab)
+    make_mnist(tmp_path)
+    assert dl.load("mnist-classification", tmp_path).onehot_width is None
+    assert dl.load("mnist", tmp_path).onehot_width is None  # next-pixel tokens: the model takes 256
+
+
 def write_aan(root: Path, n=8, bad_line=None, bad_label=False):
     d = root / "lra_release" / "tsv_data"
     d.mkdir(parents=True, exist_ok=True)
@@ -272,8 +294,12 @@ def test_cifar_gray_and_color(tmp_path):
     color = dl.load("cifar-classification", tmp_path)
     np.testing.assert_array_equal(color.test.inputs[0], img.reshape(3, 1024).T)
     gray = dl.load("lra-cifar-classification", tmp_path)
-    np.testing.assert_array_equal(gray.test.inputs[0, :, 0],
-                                  np.rint(0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).reshape(-1))
+    for i in range(len(gray.test)):  # torchvision's Grayscale (the release's) is Pillow's convert("L")
+        rgb = raw[b"data"][i].reshape(3, 32, 32).transpose(1, 2, 0)
+        np.testing.assert_array_equal(gray.test.inputs[i, :, 0],
+                                      np.asarray(Image.fromarray(rgb, "RGB").convert("L")).reshape(-1))
+    np.testing.assert_allclose(gray.test.inputs[0, :, 0], (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).ravel(),
+                               atol=0.51)  # ITU-R 601 luma, rounded
     assert gray.test.inputs.dtype == np.uint8 and gray.in_dim == 1 and color.in_dim == 3
     assert (len(gray.train), len(gray.val), len(gray.test)) == (90, 10, 20)  # 10% of train held out
     b = next(gray.test.batches(4))
@@ -391,15 +417,58 @@ def test_pathfinder_split_and_empty_image(tmp_path, capsys):
     assert not np.array_equal(other.test.inputs, ds.test.inputs)  # the split is seeded
 
 
-def test_splits_are_the_release_random_split(tmp_path):
-    """Held-out splits are exactly torch's random_split with the release's generator seed 42."""
-    import torch
+# torch.randperm(n, generator=torch.Generator().manual_seed(42)) on the CPU, recorded with torch 2.14.1 by
+#   python -c "import torch, hashlib; p = torch.randperm(N, generator=torch.Generator().manual_seed(42)).numpy()
+#   .astype('int64'); print(hashlib.sha256(p.tobytes()).hexdigest(), p.tolist() if N <= 50 else p[:5].tolist())"
+# for each N below: the sizes the loaders split (CIFAR's 50,000 and MNIST's 60,000 training images; Pathfinder
+# and Path-X split every image their metadata lists, whatever the count: 200,000 and 199,999 recorded) and the
+# test trees' (30, 50).
+TORCH_RANDPERM_SEED42 = {
+    10: ("fd6484606b698821d3cb41481c8658938c5df28b4df65a624686fb697f37c1ad", [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]),
+    30: ("eec061d01c8ece3e441ad729a829e6a2349c18309e4898b07a1ca336d0864aa8",
+         [12, 0, 6, 25, 8, 15, 10, 18, 16, 23, 28, 26, 20, 7, 21, 22, 29, 13, 14, 2, 4, 1, 9, 11, 17, 19, 27, 5, 24,
+          3]),
+    50: ("a8eb53b2ff703fa52df9181c328988e5172f3efe1d6f74c16af2593875180ef8",
+         [42, 17, 30, 34, 20, 25, 0, 8, 36, 18, 28, 39, 3, 2, 41, 1, 37, 6, 14, 12, 11, 32, 43, 16, 5, 38, 31, 44, 26,
+          45, 15, 47, 4, 10, 21, 19, 33, 27, 13, 48, 46, 23, 22, 35, 7, 24, 49, 29, 40, 9]),
+    50000: ("55ecb6cd4e1eb48274001018b26a797b833f72ae79a02b388e4874497445b43d", [37542, 44491, 216, 43688, 41558]),
+    60000: ("7cd1a1e010482b25004c00bf2e3caae398061dfa812ba311e56e8b6b9b4cdc7a", [37542, 43087, 2992, 25810, 39634]),
+    199999: ("d46f4cc18070f72c8bc08134adfe133c09588443343ef119ade77dd360610502",
+             [45585, 160278, 148126, 62173, 168625]),
+    200000: ("ee4e53fa9a9cb4316c55a0d184c7aa8fd2f92e97453e62e49195c42034a31789",
+             [37542, 143173, 127710, 58234, 152906]),
+}
 
+
+@pytest.mark.parametrize("n", sorted(TORCH_RANDPERM_SEED42))
+def test_torch_randperm_equals_torch(n):
+    import hashlib
+
+    digest, head = TORCH_RANDPERM_SEED42[n]
+    perm = dl.torch_randperm(n, 42)
+    assert perm.dtype == np.int64 and perm[:len(head)].tolist() == head
+    assert hashlib.sha256(perm.tobytes()).hexdigest() == digest
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+
+
+def test_torch_generator_seeding_is_init_genrand():
+    """torch's manual_seed(s) sets MT19937's init_genrand(s & 0xffffffff) state, the state numpy's legacy
+    RandomState(s) seeding sets for a 32-bit s."""
+    for seed in (0, 42, 2 ** 32 - 1):
+        np.testing.assert_array_equal(dl.mt19937_key(seed), np.random.RandomState(seed).get_state()[1])
+    np.testing.assert_array_equal(dl.mt19937_key(2 ** 32 + 42), dl.mt19937_key(42))  # the low 32 bits
+    assert dl.torch_randperm(0, 42).tolist() == [] and dl.torch_randperm(1, 42).tolist() == [0]
+    with pytest.raises(ValueError, match="torch_randperm handles"):
+        dl.torch_randperm(dl.TORCH_RANDPERM_32BIT_MAX, 42)
+
+
+def test_splits_are_the_release_random_split(tmp_path):
+    """Held-out splits are torch's random_split with the release's generator seed 42: the consecutive parts of
+    torch.randperm(n) (recorded above), of the rows in source order."""
     make_pathfinder(tmp_path, empty=())
     ds = dl.load("pathfinder-classification", tmp_path, workers=1)
-    n = 30
-    parts = torch.utils.data.random_split(range(n), [24, 3, 3], generator=torch.Generator().manual_seed(42))
-    source = np.concatenate([ds.train.inputs, ds.val.inputs, ds.test.inputs])  # to find rows by content
+    perm = np.array(TORCH_RANDPERM_SEED42[30][1])
+    parts = (perm[:24], perm[24:27], perm[27:])  # random_split(range(30), [24, 3, 3])
     order = {}
     for k in range(3):  # the source order: metadata files by number, rows in file order
         for i in range(10):
@@ -407,15 +476,15 @@ def test_splits_are_the_release_random_split(tmp_path):
                                         f"imgs/{k}/sample_{i}.png")).reshape(-1)
             order[10 * k + i] = img
     for split, idx in zip((ds.train, ds.val, ds.test), parts):
-        expected = np.stack([order[i] for i in sorted(idx.indices)])
+        expected = np.stack([order[i] for i in sorted(idx)])
         np.testing.assert_array_equal(split.inputs[:, :, 0], expected)
-    assert source.shape[0] == n
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 30
     make_mnist(tmp_path)  # MNIST/CIFAR: train = the first ⌊0.9 n⌋ of the randperm, val the rest
     mn = dl.load("mnist-classification", tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (50, 28, 28)).reshape(50, 784)  # make_mnist's train file
-    tr, va = torch.utils.data.random_split(range(50), [45, 5], generator=torch.Generator().manual_seed(42))
-    np.testing.assert_array_equal(mn.train.inputs[:, :, 0], images[sorted(tr.indices)])
-    np.testing.assert_array_equal(mn.val.inputs[:, :, 0], images[sorted(va.indices)])
+    perm = np.array(TORCH_RANDPERM_SEED42[50][1])
+    np.testing.assert_array_equal(mn.train.inputs[:, :, 0], images[np.sort(perm[:45])])
+    np.testing.assert_array_equal(mn.val.inputs[:, :, 0], images[np.sort(perm[45:])])
 
 
 def test_pathx_reads_128(tmp_path):
@@ -611,13 +680,14 @@ def write_wav(path, samples, rate=16000, width=2):
 
 
 def make_speech(root: Path):
-    """yes/no/zero clips (one shorter than 1 s), a validation and a testing list, background noise."""
+    """yes/no/zero clips (a test and a training clip shorter than 1 s), a validation and a testing list,
+    background noise."""
     base = root / "speech_commands_v0.02"
     rng = np.random.default_rng(0)
     clips = {}
     for word in ("yes", "no", "zero"):
         for i in range(3):
-            n = 8000 if (word, i) == ("no", 1) else 16000
+            n = {("no", 1): 8000, ("yes", 2): 12000}.get((word, i), 16000)
             clips[f"{word}/c{i}_nohash_0.wav"] = rng.integers(-3000, 3000, n)
     for rel, x in clips.items():
         write_wav(base / rel, x)
@@ -642,6 +712,34 @@ def test_speech_commands_splits_padding_and_standardisation(tmp_path):
     mean, std = (train / 32768).mean(), (train / 32768).std()
     b = next(ds.test.batches(2))
     np.testing.assert_allclose(b["inputs"], (ds.test.inputs / 32768 - mean) / std, rtol=1e-4, atol=1e-5)
+
+
+def test_speech_release_standardises_every_step_by_the_training_clips(tmp_path):
+    """speech_norm="release": each of the 16,000 steps standardised by the training clips' own mean and sample std
+    at that step (padding included), applied to every split; the std carries the release's + 1e-5 on its scale
+    2^15 below the -1..1 one."""
+    base, clips = make_speech(tmp_path)
+    ds = dl.load("speech35-classification", tmp_path, workers=1, speech_norm="release")
+    held_out = ("yes/c1_nohash_0.wav", "no/c1_nohash_0.wav", "zero/c2_nohash_0.wav")
+    train = np.stack([np.pad(np.asarray(x, np.float64), (0, 16000 - len(x))) / 32768 for rel, x in clips.items()
+                      if rel not in held_out])  # (6, 16000), one clip padded with zeros past 12,000 samples
+    mean, std = train.mean(axis=0), train.std(axis=0, ddof=1)
+    eps = 1e-5 * 32768  # the release: (x/2^15 - m)/(s + 1e-5) with x, m, s on the -1..1 scale
+    features = next(ds.train.batches(len(ds.train)))["inputs"][:, :, 0].astype(np.float64)
+    np.testing.assert_allclose(features.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(features.std(axis=0, ddof=1), std / (std + eps), rtol=1e-4)
+    assert np.ptp(mean) > 0.01 and np.ptp(std) > 0.01  # the steps differ: one mean and std could not pass this
+    for split in (ds.val, ds.test):
+        b = next(split.batches(len(split)))
+        np.testing.assert_allclose(b["inputs"][:, :, 0], (split.inputs[:, :, 0] / 32768 - mean) / (std + eps),
+                                   rtol=1e-4, atol=1e-5)
+    again = dl.load("speech35-classification", tmp_path, speech_norm="release")  # statistics kept in the cache
+    assert again.cached and np.array_equal(again.test.mean, ds.test.mean)
+    with pytest.raises(dl.DataError, match="speech_norm must be one of global, release"):
+        dl.load("speech35-classification", tmp_path, speech_norm="per-step")
+    make_mnist(tmp_path)
+    with pytest.raises(dl.DataError, match="applies to speech35-classification only"):
+        dl.load("mnist-classification", tmp_path, speech_norm="release")
 
 
 def test_speech_commands_bad_files_and_missing_data(tmp_path, capsys):

@@ -384,7 +384,22 @@ def test_onehot_token_encoder_is_a_dense_layer_on_one_hot_tokens():
     np.testing.assert_allclose(enc.apply({"params": p}, tokens), ref, rtol=1e-6, atol=1e-6)
     std = float(np.std(np.asarray(models.OneHotDense(135, 256).init(jax.random.PRNGKey(1), tokens)["params"]
                                   ["kernel"])))
-    assert abs(std - 1 / np.sqrt(135)) < 0.1 / np.sqrt(135)  # lecun-normal over the vocabulary, as nn.Dense
+    assert abs(std - 1 / np.sqrt(135)) < 0.1 / np.sqrt(135)  # lecun-normal over the one-hot width, as nn.Dense
+
+
+def test_onehot_encoder_takes_the_datasets_width():
+    """The one-hot encoder is as wide as the dataset's onehot_width (the release's 20 for ListOps' 18 tokens; its
+    lecun-normal scale is then 1/√20, the test above); --token_encoder embed keeps the vocabulary; a model_meta
+    saved without onehot_width rebuilds at the vocabulary."""
+    meta = dict(n_classes=3, seq_len=24, in_dim=18, tokens=True, pair=False, onehot_width=20)
+    batch = token_batch(np.random.default_rng(0), vocab=18)
+    older = {k: v for k, v in meta.items() if k != "onehot_width"}
+    for encoder, ds_meta, rows in (("onehot", meta, 20), ("embed", meta, 18), ("onehot", older, 18)):
+        cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "1", "--ssm_size_base", "4",
+                                   "--token_encoder", encoder])
+        params = jax.eval_shape(models.build_model(cfg, ds_meta).init, jax.random.PRNGKey(0), batch)["params"]
+        table = params["encoder"]["encoder"]["kernel" if encoder == "onehot" else "embedding"]
+        assert table.shape == (rows, 8), (encoder, ds_meta)
 
 
 def test_retrieval_encodes_both_documents_in_one_batch():
@@ -461,7 +476,7 @@ RELEASE_RECIPES = {  # dataset: (C_init, blocks, bsz, d_model, ssm_size, n_layer
     "pathx-classification": ("complex_normal", 16, 32, 128, 256, 6, 75, 6e-4, 3, "BandCdecay", 0.0, 0.06,
                              dict(dt_min=1e-4, bn_momentum=0.9)),
     "speech35-classification": ("lecun_normal", 16, 16, 96, 128, 6, 40, 2e-3, 4, "noBCdecay", 0.1, 0.04,
-                                dict(resolutions=[1, 2])),
+                                dict(resolutions=[1, 2], speech_norm="release")),
 }
 RELEASE_COMMON = dict(prenorm=True, batchnorm=True, bidirectional=True, conj_sym=True, discretization="zoh",
                       mode="pool", mask_padding=False, buckets=False, token_encoder="onehot", split_seed=42,
@@ -497,12 +512,16 @@ def test_speech_run_evaluates_at_two_rates(tmp_path):
     dataloaders.load("speech35-classification", tmp_path, workers=1)
     argv = ["--dataset", "speech35-classification", "--dir_name", str(tmp_path), "--run_dir", str(tmp_path / "r"),
             "--epochs", "1", "--bsz", "2", "--d_model", "4", "--n_layers", "1", "--ssm_size_base", "4",
-            "--p_dropout", "0", "--warmup_end", "0", "--eval_resolutions", "1,2"]
+            "--p_dropout", "0", "--warmup_end", "0", "--eval_resolutions", "1,2", "--speech_norm", "release"]
     assert train_ex.main(argv) == 0
     row = results(tmp_path / "r")["epochs"][0]
     for key in ("val_acc", "test_acc", "val_acc@2", "test_acc@2"):
         assert 0.0 <= row[key] <= 1.0, key
     assert train_ex.parse_args(["--eval_resolutions", "1,2"]).resolutions == [1, 2]
+    ds = train_ex.load_data(train_ex.parse_args(argv))[0]
+    assert ds.train.mean.shape == (16000, 1)  # --speech_norm release: statistics per time step
+    with pytest.raises(SystemExit):
+        train_ex.parse_args(["--speech_norm", "release"])  # ListOps, the default dataset: not audio
 
 
 @pytest.mark.parametrize("bad", ["2", "1,x", "0,1"])

@@ -235,7 +235,7 @@ def load_data(cfg):
     """(dataset, train, val, test) for a config: splits drawn with --split_seed, subsets by --max_*_samples."""
     try:
         opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
-        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, **opts)
+        ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, speech_norm=cfg.speech_norm, **opts)
     except dataloaders.DataError as e:
         raise RunError(str(e), 2) from None
     train, val, test = ds.train, ds.val, ds.test
@@ -308,6 +308,16 @@ def prepare_run_dir(cfg, rt) -> Path:
     return utils.new_run_dir(utils.check_writable("runs"), cfg.dataset)
 
 
+def saved_model_meta(run_dir):
+    """The model_meta of a run directory's newest checkpoint metadata that can be read, or None."""
+    for kind in ("latest", "latest.prev", "best"):
+        try:
+            return utils.read_json(utils.checkpoint_path(run_dir, kind).with_suffix(".json"))["config"]["model_meta"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def setup(cfg, rt, run_dir):
     """(Loop, model, state, progress, dataset, n_params, config) for a run: the data (process 0 builds any cache
     first, so processes sharing a disk never write it together), the model, its state, the steps."""
@@ -321,7 +331,10 @@ def setup(cfg, rt, run_dir):
     if steps_per_epoch == 0:
         raise RunError(f"{len(train)} training samples make no full batch of {cfg.bsz}: lower --bsz", 2)
     meta = dict(n_classes=ds.n_classes, seq_len=ds.seq_len, in_dim=ds.in_dim, tokens=ds.tokens, pair=ds.pair,
-                task=ds.task)
+                task=ds.task, onehot_width=ds.onehot_width)
+    saved = saved_model_meta(run_dir) if cfg.resume else None
+    if saved is not None and "onehot_width" not in saved:  # a run that began with one-hot width = vocabulary
+        meta["onehot_width"] = ds.in_dim
     model = models.build_model(cfg, meta)
     config = dict(vars(cfg), model_meta=meta)  # model_meta: what rebuilds the model without the data
     ckpts = Checkpoints(run_dir, rt, config)

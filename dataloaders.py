@@ -775,7 +775,7 @@ def model_meta(name: str) -> dict:
     pair, n_classes, task, onehot_width."""
     seq_len, in_dim, tokens, pair, n_classes = SHAPES[name]
     return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name),
-                onehot_width=max(ONEHOT_WIDTH.get(name, 0), in_dim) if tokens else None)
+                onehot_width=max(ONEHOT_WIDTH.get(name, 0), in_dim) if tokens and name not in NEXT_STEP else None)
 
 
 # Datasets whose task is next-step prediction (density modelling, generation), not classification

@@ -768,3 +768,29 @@ def test_download_script_speech(tmp_path, file_server):
     assert r.returncode == 0, r.stderr
     assert (data / "speech_commands_v0.02" / "testing_list.txt").exists()
     assert len(dl.load("speech35-classification", data, workers=1).test) == 2
+
+
+def test_model_meta_without_data_matches_the_loaded_datasets(tmp_path, generated_listops):
+    """dl.model_meta (what bench.py compiles the S5 recipes at) against datasets loaded from files in the
+    real formats; Text's and Retrieval's vocabularies depend on the data, so only their other fields are compared."""
+    make_cifar(tmp_path)
+    make_mnist(tmp_path)
+    make_pathfinder(tmp_path)
+    make_pathfinder(tmp_path, resolution=128, n_per_file=5, n_files=2, empty=())
+    make_speech(tmp_path)
+    make_imdb(tmp_path)
+    loaded = {name: dl.load(name, tmp_path) for name in (
+        "lra-cifar-classification", "cifar-classification", "mnist-classification", "pmnist-classification",
+        "pathfinder-classification", "pathx-classification", "speech35-classification", "imdb-classification",
+        "mnist")}
+    listops = tmp_path / "gen"
+    shutil.copytree(generated_listops, listops / "listops_generated")
+    loaded["listops-classification"] = dl.load("listops-classification", listops)
+    fields = ("seq_len", "in_dim", "tokens", "pair", "n_classes", "task", "onehot_width")
+    for name, ds in loaded.items():
+        want = dl.model_meta(name)
+        got = {k: getattr(ds, k) for k in fields}
+        if name == "imdb-classification":
+            got["in_dim"], want["in_dim"] = None, None
+        assert got == want, name
+    assert set(dl.SHAPES) == set(dl.DATASETS)

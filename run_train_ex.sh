@@ -130,12 +130,12 @@ else
 fi
 COMMON_ARGS=(--dataset "$DATASET" --dir_name "$DATA" --epochs "$EPOCHS" "${BASE_ARGS[@]}")
 
-# EXTRA (and DATASET) checked once with train_ex.py's own parser: a typo must not fail every run
+# EXTRA (and DATASET) checked once with train_ex.py's own command line (config.py): a typo must not fail every run
 if ! err="$("$PYTHON" - "${COMMON_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 <<PY
 import sys
 sys.path.insert(0, "$HERE")
-import train_ex
-train_ex.parse_args(sys.argv[1:])
+import config
+config.parse_args(sys.argv[1:])
 PY
 )"; then
   die "train_ex.py rejects DATASET/EXTRA ('$DATASET' / '$EXTRA'):"$'\n'"$(echo "$err" | tail -n 2)"

@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
-from flax import serialization
 from PIL import Image
 
 import inspect_run
 import train_ex
+import utils
 from test_train import TINY
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -25,12 +25,11 @@ def train(root, run_dir, *extra):
 
 def edit_checkpoint(run_dir, fn):
     """Apply fn(layer name, ssm params dict) to every layer's SSM parameters in ckpt_best (in place)."""
-    path = run_dir / "ckpt_best.msgpack"
-    state = serialization.msgpack_restore(path.read_bytes())
+    meta, state = utils.read_checkpoint(utils.checkpoint_path(run_dir, "best"))
     for name, layer in state["params"]["encoder"].items():
         if name.startswith("layer_"):
             fn(name, layer["ssm"])
-    path.write_bytes(serialization.msgpack_serialize(state))
+    utils.save_checkpoint(run_dir, "best", state, meta["config"], meta["progress"])
 
 
 @pytest.fixture(scope="module")

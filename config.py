@@ -43,7 +43,12 @@ The S5 recipes of each task are in the README. Every run writes `results.json`, 
 def _data_options(p):
     """Which data, how much of it, how it is batched and evaluated."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="listops-classification", choices=list(dataloaders.DATASETS))
+    g.add_argument("--dataset", default="listops-classification", choices=list(dataloaders.DATASETS),
+                   help="the diagnostics (generated in memory, sizes from --data_options): copying, "
+                   "selective_copying, associative_recall (per-position classes), adding (a regression)")
+    g.add_argument("--data_options", default="", help="diagnostic datasets: KEY=VALUE,... over their defaults: "
+                   + "; ".join(f"{name}: " + ",".join(f"{k}={v}" for k, v in d.items())
+                               for name, d in dataloaders.DIAGNOSTIC_OPTIONS.items()))
     g.add_argument("--dir_name", default="./data", help="data root (see download_lra.sh)")
     g.add_argument("--bsz", type=int, default=32, help="batch size (global, over all devices)")
     g.add_argument("--max_train_samples", type=int, default=None, help="use only this many training samples")
@@ -214,7 +219,19 @@ def _check_task(args, error):
         error("--downsample applies to mnist-classification and pmnist-classification only")
     if args.speech_norm != "global" and args.dataset != "speech35-classification":
         error("--speech_norm applies to speech35-classification only")
-    next_step = dataloaders.task_of(args.dataset) == "next_step"
+    task = dataloaders.task_of(args.dataset)
+    next_step = task == "next_step"
+    if args.data_options or args.dataset in dataloaders.DIAGNOSTIC_OPTIONS:
+        try:
+            dataloaders.parse_options(args.dataset, args.data_options)
+        except dataloaders.DataError as e:
+            error(f"--data_options: {e}")
+        if args.eval_resolutions != "1":
+            error(f"--eval_resolutions applies to the classification datasets, not the diagnostic {args.dataset}: "
+                  f"every k-th step would drop the tokens or markers the answer depends on")
+    if task == "per_position" and args.mode != "pool":
+        error(f"--dataset {args.dataset} answers at every scored position, with no pooling over time: --mode "
+              f"{args.mode} does not apply (leave it at pool)")
     if next_step:
         causal = f"--dataset {args.dataset} predicts each value from the ones before it, so the model must be causal"
         if args.bidirectional:

@@ -71,6 +71,7 @@ class Split:
     std: np.ndarray | None = None  # None for tokens
     scale: float = 255.0  # raw values → 0-1 (pixels) or −1..1 (16-bit PCM audio: 32768)
     next_step: bool = False  # next-step prediction: labels are the values themselves, inputs shifted right by one
+    label_weights: np.ndarray | None = None  # per-position tasks: (N, L) 1 where a position is scored, else 0
 
     def __len__(self):
         return len(self.labels)
@@ -80,7 +81,7 @@ class Split:
             return None if a is None else np.asarray(a[idx])
 
         return Split(pick(self.inputs), pick(self.lengths), pick(self.labels), pick(self.inputs2),
-                     pick(self.lengths2), self.mean, self.std, self.scale, self.next_step)
+                     pick(self.lengths2), self.mean, self.std, self.scale, self.next_step, pick(self.label_weights))
 
     def _features(self, x):
         if self.mean is None:
@@ -114,7 +115,9 @@ class Split:
 
     def batches(self, bsz, *, shuffle=False, seed=0, epoch=0, drop_last=False, buckets=None, start=0,
                 shard=(0, 1)):
-        """Yield batches as dicts of numpy arrays: inputs, lengths, labels, weights [, inputs2, lengths2].
+        """Yield batches as dicts of numpy arrays: inputs, lengths, labels, weights [, inputs2, lengths2]
+        [, label_weights]. Per-position tasks (`label_weights` set) have labels (bsz, L) and label_weights
+        (bsz, L), 1 at the scored positions; real-valued labels (regression) stay float32, others are int32.
         For next-step prediction (`next_step`) labels are the sequences' values (bsz, L) and inputs the same
         values shifted right by one, 0 first.
 
@@ -136,9 +139,14 @@ class Split:
             if n < bsz:
                 rows = np.concatenate([rows, np.full(bsz - n, rows[0])])
             rows, weights = rows[k * part:(k + 1) * part], weights[k * part:(k + 1) * part]
+            labels = np.asarray(self.labels[rows])
+            labels = labels[:, :width] if labels.ndim == 2 else labels
             batch = {"inputs": self._features(self.inputs[rows, :width]),
                      "lengths": np.minimum(self.lengths[rows], width).astype(np.int32),
-                     "labels": self.labels[rows].astype(np.int32), "weights": weights}
+                     "labels": labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32),
+                     "weights": weights}
+            if self.label_weights is not None:
+                batch["label_weights"] = np.asarray(self.label_weights[rows, :width], np.float32)
             if self.next_step:  # predict x_t from x_{<t}: the model sees x_{t-1} at t (0 at t = 0)
                 values = np.asarray(self.inputs[rows, :width]).reshape(len(rows), width).astype(np.int32)
                 batch["labels"] = values
@@ -733,6 +741,240 @@ def _step_stats(cache: Path, inputs, scale: float):
     return mean, std
 
 
+# --------------------------------------------------------------------------------------------------
+# Diagnostic tasks: small synthetic memory tasks, generated in memory
+# --------------------------------------------------------------------------------------------------
+#
+# Every diagnostic is drawn from numpy's default_rng([data_seed, split]) with split 0, 1, 2 for train, val, test: the
+# three splits come from disjoint random streams, and the same options give the same arrays on every machine.
+# Sequences all have the same length (no padding). Token tasks keep token 0 as the blank. Options (all integers)
+# come from `--data_options KEY=VALUE,...`; DIAGNOSTIC_OPTIONS holds each task's keys and defaults.
+
+BLANK, DELIM = 0, 1  # copying and selective copying: the blank (noise) token and the delimiter; data tokens from 2
+ADDING_TOLERANCE = 0.04  # the adding problem's prediction counts as correct when |prediction - sum| < this
+DIAGNOSTIC_SIZES = dict(n_train=2000, n_val=500, n_test=500, data_seed=0)  # samples per split; the generator's seed
+DIAGNOSTIC_OPTIONS = {
+    "copying": dict(k=8, vocab=8, lag=64, **DIAGNOSTIC_SIZES),
+    "selective_copying": dict(k=8, vocab=8, length=64, **DIAGNOSTIC_SIZES),
+    "associative_recall": dict(n_pairs=8, n_queries=8, n_keys=16, n_values=16, gap=0, **DIAGNOSTIC_SIZES),
+    "adding": dict(length=100, **DIAGNOSTIC_SIZES),
+}
+# What each diagnostic asks for and how it is scored
+DIAGNOSTIC_TASKS = {"copying": "per_position", "selective_copying": "per_position",
+                    "associative_recall": "per_position", "adding": "regression"}
+
+
+def chance_level(name: str, options: dict | None = None) -> float:
+    """The accuracy of the best guess that ignores the inputs: 1/vocab (copying tasks), 1/n_values (recall); for
+    the adding problem, always answering 1 (the mode of the sum of two uniform values, whose density is
+    1 - |s - 1|) is within the tolerance t with probability 2t - t² (0.0784 at t = 0.04)."""
+    o = parse_options(name, options)
+    if name == "adding":
+        return 2 * ADDING_TOLERANCE - ADDING_TOLERANCE ** 2
+    return 1.0 / (o["n_values"] if name == "associative_recall" else o["vocab"])
+
+
+def parse_options(name: str, text: str | dict | None) -> dict:
+    """A diagnostic's options: its defaults (DIAGNOSTIC_OPTIONS) updated by `text` ("k=4,lag=32", or a dict).
+    A DataError names what is wrong and every allowed key with its default."""
+    if name not in DIAGNOSTIC_OPTIONS:
+        raise DataError(f"--data_options applies to the diagnostic datasets ({', '.join(DIAGNOSTIC_OPTIONS)}), "
+                        f"not {name}")
+    defaults = DIAGNOSTIC_OPTIONS[name]
+    allowed = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    given = {}
+    if isinstance(text, dict):
+        given = dict(text)
+    elif text:
+        for item in str(text).split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise DataError(f"{name}: data option {item!r} is not KEY=VALUE; allowed (defaults): {allowed}")
+            given[key.strip()] = value.strip()
+    opts = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise DataError(f"{name}: unknown data option {key!r}; allowed (defaults): {allowed}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, float) and value != number:
+            raise DataError(f"{name}: data option {key}={value!r} must be an integer; allowed (defaults): {allowed}")
+        opts[key] = number
+    low = {k: 0 if k in ("gap", "data_seed", "lag") else 1 for k in opts}
+    for key, value in opts.items():
+        if value < low[key]:
+            raise DataError(f"{name}: data option {key} must be at least {low[key]}, got {value}")
+    if name == "selective_copying" and opts["k"] > opts["length"]:
+        raise DataError(f"{name}: k={opts['k']} tokens do not fit in a stream of length={opts['length']}")
+    if name == "associative_recall":
+        if opts["n_pairs"] > opts["n_keys"]:
+            raise DataError(f"{name}: n_pairs={opts['n_pairs']} distinct keys need n_keys >= n_pairs "
+                            f"(n_keys={opts['n_keys']})")
+        if opts["n_queries"] > opts["n_pairs"]:
+            raise DataError(f"{name}: n_queries={opts['n_queries']} distinct queries need n_pairs >= n_queries "
+                            f"(n_pairs={opts['n_pairs']})")
+    if name == "adding" and opts["length"] < 2:
+        raise DataError(f"{name}: length must be at least 2 (one marker in each half), got {opts['length']}")
+    return opts
+
+
+def diagnostic_shape(name: str, options=None) -> tuple:
+    """(seq_len, in_dim, tokens, pair, n_classes) of a diagnostic at its options (as SHAPES)."""
+    o = parse_options(name, options)
+    if name == "copying":
+        return 2 * o["k"] + o["lag"] + 1, o["vocab"] + 2, True, False, o["vocab"]
+    if name == "selective_copying":
+        return o["length"] + 1 + o["k"], o["vocab"] + 2, True, False, o["vocab"]
+    if name == "associative_recall":
+        return (2 * o["n_pairs"] + o["gap"] + o["n_queries"], 1 + o["n_keys"] + o["n_values"], True, False,
+                o["n_values"])
+    return o["length"], 2, False, False, 1  # adding: (value, marker) per step; one real-valued output
+
+
+def _distinct(rng, n, among, k):
+    """(n, k) distinct integers from 0..among-1 in each row, in random order."""
+    return np.argsort(rng.random((n, among)), axis=1)[:, :k]
+
+
+def make_copying(rng, n, k, vocab, lag):
+    """The S4 paper's copying task. Layout of one sequence (length 2k + lag + 1), `.` blank, `|` delimiter:
+
+        inputs   d1 d2 .. dk  .  .  ..  .  |  .  .  ..  .
+                 (k tokens)  (lag blanks)     (k blanks)
+        labels    -  - ..  -  -  -  ..  -  -  d1 d2 .. dk     scored only at the last k positions
+
+    Data tokens are 2..vocab+1 in the inputs and their classes 0..vocab-1 in the labels."""
+    L = 2 * k + lag + 1
+    data = rng.integers(0, vocab, (n, k))
+    x = np.zeros((n, L), np.uint8 if vocab + 2 <= 256 else np.int32)
+    x[:, :k] = data + 2
+    x[:, k + lag] = DELIM
+    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
+    y[:, L - k:], w[:, L - k:] = data, 1.0
+    return x, y, w
+
+
+def make_selective_copying(rng, n, k, vocab, length):
+    """Mamba's selective copying task: k data tokens at random distinct positions of a stream of `length` blanks
+    (noise), then the delimiter, then k blanks where the data tokens must be reproduced in the order they came:
+
+        inputs   .  d1 .  .  d2 d3 .  ..  dk .  |  .  .  ..  .
+                 (a stream of `length` steps)       (k blanks)
+        labels   -  -  ..                        -  d1 d2 .. dk   scored only at the last k positions
+
+    Length length + 1 + k. Tokens and classes as in make_copying."""
+    L = length + 1 + k
+    data = rng.integers(0, vocab, (n, k))
+    where = np.sort(_distinct(rng, n, length, k), axis=1)
+    x = np.zeros((n, L), np.uint8 if vocab + 2 <= 256 else np.int32)
+    x[np.arange(n)[:, None], where] = data + 2
+    x[:, length] = DELIM
+    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
+    y[:, L - k:], w[:, L - k:] = data, 1.0
+    return x, y, w
+
+
+def make_associative_recall(rng, n, n_pairs, n_queries, n_keys, n_values, gap):
+    """Multi-query associative recall (Zoology's MQAR): n_pairs key-value pairs with distinct keys, `gap` blanks,
+    then n_queries distinct keys of those pairs; at each query the answer is the value paired with that key:
+
+        inputs   k1 v1 k2 v2 .. kP vP  .  ..  .  q1 q2 .. qQ
+        labels    -  -  -  - ..  -  -  -  ..  -  a1 a2 .. aQ     scored only at the query positions
+
+    Tokens: 0 blank, keys 1..n_keys, values n_keys+1..n_keys+n_values; classes: the values 0..n_values-1."""
+    P, Q = n_pairs, n_queries
+    L = 2 * P + gap + Q
+    keys = _distinct(rng, n, n_keys, P)
+    values = rng.integers(0, n_values, (n, P))
+    asked = _distinct(rng, n, P, Q)  # which pairs are queried, in which order
+    rows = np.arange(n)[:, None]
+    x = np.zeros((n, L), np.uint8 if 1 + n_keys + n_values <= 256 else np.int32)
+    x[:, 0:2 * P:2], x[:, 1:2 * P:2] = keys + 1, values + n_keys + 1
+    x[:, L - Q:] = keys[rows, asked] + 1
+    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
+    y[:, L - Q:], w[:, L - Q:] = values[rows, asked], 1.0
+    return x, y, w
+
+
+def make_adding(rng, n, length):
+    """The adding problem (Hochreiter & Schmidhuber): two channels per step, a value uniform in [0, 1) and a
+    marker, 1 at exactly two steps (one in each half of the sequence) and 0 elsewhere. The answer, one real
+    number per sequence, is the sum of the two marked values (a regression: squared error, correct when within
+    ADDING_TOLERANCE):
+
+        values   0.12 0.87 0.45 .. 0.31 0.02 ..      labels   0.87 + 0.31 = 1.18
+        markers  0    1    0    .. 1    0    ..
+    """
+    values = rng.random((n, length)).astype(np.float32)
+    half = length // 2
+    first = rng.integers(0, half, n)
+    second = rng.integers(half, length, n)
+    markers = np.zeros((n, length), np.float32)
+    markers[np.arange(n), first] = markers[np.arange(n), second] = 1.0
+    rows = np.arange(n)
+    labels = values[rows, first] + values[rows, second]
+    return np.stack([values, markers], axis=-1), labels.astype(np.float32), None
+
+
+def generate_diagnostic(name: str, options=None) -> dict:
+    """{split: (inputs, labels, label_weights or None)} of a diagnostic; split s is drawn from
+    default_rng([data_seed, s]) with s = 0, 1, 2 for train, val, test."""
+    o = parse_options(name, options)
+    make = {"copying": make_copying, "selective_copying": make_selective_copying,
+            "associative_recall": make_associative_recall, "adding": make_adding}[name]
+    task = {k: v for k, v in o.items() if k not in DIAGNOSTIC_SIZES}
+    return {split: make(np.random.default_rng([o["data_seed"], s]), o[f"n_{split}"], **task)
+            for s, split in enumerate(("train", "val", "test"))}
+
+
+def load_diagnostic(name: str, options=None) -> Dataset:
+    """A diagnostic task as a Dataset (generated in memory, nothing read or written)."""
+    o = parse_options(name, options)
+    seq_len, in_dim, tokens, _, n_classes = diagnostic_shape(name, o)
+    made = {}
+    for split, (x, y, w) in generate_diagnostic(name, o).items():
+        lengths = np.full(len(y), seq_len, np.int32)
+        if tokens:
+            made[split] = Split(x, lengths, y, label_weights=w)
+        else:  # real-valued inputs, fed as they are
+            made[split] = Split(x, lengths, y, mean=np.zeros(in_dim, np.float32), std=np.ones(in_dim, np.float32),
+                                scale=1.0)
+    return Dataset(name, made["train"], made["val"], made["test"], n_classes, seq_len, in_dim, padded=False,
+                   pair=False, source=f"generated in memory: {name} " + ",".join(f"{k}={v}" for k, v in o.items()),
+                   vocab=diagnostic_vocab(name, o), generated=True, generator_seed=o["data_seed"],
+                   task=DIAGNOSTIC_TASKS[name],
+                   onehot_width=in_dim if tokens else None)
+
+
+def diagnostic_vocab(name: str, options=None) -> list:
+    """The symbol of every input token of a token diagnostic: `.` blank, `|` delimiter, data tokens by their class
+    (copying tasks); `.`, k<key>, v<value> (recall). Empty for the adding problem."""
+    o = parse_options(name, options)
+    if name == "associative_recall":
+        return ["."] + [f"k{i}" for i in range(o["n_keys"])] + [f"v{i}" for i in range(o["n_values"])]
+    if name == "adding":
+        return []
+    return [".", "|"] + [str(i) for i in range(o["vocab"])]
+
+
+def describe(ds: Dataset, split: str, i: int) -> str:
+    """Sample i of a diagnostic's split ("train", "val", "test") as text, to check by eye: the inputs as symbols
+    (diagnostic_vocab), the scored labels under them ('-' where nothing is scored); for the adding problem the
+    marked values and the label."""
+    s = getattr(ds, split)
+    if ds.name == "adding":
+        x = np.asarray(s.inputs[i])
+        marked = np.flatnonzero(x[:, 1])
+        terms = " + ".join(f"x[{t}]={x[t, 0]:.3f}" for t in marked)
+        return f"adding, length {len(x)}: marked {terms}; label {float(s.labels[i]):.3f}"
+    x, y, w = (np.asarray(a[i]) for a in (s.inputs, s.labels, s.label_weights))
+    inputs = " ".join(f"{ds.vocab[t]:>3}" for t in x)
+    labels = " ".join(f"{(str(int(c)) if m else '-'):>3}" for c, m in zip(y, w))
+    return f"{ds.name} {split}[{i}]\n  inputs {inputs}\n  labels {labels}"
+
+
 # ==================================================================================================
 # The registry, the cache, and load()
 # ==================================================================================================
@@ -750,6 +992,8 @@ DATASETS = {
     "pmnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
     "speech35-classification": (build_speech, dict(), "train", None),  # standardised by the training set
     "mnist": (build_mnist, dict(downsample=1), None, 0.1),  # next-pixel prediction: 256 intensity classes
+    # the diagnostics: generated in memory by load_diagnostic (no files, no cache), options from --data_options
+    **{name: (load_diagnostic, defaults, None, None) for name, defaults in DIAGNOSTIC_OPTIONS.items()},
 }
 # What a model of each dataset sees, at its default options, without reading any data (bench.py compiles the S5
 # recipes at these shapes): (seq_len, in_dim, tokens, pair, n_classes). in_dim is the vocabulary size of token
@@ -767,13 +1011,15 @@ SHAPES = {
     "pmnist-classification": (784, 1, False, False, 10),
     "speech35-classification": (SPEECH_LEN, 1, False, False, len(SPEECH_WORDS)),
     "mnist": (784, 256, True, False, 256),  # next-pixel prediction: the previous pixel, one of 256 values
+    **{name: diagnostic_shape(name) for name in DIAGNOSTIC_OPTIONS},  # at their default options
 }
 
 
-def model_meta(name: str) -> dict:
+def model_meta(name: str, options=None) -> dict:
     """The model-facing fields of a dataset (as a loaded Dataset gives them) from SHAPES: seq_len, in_dim, tokens,
-    pair, n_classes, task, onehot_width."""
-    seq_len, in_dim, tokens, pair, n_classes = SHAPES[name]
+    pair, n_classes, task, onehot_width. `options`: a diagnostic's --data_options (text or dict)."""
+    seq_len, in_dim, tokens, pair, n_classes = (diagnostic_shape(name, options) if name in DIAGNOSTIC_OPTIONS
+                                                else SHAPES[name])
     return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name),
                 onehot_width=max(ONEHOT_WIDTH.get(name, 0), in_dim) if tokens and name not in NEXT_STEP else None)
 
@@ -787,8 +1033,9 @@ ONEHOT_WIDTH = {"listops-classification": 20, "imdb-classification": 135}
 
 
 def task_of(name: str) -> str:
-    """"next_step" (predict every value from the ones before it) or "classification"."""
-    return "next_step" if name in NEXT_STEP else "classification"
+    """"next_step" (predict every value from the ones before it), "per_position" (a class at every scored
+    position, the diagnostics' label_weights), "regression" (one real number per sequence) or "classification"."""
+    return "next_step" if name in NEXT_STEP else DIAGNOSTIC_TASKS.get(name, "classification")
 
 
 def _fingerprint(root: Path, name: str) -> str:
@@ -914,6 +1161,8 @@ def load(name: str, dir_name="./data", seed: int = 42, speech_norm: str = "globa
         raise DataError(f"speech_norm must be one of {', '.join(SPEECH_NORMS)}, got {speech_norm!r}")
     if speech_norm != "global" and norm != "train":
         raise DataError(f"speech_norm={speech_norm!r} applies to speech35-classification only, not {name}")
+    if name in DIAGNOSTIC_OPTIONS:  # generated from their own seed (option data_seed), not `seed`, nothing on disk
+        return load_diagnostic(name, options)
     unknown = set(options) - set(defaults) - {"generate", "workers"}
     if unknown:
         raise DataError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(defaults)}")

@@ -276,6 +276,20 @@ class NextStepModel(nn.Module):
         return states, self.decoder(x)
 
 
+class PerPositionModel(nn.Module):
+    """A class at every position (B, L, n_classes) from the encoder's output there, no pooling: the diagnostics'
+    per-position tasks (copying, selective copying, associative recall), scored where batch["label_weights"] is 1.
+    Unlike NextStepModel the inputs are the task's own tokens, not shifted labels."""
+
+    encoder: StackedEncoder
+    n_classes: int
+
+    @nn.compact
+    def __call__(self, batch, training=False):
+        x = self.encoder(batch["inputs"], length_mask(batch["lengths"], batch["inputs"].shape[1]), training)
+        return nn.Dense(self.n_classes, name="decoder")(x)
+
+
 def recurrent_logits(model: NextStepModel, variables, inputs):
     """Teacher-forced logits (B, L, n_classes) of the shifted inputs (B, L), computed step by step in the
     recurrent mode: one compiled lax.scan over time, the whole stack advanced one position per step for
@@ -329,8 +343,9 @@ def _batched(tree, n):
 
 def build_model(cfg, ds_meta):
     """The model for a config (argparse namespace or dict-like with attribute access) and a dataset's fields
-    (n_classes, seq_len, in_dim, tokens, pair; task: classification (default) or next_step; onehot_width: the
-    one-hot encoder's width for tokens, in_dim when absent)."""
+    (n_classes, seq_len, in_dim, tokens, pair; task: classification (default), next_step, per_position or
+    regression (a pooled head with n_classes = 1 output); onehot_width: the one-hot encoder's width for tokens,
+    in_dim when absent)."""
     ssm_kw = dict(blocks=cfg.blocks, C_init=cfg.C_init, discretization=cfg.discretization, dt_min=cfg.dt_min,
                   dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
@@ -351,6 +366,8 @@ def build_model(cfg, ds_meta):
                              tokens, in_dim, layer_kw, cfg.token_encoder)
     if next_step:
         return NextStepModel(encoder, ds_meta["n_classes"])
+    if ds_meta.get("task") == "per_position":
+        return PerPositionModel(encoder, ds_meta["n_classes"])
     head = RetrievalModel if ds_meta["pair"] else ClassificationModel
     return head(encoder, ds_meta["n_classes"], cfg.mode)
 
@@ -373,7 +390,7 @@ MODEL_DEFAULTS = dict(
 # The options a checkpoint's parameters depend on: loading it into a model that differs in any is refused.
 ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
                "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
-               "time_scale_type", "token_encoder", "pixel_tokens")
+               "time_scale_type", "token_encoder", "pixel_tokens", "data_options")
 
 
 def check_architecture(saved: dict, cfg):
@@ -409,11 +426,17 @@ def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
     dataset's shapes (meta: seq_len, in_dim, tokens, pair, task): for initialising a model or, through
     jax.eval_shape, for compiling a step without allocating anything."""
     L = meta["seq_len"] if L is None else L
-    next_step = meta.get("task") == "next_step"
+    task = meta.get("task")
+    next_step = task == "next_step"
     x = jnp.zeros((bsz, L), jnp.int32) if meta["tokens"] or next_step else jnp.zeros((bsz, L, meta["in_dim"]))
     lengths = jnp.full((bsz,), L, jnp.int32)
-    batch = {"inputs": x, "lengths": lengths, "labels": jnp.zeros((bsz, L) if next_step else (bsz,), jnp.int32),
+    per_position = next_step or task == "per_position"
+    batch = {"inputs": x, "lengths": lengths,
+             "labels": jnp.zeros((bsz, L) if per_position else (bsz,), jnp.float32 if task == "regression" else
+                                 jnp.int32),
              "weights": jnp.ones((bsz,), jnp.float32)}
+    if task == "per_position":
+        batch["label_weights"] = jnp.ones((bsz, L), jnp.float32)
     if meta["pair"]:
         batch.update(inputs2=x, lengths2=lengths)
     return batch
@@ -499,15 +522,44 @@ def new_state(params, batch_stats, tx):
             "totals": jnp.zeros(4, jnp.float32)}
 
 
-def make_steps(model, tx, dropout_key):
+REGRESSION_TOLERANCE = 0.04  # a regression's prediction is "correct" within this of its label (the adding problem)
+
+
+def task_loss(logits, batch, task: str = "classification"):
+    """(loss, hit) per sequence (B,) for a dataset's task (dataloaders.task_of):
+
+    classification  logits (B, C): cross-entropy; hit 1 when the most likely class is the label.
+    next_step       logits (B, L, C): the mean over positions of cross-entropy (nats per value) and of hits.
+    per_position    logits (B, L, C): the same means over the scored positions only (batch["label_weights"]
+                    (B, L), 1 where scored), so a sequence's accuracy is its fraction of scored positions right.
+    regression      logits (B, 1): squared error to the real-valued label; hit when within REGRESSION_TOLERANCE.
+    """
+    labels = batch["labels"]
+    if task == "regression":
+        err = logits[..., 0] - labels
+        return err ** 2, (jnp.abs(err) < REGRESSION_TOLERANCE).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    if task == "per_position":
+        lw = batch["label_weights"]
+        scored = jnp.maximum(jnp.sum(lw, axis=1), 1.0)
+        return jnp.sum(nll * lw, axis=1) / scored, jnp.sum(hit * lw, axis=1) / scored
+    if nll.ndim == 2:  # next-step prediction: per sequence, the mean over its positions (nats per value)
+        return nll.mean(axis=1), hit.mean(axis=1)
+    return nll, hit
+
+
+def make_steps(model, tx, dropout_key, task: str = "classification"):
     """(train_step, eval_step), not yet jit-compiled.
 
     train_step(state, batch, step) → state: one optimiser step; a step whose loss is not finite changes no
     parameter and is counted in state["totals"][3] (the host looks at it every --log_every steps).
     state["totals"] sums (loss·n, correct, n, non-finite steps) on the device, so no step syncs the host.
     eval_step(state, batch) → (loss·n, correct, n).
-    For next-step prediction (logits (B, L, classes)) a sequence's loss is its mean over positions (nats per
-    value) and its "correct" the fraction of positions whose most likely value is the true one.
+    A sequence's loss and "correct" are task_loss's for the dataset's `task`: e.g. for next-step prediction
+    (logits (B, L, classes)) its mean over positions (nats per value) and the fraction of positions whose most
+    likely value is the true one; "next_step" is also assumed when logits have a time axis and `task` is left at
+    classification.
     """
 
     def loss_fn(params, batch_stats, batch, rng, training):
@@ -515,10 +567,7 @@ def make_steps(model, tx, dropout_key):
                           rngs={"dropout": rng}, mutable=["batch_stats"] if training else False)
         logits, new_stats = (out[0], out[1].get("batch_stats", batch_stats)) if training else (out, batch_stats)
         w = batch["weights"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        hit = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        if nll.ndim == 2:  # next-step prediction: per sequence, the mean over its positions (nats per value)
-            nll, hit = nll.mean(axis=1), hit.mean(axis=1)
+        nll, hit = task_loss(logits, batch, task)
         loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
         correct = jnp.sum(hit * w)
         return loss, (new_stats, correct, jnp.sum(w))

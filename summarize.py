@@ -6,12 +6,15 @@ Reads every results.json under the root (and the series_run.json that run_train_
 setting, seed, exit code) and writes into the root (or --out):
 
   summary.md       one row per setting: best validation accuracy and the test accuracy at the best validation
-                   epoch as mean ± sample std over seeds, epochs, wall time, steps/s, parameters, status; then
-                   one row per run
+                   epoch as mean ± sample std over seeds, the test accuracy's 95% confidence interval (Student
+                   t), the paired difference to the group's baseline (same seed; the group's first S5 setting or
+                   --baseline) with its 95% interval, marked * where it excludes 0, parameters, epochs, wall
+                   time, steps/s, status; then one row per run with its difference to the baseline
   summary.csv      the settings table, numbers unformatted (accuracies as fractions)
   runs.csv         one row per run
   val_acc_<group>.png   validation accuracy per epoch, one curve per run
-  test_acc.png     test accuracy at the best validation epoch per setting, error bars = std over seeds
+  test_acc.png     test accuracy at the best validation epoch per setting, error bars = the 95% CI
+  test_acc_diff.png  the paired differences to each group's baseline, error bars = their 95% CI
 
 Works on a partial series: a run still running or interrupted counts with what it has so far, a failed run
 (results.json status "failed", a non-zero exit code recorded by the series, or no results.json at all) is a
@@ -55,6 +58,36 @@ def mean_std(values):
     if len(values) < 2:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+# Student t's 0.975 quantile for 1..30 degrees of freedom (a two-sided 95% interval), from the standard tables
+T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+        2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+        2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+Z975 = 1.959963984540054  # the normal distribution's 0.975 quantile
+
+
+def t975(df: int) -> float:
+    """Student t's 0.975 quantile with df degrees of freedom: the table T975 up to 30, beyond it Fisher's
+    (Cornish-Fisher) expansion around the normal quantile z in powers of 1/df, exact there to about 1e-7."""
+    if df < 1:
+        raise ValueError(f"a t quantile needs at least 1 degree of freedom, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    g = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(c / df ** (k + 1) for k, c in enumerate(g))
+
+
+def ci95(values):
+    """(mean, sample std, half-width of the 95% confidence interval of the mean: t975(n - 1)·std/√n); std and
+    half-width None for fewer than two values, all None for none."""
+    m, s = mean_std(values)
+    if s is None:
+        return m, None, None
+    return m, s, t975(len(values) - 1) * s / math.sqrt(len(values))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +161,7 @@ def load_run(root: Path, d: Path) -> dict:
         log = f"log {d.relative_to(root) / 'train.log'}"
         note = f"{note}; {log}" if note else log
     return dict(dir=str(d.relative_to(root)) if d != root else ".", group=group, setting=setting, seed=seed,
+                ssm_type=cfg.get("ssm_type"),
                 order=meta.get("order"), status=status, exit_code=code, val=val, test=test, best_epoch=best_epoch,
                 epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
                 wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
@@ -149,7 +183,7 @@ def summarise(runs):
         partial = [r for r in rs if r["status"] in PARTIAL and r["test"] is not None]
         used = finished or partial
         val_m, val_s = mean_std([r["val"] for r in used if r["val"] is not None])
-        test_m, test_s = mean_std([r["test"] for r in used])
+        test_m, test_s, test_ci = ci95([r["test"] for r in used])
         counts = {}
         for r in rs:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -164,11 +198,41 @@ def summarise(runs):
         totals = sorted({r["epochs_total"] for r in rs if r["epochs_total"] is not None})
         params = sorted({r["n_params"] for r in rs if isinstance(r["n_params"], int)})
         rows.append(dict(group=group, setting=setting, seeds=[r["seed"] for r in rs], n=len(used), val_mean=val_m,
-                         val_std=val_s, test_mean=test_m, test_std=test_s, epochs_done=done, epochs_total=totals,
+                         val_std=val_s, test_mean=test_m, test_std=test_s, test_ci=test_ci, epochs_done=done,
+                         epochs_total=totals, used=used, ssm_types=sorted({r["ssm_type"] for r in rs if r["ssm_type"]}),
                          wall_time_s=sum(walls) / len(walls) if walls else None,
                          steps_per_s=sum(sps) / len(sps) if sps else None, n_params=params, status=status,
                          data=data, runs=rs))
     return rows
+
+
+def paired_differences(rows, baseline=None):
+    """Each setting's test accuracy minus its group's baseline's, seed by seed (runs with the same seed form a
+    pair; only the runs counted in the settings' means): adds to every row `baseline` (the baseline setting's
+    name, or None), `diffs` ({seed: difference}), `diff_mean`, `diff_std`, `diff_ci` (the 95% half-width of the
+    mean difference) and `diff_excludes_0` (the interval lies wholly above or below 0). The baseline of a group
+    is the setting named `baseline`, else its first S5 setting (ssm_type s5). → the groups without a baseline."""
+    groups = []
+    for r in rows:
+        if r["group"] not in groups:
+            groups.append(r["group"])
+    missing = []
+    for group in groups:
+        members = [r for r in rows if r["group"] == group]
+        if baseline is not None:
+            base = next((r for r in members if r["setting"] == baseline), None)
+        else:
+            base = next((r for r in members if r["ssm_types"] == ["s5"]), None)
+        if base is None:
+            missing.append(group)
+        ref = {r["seed"]: r["test"] for r in base["used"]} if base else {}
+        for r in members:
+            diffs = {} if base is None or r is base else {
+                x["seed"]: x["test"] - ref[x["seed"]] for x in r["used"] if x["seed"] in ref}
+            m, sd, ci = ci95(list(diffs.values()))
+            r.update(baseline=base["setting"] if base else None, diffs=diffs, diff_mean=m, diff_std=sd, diff_ci=ci,
+                     diff_excludes_0=ci is not None and abs(m) > ci)
+    return missing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +244,29 @@ def pct(m, s=None):
     if m is None:
         return "—"
     return f"{100 * m:.2f} ± {100 * s:.2f}" if s is not None else f"{100 * m:.2f}"
+
+
+def interval(m, half):
+    """A 95% interval in %: [lo, hi]; — without one."""
+    if m is None or half is None:
+        return "—"
+    return f"[{100 * (m - half):.2f}, {100 * (m + half):.2f}]"
+
+
+def fmt_diff(r):
+    """A setting's mean paired difference to its baseline in percentage points with its 95% interval; a star
+    where the interval excludes 0."""
+    if r["baseline"] is None:
+        return "—"
+    if r["baseline"] == r["setting"]:
+        return "baseline"
+    if r["diff_mean"] is None:
+        return "no pairs"
+    text = f"{100 * r['diff_mean']:+.2f}"
+    if r["diff_ci"] is None:
+        return f"{text} (1 pair)"
+    return f"{text} [{100 * (r['diff_mean'] - r['diff_ci']):+.2f}, {100 * (r['diff_mean'] + r['diff_ci']):+.2f}]" + (
+        " *" if r["diff_excludes_0"] else "")
 
 
 def fmt_time(s):
@@ -210,17 +297,24 @@ def write_markdown(path: Path, root: Path, rows, runs):
          f"{len(runs)} run(s) in {len(rows)} setting(s) under `{root}`. Accuracies in %; *best val* = the best "
          "validation accuracy, *test at best val* = the test accuracy at that epoch; each is mean ± sample std over "
          "the seeds counted in *n* (finished runs; if none finished, the partial ones; failed runs never). "
+         "*test 95% CI*: the 95% confidence interval of the mean test accuracy (Student t, n − 1 degrees of "
+         "freedom). *Δ test vs baseline*: the test accuracy minus the group's baseline's (its first S5 setting, "
+         "or --baseline) seed by seed, mean and 95% interval over the pairs in percentage points; * marks an "
+         "interval that excludes 0 (a difference whose interval includes 0 is not shown to be one). "
          "Wall time and steps/s: mean per run.", "",
-         "| group | setting | seeds | n | best val | test at best val | epochs | wall time | steps/s | params "
-         "| status |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| group | setting | seeds | n | best val | test at best val | test 95% CI | Δ test vs baseline | params "
+         "| epochs | wall time | steps/s | status |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['group']} | {r['setting']} | {join(r['seeds'])} | {r['n']} "
-                 f"| {pct(r['val_mean'], r['val_std'])} "
-                 f"| {pct(r['test_mean'], r['test_std'])} | {fmt_epochs(r['epochs_done'], r['epochs_total'])} "
-                 f"| {fmt_time(r['wall_time_s'])} | "
-                 f"{fmt_num(r['steps_per_s'])} "
-                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {r['status']} |")
+                 f"| {pct(r['val_mean'], r['val_std'])} | {pct(r['test_mean'], r['test_std'])} "
+                 f"| {interval(r['test_mean'], r['test_ci'])} | {fmt_diff(r)} "
+                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} "
+                 f"| {fmt_epochs(r['epochs_done'], r['epochs_total'])} | {fmt_time(r['wall_time_s'])} "
+                 f"| {fmt_num(r['steps_per_s'])} | {r['status']} |")
+    bases = sorted({f"{r['group']}: {r['baseline']}" for r in rows if r["baseline"] is not None})
+    if bases:
+        L += ["", "Baselines: " + "; ".join(bases) + "."]
     generated = [f"{r['group']}/{r['setting']}" for r in rows if r["data"] == "generated"]
     if generated:
         L += ["", f"**Generated data**, not the published release (numbers do not compare with the papers' tables): "
@@ -229,13 +323,15 @@ def write_markdown(path: Path, root: Path, rows, runs):
     if unreadable:
         L += ["", f"**{len(unreadable)} results.json cannot be read** (truncated or damaged; these runs count nowhere "
               f"above): " + ", ".join(f"`{Path(r['dir']) / RESULTS}`" for r in unreadable) + "."]
-    L += ["", "## Runs", "", "| run | seed | status | epochs | best val | test at best val | wall time | note |",
-          "|---|---|---|---|---|---|---|---|"]
+    L += ["", "## Runs", "", "| run | seed | status | epochs | best val | test at best val | Δ test vs baseline "
+          "| wall time | note |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for r in row["runs"]:
+            d = row["diffs"].get(r["seed"]) if any(r is u for u in row["used"]) else None
             L.append(f"| {r['dir']} | {r['seed']} | {r['status']} | "
                      f"{fmt_epochs([r['epochs_done']], [r['epochs_total']] if r['epochs_total'] else [])} | "
-                     f"{pct(r['val'])} | {pct(r['test'])} | {fmt_time(r['wall'])} | {cell(r['note'])} |")
+                     f"{pct(r['val'])} | {pct(r['test'])} | {'—' if d is None else f'{100 * d:+.2f}'} | "
+                     f"{fmt_time(r['wall'])} | {cell(r['note'])} |")
     path.write_text("\n".join(L) + "\n")
 
 
@@ -243,12 +339,14 @@ def write_csvs(out: Path, rows):
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "setting", "seeds", "n", "val_mean", "val_std", "test_mean", "test_std", "epochs_done",
-                    "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status", "data"])
+                    "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status", "data", "test_ci95",
+                    "baseline", "diff_n", "diff_mean", "diff_std", "diff_ci95", "diff_excludes_0"])
         for r in rows:
             w.writerow([r["group"], r["setting"], " ".join(map(str, r["seeds"])), r["n"], r["val_mean"], r["val_std"],
                         r["test_mean"], r["test_std"], " ".join(map(str, r["epochs_done"])),
                         " ".join(map(str, r["epochs_total"])), r["wall_time_s"], r["steps_per_s"],
-                        " ".join(map(str, r["n_params"])), r["status"], r["data"]])
+                        " ".join(map(str, r["n_params"])), r["status"], r["data"], r["test_ci"], r["baseline"],
+                        len(r["diffs"]), r["diff_mean"], r["diff_std"], r["diff_ci"], r["diff_excludes_0"]])
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",
@@ -307,7 +405,7 @@ def write_plots(out: Path, rows):
     fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(rows) + 2), 4.5))
     xs = range(len(rows))
     heights = [r["test_mean"] or 0.0 for r in rows]
-    errs = [r["test_std"] or 0.0 for r in rows]
+    errs = [r["test_ci"] or 0.0 for r in rows]
     cols = [colours(groups.index(r["group"]) % 10) for r in rows]
     ax.bar(xs, heights, yerr=errs, capsize=3, color=cols)
     for x, r in zip(xs, rows):
@@ -315,13 +413,38 @@ def write_plots(out: Path, rows):
             ax.text(x, 0.01, "failed" if "failed" in r["status"] else "no result", rotation=90, ha="center",
                     va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [f"{r['group']}/{r['setting']}" for r in rows], rotation=60, ha="right", fontsize=8)
-    ax.set(ylabel="test accuracy at best val", title="test accuracy per setting (mean ± std over seeds)")
+    ax.set(ylabel="test accuracy at best val", title="test accuracy per setting (mean over seeds, 95% CI)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     p = out / "test_acc.png"
     fig.savefig(p, dpi=100)
     plt.close(fig)
     written.append(p)
+
+    compared = [r for r in rows if r["baseline"] is not None and r["baseline"] != r["setting"]]
+    if compared:
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(compared) + 2), 4.5))
+        xs = range(len(compared))
+        means = [100 * (r["diff_mean"] or 0.0) for r in compared]
+        errs = [100 * (r["diff_ci"] or 0.0) for r in compared]
+        cols = [colours(groups.index(r["group"]) % 10) for r in compared]
+        ax.bar(xs, means, yerr=errs, capsize=3, color=cols)
+        ax.axhline(0.0, color="black", lw=0.8)
+        for x, r, m, e in zip(xs, compared, means, errs):
+            if r["diff_excludes_0"]:
+                ax.text(x, m + (e if m >= 0 else -e), "*", ha="center", va="bottom" if m >= 0 else "top")
+            elif r["diff_mean"] is None:
+                ax.text(x, 0.0, "no pairs", rotation=90, ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), [f"{r['group']}/{r['setting']} − {r['baseline']}" for r in compared], rotation=60,
+                      ha="right", fontsize=8)
+        ax.set(ylabel="Δ test accuracy (percentage points)",
+               title="paired difference to the group's baseline, same seed (mean, 95% CI; * excludes 0)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        p = out / "test_acc_diff.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(p)
     return written
 
 
@@ -330,6 +453,8 @@ def main(argv=None):
     parser.add_argument("root", help="the series' output root (OUT_ROOT of run_train_ex.sh): searched recursively")
     parser.add_argument("--out", default=None, help="where to write the summary (default: the root)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--baseline", default=None, help="the setting every other setting of its group is "
+                        "compared with, seed by seed (default: each group's first S5 setting)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     if not root.is_dir():
@@ -340,6 +465,11 @@ def main(argv=None):
 
     runs = [load_run(root, d) for d in find_run_dirs(root)]
     rows = summarise(runs)
+    missing = paired_differences(rows, args.baseline)
+    if args.baseline is not None and rows and len(missing) == len({r["group"] for r in rows}):
+        print(f"summarize.py: error: --baseline {args.baseline!r} is no setting of any group; settings: "
+              f"{', '.join(sorted({r['setting'] for r in rows}))}", file=sys.stderr)
+        return 2
     write_markdown(out / "summary.md", root, rows, runs)
     write_csvs(out, rows)
     plots = write_plots(out, rows) if args.plots and rows else []

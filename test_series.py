@@ -257,12 +257,13 @@ def test_help_lists_the_variables():
 # --------------------------------------------------------------------------------------------------
 
 
-def write_run(root, rid, status, best=None, epochs=(), total=3, meta=None):
+def write_run(root, rid, status, best=None, epochs=(), total=3, meta=None, ssm_type=None, n_params=1234):
     d = root / rid
     d.mkdir(parents=True)
     rows = [dict(epoch=i + 1, val_acc=v, test_acc=t, seconds=1.0, steps_per_s=4.0) for i, (v, t) in enumerate(epochs)]
-    body = dict(config={"epochs": total, "jax_seed": int(rid[-1])}, epochs=rows, wall_time_s=float(len(rows)),
-                steps_per_s=4.0, n_params=1234, device="cpu", status=status)
+    config = {"epochs": total, "jax_seed": int(rid[-1])} | ({"ssm_type": ssm_type} if ssm_type else {})
+    body = dict(config=config, epochs=rows, wall_time_s=float(len(rows)),
+                steps_per_s=4.0, n_params=n_params, device="cpu", status=status)
     if best is not None:
         body["best"] = dict(epoch=1, val_acc=best[0], test_acc=best[1])
     if status is not None:
@@ -299,7 +300,7 @@ def test_summarize_mean_std_partial_and_failed(tmp_path):
     settings, runs = md_tables((root / "summary.md").read_text())
     by = {s[1]: s for s in settings}
     assert by["aux-on"][4] == "70.00 ± 14.14" and by["aux-on"][5] == "60.00 ± 14.14"
-    assert by["linear"][5] == "35.00" and by["linear"][6] == "2/3"
+    assert by["linear"][5] == "35.00" and by["linear"][9] == "2/3"
     assert by["constant"][4] == "—" and by["constant"][-1] == "failed"
     assert len(runs) == 5 and any("bad flag" in r[-1] for r in runs)
     for png in ("val_acc_g1-aux.png", "val_acc_g2-time-scale.png", "test_acc.png"):
@@ -363,3 +364,81 @@ def test_summarize_picks_a_next_pixel_runs_best_epoch_by_bits(tmp_path):
     assert summarize.main([str(root)]) == 0
     run = read_csv(root / "runs.csv")[0]
     assert run["best_epoch"] == "2" and float(run["val"]) == 0.79 and float(run["val_bpd"]) == 1.5
+
+
+def test_t_quantile_matches_scipy():
+    from scipy import stats
+
+    for df in list(range(1, 121)) + [150, 300, 1000, 10 ** 6]:
+        assert summarize.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-6), df
+    with pytest.raises(ValueError):
+        summarize.t975(0)
+
+
+def stats_series(root):
+    """One group of three settings over seeds 0-2 (extend also seed 3, which has no S5 partner) and a group
+    without S5. Test accuracies by hand: differences to S5 of extend 0.10, 0.12, 0.11; of the control -0.05, 0.10,
+    -0.08."""
+    tests = {"s5": [0.50, 0.60, 0.70], "extend-full": [0.60, 0.72, 0.81, 0.99], "s5-control": [0.45, 0.70, 0.62]}
+    types = {"s5": "s5", "extend-full": "extend", "s5-control": "s5"}
+    params = {"s5": 6890, "extend-full": 13674, "s5-control": 13500}
+    for k, (setting, values) in enumerate(tests.items()):  # in series order (series_run.json), S5 first
+        for seed, t in enumerate(values):
+            write_run(root, f"g1/{setting}/seed{seed}", "finished", (t, t), [(t, t)], ssm_type=types[setting],
+                      n_params=params[setting], meta=dict(order=k, group_label="g1", setting=setting, seed=seed))
+    for seed, t in enumerate([0.3, 0.4]):
+        write_run(root, f"g2/aux/seed{seed}", "finished", (t, t), [(t, t)], ssm_type="aux")
+    return tests
+
+
+def test_summarize_confidence_intervals_and_paired_differences(tmp_path):
+    from scipy import stats
+
+    root = tmp_path / "series"
+    tests = stats_series(root)
+    assert summarize.main([str(root)]) == 0
+    rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
+    t2, t3 = stats.t.ppf(0.975, 2), stats.t.ppf(0.975, 3)
+
+    s5 = rows["s5"]  # mean 0.6, std 0.1
+    assert math.isclose(float(s5["test_mean"]), 0.6) and math.isclose(float(s5["test_std"]), 0.1)
+    assert math.isclose(float(s5["test_ci95"]), t2 * 0.1 / math.sqrt(3), rel_tol=1e-5)
+    ext = tests["extend-full"]
+    m = sum(ext) / 4
+    sd = math.sqrt(sum((v - m) ** 2 for v in ext) / 3)
+    assert math.isclose(float(rows["extend-full"]["test_ci95"]), t3 * sd / math.sqrt(4), rel_tol=1e-5)
+
+    assert s5["baseline"] == "s5" and s5["diff_n"] == "0" and rows["aux"]["baseline"] == ""
+    d = rows["extend-full"]  # pairs of seeds 0-2: 0.10, 0.12, 0.11 → mean 0.11, std 0.01
+    assert d["baseline"] == "s5" and d["diff_n"] == "3"
+    assert math.isclose(float(d["diff_mean"]), 0.11) and math.isclose(float(d["diff_std"]), 0.01, rel_tol=1e-6)
+    assert math.isclose(float(d["diff_ci95"]), t2 * 0.01 / math.sqrt(3), rel_tol=1e-5)
+    assert d["diff_excludes_0"] == "True"
+    c = rows["s5-control"]  # -0.05, 0.10, -0.08: mean -0.01, std 0.0964
+    assert math.isclose(float(c["diff_mean"]), -0.01) and c["diff_excludes_0"] == "False"
+    assert math.isclose(float(c["diff_std"]), math.sqrt((0.04 ** 2 + 0.11 ** 2 + 0.07 ** 2) / 2), rel_tol=1e-6)
+
+    settings, runs = md_tables((root / "summary.md").read_text())
+    by = {s[1]: s for s in settings}
+    half = 100 * t2 * 0.01 / math.sqrt(3)
+    assert by["extend-full"][7] == f"+11.00 [{11 - half:+.2f}, {11 + half:+.2f}] *"
+    assert by["s5-control"][7].startswith("-1.00 [") and not by["s5-control"][7].endswith("*")
+    assert by["s5"][7] == "baseline" and by["aux"][7] == "—"
+    assert by["s5"][6] == f"[{60 - 100 * t2 * 0.1 / 3 ** 0.5:.2f}, {60 + 100 * t2 * 0.1 / 3 ** 0.5:.2f}]"
+    assert by["s5"][8] == "6,890" and by["extend-full"][8] == "13,674"
+    diffs = {r[0]: r[6] for r in runs}
+    assert diffs["g1/extend-full/seed1"] == "+12.00" and diffs["g1/extend-full/seed3"] == "—"
+    assert diffs["g1/s5-control/seed2"] == "-8.00" and diffs["g1/s5/seed0"] == "—"  # the baseline itself
+    for png in ("test_acc.png", "test_acc_diff.png"):
+        assert (root / png).read_bytes()[:8] == PNG
+
+
+def test_summarize_baseline_option(tmp_path, capsys):
+    root = tmp_path / "series"
+    stats_series(root)
+    assert summarize.main([str(root), "--baseline", "s5-control", "--no-plots"]) == 0
+    rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
+    assert rows["s5"]["baseline"] == "s5-control"
+    assert math.isclose(float(rows["s5"]["diff_mean"]), 0.01)  # 0.05, -0.10, 0.08
+    assert summarize.main([str(root), "--baseline", "nothing"]) == 2
+    assert "--baseline 'nothing' is no setting of any group" in capsys.readouterr().err

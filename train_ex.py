@@ -235,6 +235,8 @@ def load_data(cfg):
     """(dataset, train, val, test) for a config: splits drawn with --split_seed, subsets by --max_*_samples."""
     try:
         opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
+        if cfg.dataset in dataloaders.DIAGNOSTIC_OPTIONS:  # a diagnostic's --data_options (config.py checked them)
+            opts = dataloaders.parse_options(cfg.dataset, cfg.data_options)
         ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, speech_norm=cfg.speech_norm, **opts)
     except dataloaders.DataError as e:
         raise RunError(str(e), 2) from None
@@ -339,11 +341,11 @@ def setup(cfg, rt, run_dir):
     config = dict(vars(cfg), model_meta=meta)  # model_meta: what rebuilds the model without the data
     ckpts = Checkpoints(run_dir, rt, config)
     state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
-    train_step, eval_step = make_steps(model, tx, dropout_key)
+    train_step, eval_step = make_steps(model, tx, dropout_key, ds.task)
     eval_steps = {1: jax.jit(eval_step, out_shardings=rt.replicated)}
     for k in cfg.resolutions[1:]:  # the same parameters, every step × k (see ssm_ex.py for the extensions)
         model_k = models.build_model(argparse.Namespace(**{**vars(cfg), "step_rescale": float(k)}), meta)
-        eval_steps[k] = jax.jit(make_steps(model_k, tx, dropout_key)[1], out_shardings=rt.replicated)
+        eval_steps[k] = jax.jit(make_steps(model_k, tx, dropout_key, ds.task)[1], out_shardings=rt.replicated)
     loop = Loop(cfg, rt, (train, val, test), buckets, steps_per_epoch,
                 jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated), eval_steps, ckpts,
                 ds.task == "next_step")

@@ -16,6 +16,7 @@ import dataloaders
 import models
 import ssm
 import ssm_ex
+import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
 README = Path(__file__).resolve().parent / "README.md"
@@ -181,11 +182,28 @@ def _logging_options(p):
                    "non-finite-loss check (with several processes also their agreed stop and checkpoint decisions)")
 
 
+# options that may differ from the run's own when it is resumed: how long it goes on, where its data and
+# processes are, how it logs; every other option given with --resume must equal the run directory's
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "early_stop_patience", "ckpt_every_min", "dir_name", "run_dir", "resume",
+                     "eval_only", "distributed", "coordinator", "num_processes", "process_id", "use_wandb",
+                     "wandb_project", "wandb_entity", "wandb_run_name", "log_every", "sample_every", "n_samples",
+                     "sample_prefix", "temperature")
+
+
 def parse_args(argv=None):
     """The options of a command line (argv: a list of words, default sys.argv), checked; a bad combination exits
-    2 with argparse's usage line and a message saying what to change."""
+    2 with argparse's usage line and a message saying what to change.
+
+    With --resume --run_dir DIR the run's own options (the config of DIR's newest checkpoint metadata) are the
+    defaults: `--resume --run_dir DIR` alone continues the run as it was started. Options given as well must
+    equal the run's, except RESUME_MAY_CHANGE (e.g. --epochs to extend it, --dir_name when the data has moved);
+    the differences are listed and refused."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.run_dir:
+        saved = saved_config(args.run_dir)
+        if saved is not None:
+            args = _resumed(parser, argv, args, saved)
     if args.enable_auxiliary_state:
         if args.ssm_type not in ("s5", "aux"):
             parser.error(f"--enable_auxiliary_state means --ssm_type aux, not {args.ssm_type}")
@@ -194,6 +212,46 @@ def parse_args(argv=None):
         check(args, parser.error)
     _derive(args, parser.error)
     return args
+
+
+def saved_config(run_dir) -> dict | None:
+    """The options a run directory's newest checkpoint metadata records (ckpt_latest, the one before it, else
+    ckpt_best), or None when none can be read."""
+    for kind in ("latest", "latest.prev", "best"):
+        try:
+            config = utils.read_json(utils.checkpoint_path(run_dir, kind).with_suffix(".json"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
+def given_options(parser, argv) -> dict:
+    """The options a command line gives explicitly (dest → value), without any default."""
+    quiet = make_parser()
+    quiet._defaults.clear()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def _resumed(parser, argv, args, saved: dict):
+    """The options of a resumed run: the run directory's, overridden by those given (which must agree)."""
+    given = given_options(parser, argv)
+    dests = set(vars(args))
+    inherit = dests - {"resume", "run_dir", "max_steps", "eval_only"}  # those are this invocation's own
+    merged = {**vars(args), **{k: v for k, v in saved.items() if k in inherit}, **given}
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in given.items()
+            if k in saved and k not in RESUME_MAY_CHANGE and k != "enable_auxiliary_state" and saved[k] != v]
+    if given.get("enable_auxiliary_state") and saved.get("ssm_type") not in (None, "aux"):
+        diff.append(f"ssm_type: checkpoint {saved['ssm_type']!r} vs now 'aux' (--enable_auxiliary_state)")
+    if diff:
+        may = ", ".join(f"--{k}" for k in RESUME_MAY_CHANGE)
+        parser.error(f"--resume: options differ from the run in {args.run_dir}:\n  " + "\n  ".join(diff) +
+                     f"\n`--resume --run_dir {args.run_dir}` alone continues with the run's own options; of the "
+                     f"others only these may change on resume: {may}")
+    return argparse.Namespace(**merged)
 
 
 def _check_sizes(args, error):

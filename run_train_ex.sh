@@ -30,7 +30,21 @@ Each run writes OUT_ROOT/<group>/<setting>/seed<k>/ (results.json, checkpoints, 
 A run whose results.json says "finished" is skipped; one left "running"/"interrupted" with a checkpoint is
 continued with --resume; any other is (re)started from scratch. A failed run is logged (train.log keeps every
 attempt) and the series goes on. At the end summarize.py writes OUT_ROOT/summary.{md,csv}, runs.csv and PNG
-plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or Ctrl-C (130).
+plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
+interrupted: Ctrl-C (130) or SIGTERM (143), to the series or to one of its runs; every running run then saves
+ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, README.)
+
+Several runs at once (LAUNCHER=local): DEVICES="0 1 2 3" runs one run per device, each seeing only its device
+(CUDA_VISIBLE_DEVICES); PARALLEL=N runs N at once (CPU). The console shows each run as it starts and one line as
+it ends; each run's output goes to its own train.log.
+
+On SLURM (LAUNCHER=slurm): the plan (one line per run that is not finished: array, task, run id, command) goes
+to OUT_ROOT/slurm/plan.tsv; one job array runs it (one task per run, MAX_PARALLEL at once), a second array the
+warm-start runs (task k starts when task k of the first, its S5 run, has ended: --dependency=aftercorr), and a
+summary job runs summarize.py after both (--dependency=afterany). The job ids and how to follow them are printed
+and the script returns (WAIT=1: waits for the summary, prints it). Every task is requeueable: before its time
+limit (SIGNAL_SECS) and on preemption the run saves ckpt_latest, the task requeues itself (at most MAX_REQUEUES
+times) and continues with --resume. Running the command again submits only the runs not finished.
 
 Variables (default in brackets):
   DATASET       train_ex.py --dataset                       [listops-classification]
@@ -49,8 +63,18 @@ Variables (default in brackets):
   RETRY_FAILED  1: rerun failed runs on the next invocation; 0: leave them failed [1]
   PYTHON        interpreter                                 [.venv/bin/python beside this script, else python3]
   TRAIN         training script                             [train_ex.py beside this script]
+  ONLY          space-separated globs over run ids: only the matching runs, e.g. "g6-warm-start/*/seed0" []
   FAIL_RUNS     test hook: space-separated globs over run ids (e.g. "g1-aux/aux-on/*"); matching runs get
                 --epochs 0 appended, which train_ex.py rejects, so they fail on purpose []
+  LAUNCHER      local (runs here) or slurm (sbatch job arrays)  [local]
+  PARALLEL      local: runs at once                          [1; with DEVICES: one per device]
+  DEVICES       local: device ids, one run per device at once (CUDA_VISIBLE_DEVICES) []
+  SLURM_ARGS    slurm: options for every sbatch, e.g. "--partition=gpu --gres=gpu:1 --time=4:00:00 --account=x" []
+  MAX_PARALLEL  slurm: array tasks running at once (%N)       [no limit]
+  TASKS_PER_RUN slurm: processes per run: srun -n K python train_ex.py --distributed (sbatch --ntasks=K) [1]
+  MAX_REQUEUES  slurm: requeues of an interrupted task before it is left interrupted [3]
+  SIGNAL_SECS   slurm: seconds before the time limit at which the run is told to save and stop [120]
+  WAIT          slurm: 1: wait for the summary job, print summary.md, exit like a local series [0]
 Each run logs to wandb with group SERIES (WANDB_RUN_GROUP), job type = its group (WANDB_JOB_TYPE) and name
 SERIES/<group>/<setting>/seed<k>.
 EOF
@@ -102,6 +126,35 @@ for g in "${GROUP_ARGS[@]}"; do [[ "$g" =~ ^[1-6]$ ]] || die "GROUPS must be num
 [[ "$USE_WANDB" == 0 || "$USE_WANDB" == 1 ]] || die "USE_WANDB must be 0 or 1, got '$USE_WANDB'"
 [[ "$RETRY_FAILED" == 0 || "$RETRY_FAILED" == 1 ]] || die "RETRY_FAILED must be 0 or 1, got '$RETRY_FAILED'"
 [[ -n "$OUT_ROOT" ]] || die "OUT_ROOT is empty"
+ONLY="${ONLY:-}"
+LAUNCHER="${LAUNCHER:-local}"
+DEVICES="${DEVICES:-}"
+SLURM_ARGS="${SLURM_ARGS:-}"
+MAX_PARALLEL="${MAX_PARALLEL:-}"
+TASKS_PER_RUN="${TASKS_PER_RUN:-1}"
+MAX_REQUEUES="${MAX_REQUEUES:-3}"
+SIGNAL_SECS="${SIGNAL_SECS:-120}"
+WAIT="${WAIT:-0}"
+[[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "LAUNCHER must be local or slurm, got '$LAUNCHER'"
+read -r -a DEVICE_LIST <<<"$DEVICES"
+if [[ ${#DEVICE_LIST[@]} -gt 0 ]]; then
+  [[ -z "${PARALLEL:-}" || "${PARALLEL:-}" == "${#DEVICE_LIST[@]}" ]] \
+    || die "PARALLEL=$PARALLEL with DEVICES='$DEVICES': DEVICES runs one run per device; leave PARALLEL unset"
+  PARALLEL=${#DEVICE_LIST[@]}
+fi
+PARALLEL="${PARALLEL:-1}"
+[[ "$PARALLEL" =~ ^[0-9]+$ && "$PARALLEL" -ge 1 ]] || die "PARALLEL must be a positive integer, got '$PARALLEL'"
+[[ -z "$MAX_PARALLEL" || ("$MAX_PARALLEL" =~ ^[0-9]+$ && "$MAX_PARALLEL" -ge 1) ]] \
+  || die "MAX_PARALLEL must be a positive integer, got '$MAX_PARALLEL'"
+[[ "$TASKS_PER_RUN" =~ ^[0-9]+$ && "$TASKS_PER_RUN" -ge 1 ]] \
+  || die "TASKS_PER_RUN must be a positive integer, got '$TASKS_PER_RUN'"
+[[ "$MAX_REQUEUES" =~ ^[0-9]+$ ]] || die "MAX_REQUEUES must be a non-negative integer, got '$MAX_REQUEUES'"
+[[ "$SIGNAL_SECS" =~ ^[0-9]+$ ]] || die "SIGNAL_SECS must be a non-negative integer, got '$SIGNAL_SECS'"
+[[ "$WAIT" == 0 || "$WAIT" == 1 ]] || die "WAIT must be 0 or 1, got '$WAIT'"
+if [[ "$LAUNCHER" == slurm && -z "${_SERIES_TASK:-}" ]]; then
+  command -v sbatch >/dev/null 2>&1 || die "LAUNCHER=slurm: no sbatch on PATH (run this on a SLURM login node)"
+fi
+read -r -a ONLY_GLOBS <<<"$ONLY"
 [[ -f "$TRAIN" ]] || die "TRAIN: no file $TRAIN"
 command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON: no interpreter '$PYTHON'"
 read -r -a EXTRA_ARGS <<<"$EXTRA"
@@ -131,7 +184,7 @@ fi
 COMMON_ARGS=(--dataset "$DATASET" --dir_name "$DATA" --epochs "$EPOCHS" "${BASE_ARGS[@]}")
 
 # EXTRA (and DATASET) checked once with train_ex.py's own command line (config.py): a typo must not fail every run
-if ! err="$("$PYTHON" - "${COMMON_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 <<PY
+if [[ -z "${_SERIES_TASK:-}" ]] && ! err="$("$PYTHON" - "${COMMON_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 <<PY
 import sys
 sys.path.insert(0, "$HERE")
 import config
@@ -140,6 +193,9 @@ PY
 )"; then
   die "train_ex.py rejects DATASET/EXTRA ('$DATASET' / '$EXTRA'):"$'\n'"$(echo "$err" | tail -n 2)"
 fi
+# the exit codes of a run stopped by a signal, resumable (utils.INTERRUPTED_CODES: the one table of exit codes)
+INTERRUPTED_CODES=" $("$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); import utils
+print(*sorted(utils.INTERRUPTED_CODES))" "$HERE") " || die "PYTHON: cannot import utils.py from $HERE"
 
 # ---------------------------------------------------------------------------------------------------------------
 # the series: group|setting|flags, in order
@@ -168,11 +224,18 @@ for g in 1 2 3 4 5 6; do
   while IFS='|' read -r name flags; do
     j=$((j + 1))
     for s in "${SEED_LIST[@]}"; do  # order: the setting's place in the whole series, whatever GROUPS says
+      if [[ ${#ONLY_GLOBS[@]} -gt 0 ]]; then
+        keep=0
+        # shellcheck disable=SC2053
+        for pat in "${ONLY_GLOBS[@]}"; do [[ "${GROUP_NAMES[$g]}/$name/seed$s" == $pat ]] && keep=1; done
+        [[ $keep == 1 ]] || continue
+      fi
       R_GROUP+=("$g"); R_SETTING+=("$name"); R_SEED+=("$s"); R_FLAGS+=("$flags"); R_ORDER+=($((100 * g + j)))
     done
   done < <(settings_of "$g")
 done
 N=${#R_GROUP[@]}
+[[ $N -ge 1 ]] || die "no run matches ONLY='$ONLY' in groups ${GROUP_ARGS[*]}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -204,6 +267,183 @@ EOF
   mv "$tmp" "$1/series_run.json"
 }
 
+
+is_interrupted() { [[ "$INTERRUPTED_CODES" == *" $1 "* ]]; }
+
+# ARGS: train_ex.py's arguments for run i of the series, without --resume (added when it is continued)
+build_args() {
+  local i=$1 g=${R_GROUP[$1]} setting=${R_SETTING[$1]} seed=${R_SEED[$1]} pat flags id
+  id="${GROUP_NAMES[$g]}/$setting/seed$seed"
+  read -r -a flags <<<"${R_FLAGS[$i]}"
+  # group 6: the extension starts from its own seed's S5 run
+  [[ "$setting" == extend-warm ]] && flags+=(--load_checkpoint "$OUT_ROOT/${GROUP_NAMES[$g]}/s5-base/seed$seed/ckpt_best.msgpack")
+  for pat in "${FAIL_GLOBS[@]}"; do
+    # shellcheck disable=SC2053
+    if [[ "$id" == $pat ]]; then flags+=(--epochs 0); fi  # FAIL_RUNS test hook: rejected by train_ex.py
+  done
+  ARGS=("${COMMON_ARGS[@]}" "${flags[@]}" "${EXTRA_ARGS[@]}" --jax_seed "$seed" --run_dir "$OUT_ROOT/$id"
+        --wandb_project "$WANDB_PROJECT" --wandb_run_name "$SERIES/$id")
+  [[ "$USE_WANDB" == 1 ]] && ARGS+=(--use_wandb)
+  [[ "$TASKS_PER_RUN" -gt 1 && "$LAUNCHER" == slurm ]] && ARGS+=(--distributed)
+  return 0
+}
+
+# forward a signal to the training process of this shell (CHILD), or remember it when none is running yet
+CHILD=""; STOPPING=""
+forward() { STOPPING=${STOPPING:-$1}; if [[ -n "$CHILD" ]]; then kill -s "$1" "$CHILD" 2>/dev/null || true; fi; }
+
+# One attempt at one run: TAG order g setting seed [launcher words...], with ARGS set by build_args. Prints a line
+# as it starts and one as it ends (the run's own output goes to its train.log), writes series_run.json. Sets
+# OUTCOME (trained, stopped, skipped, failed, interrupted), RC (train_ex.py's exit code) and CMD (its command).
+run_one() {
+  local tag=$1 order=$2 g=$3 setting=$4 seed=$5
+  local launch=("${@:6}")
+  local id="${GROUP_NAMES[$g]}/$setting/seed$seed"
+  local dir="$OUT_ROOT/$id" status bval btest
+  local head="$tag ${GROUP_NAMES[$g]} $setting seed $seed → $dir"
+  mkdir -p "$dir"
+  RC=0
+  read -r status _ _ < <(run_info "$dir")
+  if [[ "$status" == finished ]]; then
+    grep -q '"status": "finished"' "$dir/series_run.json" 2>/dev/null \
+      || write_meta "$dir" "$order" "$g" "$setting" "$seed" finished null "" ""
+    echo "$head: finished, skipped"; OUTCOME=skipped; return 0
+  fi
+  if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
+    echo "$head: failed before, left failed (RETRY_FAILED=0)"; OUTCOME=failed; return 0
+  fi
+  if [[ "$setting" == extend-warm ]]; then
+    local base="$OUT_ROOT/${GROUP_NAMES[$g]}/s5-base/seed$seed" bstatus
+    read -r bstatus _ _ < <(run_info "$base")
+    if [[ "$bstatus" != finished || ! -f "$base/ckpt_best.msgpack" ]]; then
+      local note="not started: its S5 run $base is not finished (status: $bstatus)"
+      write_meta "$dir" "$order" "$g" "$setting" "$seed" failed null "$note" ""
+      echo "$head: FAILED, $note"; OUTCOME=failed; return 0
+    fi
+  fi
+
+  # a run with a checkpoint that has not failed is continued, never started again from scratch
+  local mode=fresh args=("${ARGS[@]}")
+  [[ "$status" != failed && -f "$dir/ckpt_latest.msgpack" ]] && mode=resume
+  if [[ "$mode" == fresh ]]; then
+    rm -f "$dir/results.json" "$dir"/ckpt_*.msgpack "$dir"/ckpt_*.json "$dir"/ckpt_*.prev
+  else
+    args+=(--resume)
+  fi
+  local cmd="${launch[*]}${launch[*]:+ }$PYTHON $TRAIN ${args[*]}"
+  CMD=$cmd
+  if [[ "$mode" == resume ]]; then echo "$head (resuming from ckpt_latest)"; else echo "$head"; fi
+  write_meta "$dir" "$order" "$g" "$setting" "$seed" running null "" "$cmd"
+  echo "=== $(date '+%Y-%m-%d %H:%M:%S') attempt ($mode): $cmd" >>"$dir/train.log"
+  local t0=$SECONDS
+  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${GROUP_NAMES[$g]}" \
+    "${launch[@]}" "$PYTHON" "$TRAIN" "${args[@]}" >>"$dir/train.log" 2>&1 </dev/null &
+  CHILD=$!
+  [[ -n "$STOPPING" ]] && kill -s "$STOPPING" "$CHILD" 2>/dev/null
+  while :; do  # a trapped signal interrupts `wait`: wait again until the run itself has ended
+    wait "$CHILD" && RC=0 || RC=$?
+    kill -0 "$CHILD" 2>/dev/null || break
+  done
+  if [[ $RC -gt 128 ]]; then wait "$CHILD" 2>/dev/null && RC=0 || { r=$?; [[ $r == 127 ]] || RC=$r; }; fi
+  CHILD=""
+  local dt=$((SECONDS - t0))
+  read -r status bval btest < <(run_info "$dir")
+
+  if is_interrupted "$RC"; then
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" "stopped by a signal (exit $RC)" "$cmd"
+    echo "$tag $id: interrupted (exit $RC) after ${dt}s; run this script again to continue (--resume)" >&2
+    OUTCOME=interrupted
+  elif [[ $RC == 0 && "$status" == finished ]]; then
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" finished 0 "" "$cmd"
+    echo "$tag $id: finished in ${dt}s: best val $bval, test at best val $btest"; OUTCOME=trained
+  elif [[ $RC == 0 ]]; then  # e.g. --max_steps in EXTRA: stopped resumably
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" "${status/none/interrupted}" 0 "stopped before the last epoch" "$cmd"
+    echo "$tag $id: stopped after ${dt}s with status '$status' (resumed on the next invocation)"; OUTCOME=stopped
+  else
+    local last
+    last="$(tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c 1-200)"
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" failed "$RC" "exit code $RC: ${last//|//}" "$cmd"
+    { echo "$tag $id: FAILED (exit code $RC) after ${dt}s; log: $dir/train.log"
+      tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 3 | sed 's/^/      | /'; }
+    OUTCOME=failed
+  fi
+  return 0
+}
+
+# the index of run i's S5 base run in this invocation (group 6's extend-warm), or nothing
+base_of() {
+  local i=$1 b
+  [[ "${R_SETTING[$i]}" == extend-warm ]] || return 0
+  for ((b = 0; b < N; b++)); do
+    if [[ "${R_GROUP[$b]}" == "${R_GROUP[$i]}" && "${R_SETTING[$b]}" == s5-base && "${R_SEED[$b]}" == "${R_SEED[$i]}" ]]; then
+      echo "$b"; return 0
+    fi
+  done
+}
+
+summarize_and_print() {
+  if "$PYTHON" "$HERE/summarize.py" "$OUT_ROOT"; then
+    echo
+    cat "$OUT_ROOT/summary.md"
+  else
+    echo "warning: summarize.py failed; the runs themselves are in $OUT_ROOT" >&2
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM: one array task (started by sbatch: _SERIES_TASK = main or warm) and the summary job (summary)
+# ---------------------------------------------------------------------------------------------------------------
+PLAN="$OUT_ROOT/slurm/plan.tsv"
+
+slurm_task() {
+  local line id order g setting seed words
+  line="$(awk -F'\t' -v a="$_SERIES_TASK" -v t="${SLURM_ARRAY_TASK_ID:-}" '$1 == a && $2 == t' "$PLAN")"
+  [[ -n "$line" ]] || { echo "run_train_ex.sh: error: no line for array '$_SERIES_TASK' task ${SLURM_ARRAY_TASK_ID:-?} in $PLAN" >&2; exit 2; }
+  IFS=$'\t' read -r _ _ id order g setting seed words <<<"$line"
+  eval "ARGS=($words)"
+  local launch=()
+  [[ "$TASKS_PER_RUN" -gt 1 ]] && launch=(srun -n "$TASKS_PER_RUN" --kill-on-bad-exit=1)
+  trap 'forward TERM' TERM USR1  # USR1: SLURM's --signal=B:USR1@SIGNAL_SECS before the time limit
+  trap 'forward INT' INT
+  local task="${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" restarts=${SLURM_RESTART_COUNT:-0}
+  run_one "[slurm $task, start $((restarts + 1))]" "$order" "$g" "$setting" "$seed" "${launch[@]}"
+  if [[ "$OUTCOME" == interrupted ]]; then
+    local dir="$OUT_ROOT/$id" cmd="$CMD"
+    if [[ "$restarts" -lt "$MAX_REQUEUES" ]]; then
+      write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" \
+        "stopped by a signal (exit $RC); SLURM task $task requeued ($((restarts + 1)) of at most $MAX_REQUEUES)" "$cmd"
+      echo "requeueing $task ($((restarts + 1)) of at most $MAX_REQUEUES)"
+      scontrol requeue "$task" || echo "(scontrol requeue $task failed: already requeued by SLURM?)"
+    else
+      write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" \
+        "stopped by a signal (exit $RC); not requeued: requeued $restarts times already (MAX_REQUEUES)" "$cmd"
+      echo "not requeueing $task: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
+    fi
+  fi
+  exit 0  # the run's own outcome is in its series_run.json: a warm start after it checks it (aftercorr)
+}
+
+slurm_summary() {
+  local a t id order g setting seed words dir
+  while IFS=$'\t' read -r a t id order g setting seed words; do
+    dir="$OUT_ROOT/$id"
+    if [[ ! -f "$dir/results.json" && ! -f "$dir/series_run.json" ]]; then
+      mkdir -p "$dir"
+      write_meta "$dir" "$order" "$g" "$setting" "$seed" failed null "never started: its SLURM task was cancelled" ""
+    fi
+  done <"$PLAN"
+  summarize_and_print
+  date '+%Y-%m-%d %H:%M:%S' >"$OUT_ROOT/slurm/summary.done"
+  exit 0
+}
+
+case "${_SERIES_TASK:-}" in
+  "") ;;
+  main|warm) slurm_task ;;
+  summary) slurm_summary ;;
+  *) die "_SERIES_TASK must be main, warm or summary (set by the series' own sbatch), got '$_SERIES_TASK'" ;;
+esac
+
 # ---------------------------------------------------------------------------------------------------------------
 # data for SMOKE
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,89 +456,150 @@ if [[ "$SMOKE_DATA" == 1 && ! -f "$DATA/listops_generated/basic_test.tsv" && ! -
   mv "$DATA/listops_generated.tmp" "$DATA/listops_generated"
 fi
 
-# ---------------------------------------------------------------------------------------------------------------
-# run
-# ---------------------------------------------------------------------------------------------------------------
 echo "series '$SERIES': $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; $DATASET, $EPOCHS epochs) → $OUT_ROOT"
 [[ -n "$EXTRA" ]] && echo "EXTRA for every run: $EXTRA"
-n_done=0; n_skipped=0; n_failed=0
-for ((i = 0; i < N; i++)); do
-  k=$((i + 1)); g=${R_GROUP[$i]}; setting=${R_SETTING[$i]}; seed=${R_SEED[$i]}; order=${R_ORDER[$i]}
-  id="${GROUP_NAMES[$g]}/$setting/seed$seed"
-  dir="$OUT_ROOT/$id"
-  head="[$k/$N] ${GROUP_NAMES[$g]} $setting seed $seed → $dir"
-  mkdir -p "$dir"
-  read -r status _ _ < <(run_info "$dir")
 
-  if [[ "$status" == finished ]]; then
-    [[ -f "$dir/series_run.json" ]] || write_meta "$dir" "$order" "$g" "$setting" "$seed" finished null "" ""
-    echo "$head: finished, skipped"; n_skipped=$((n_skipped + 1)); continue
-  fi
-  if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
-    echo "$head: failed before, left failed (RETRY_FAILED=0)"; n_failed=$((n_failed + 1)); continue
-  fi
-
-  read -r -a flags <<<"${R_FLAGS[$i]}"
-  if [[ "$setting" == extend-warm ]]; then
-    base="$OUT_ROOT/${GROUP_NAMES[$g]}/s5-base/seed$seed"
-    read -r bstatus _ _ < <(run_info "$base")
-    if [[ "$bstatus" != finished || ! -f "$base/ckpt_best.msgpack" ]]; then
-      note="not started: its S5 run $base is not finished (status: $bstatus)"
-      write_meta "$dir" "$order" "$g" "$setting" "$seed" failed null "$note" ""
-      echo "$head: FAILED, $note"; n_failed=$((n_failed + 1)); continue
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM: submit the plan
+# ---------------------------------------------------------------------------------------------------------------
+if [[ "$LAUNCHER" == slurm ]]; then
+  read -r -a SLURM_ARG_LIST <<<"$SLURM_ARGS"
+  mkdir -p "$OUT_ROOT/slurm"
+  declare -A TASK_OF=()
+  plan="" n_main=0; warm_ids=()
+  for ((i = 0; i < N; i++)); do
+    g=${R_GROUP[$i]}; id="${GROUP_NAMES[$g]}/${R_SETTING[$i]}/seed${R_SEED[$i]}"
+    read -r status _ _ < <(run_info "$OUT_ROOT/$id")
+    if [[ "$status" == finished ]]; then echo "[$((i + 1))/$N] $id: finished, skipped"; continue; fi
+    if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
+      echo "[$((i + 1))/$N] $id: failed before, left failed (RETRY_FAILED=0)"; continue
     fi
-    flags+=(--load_checkpoint "$base/ckpt_best.msgpack")
-  fi
-  for pat in "${FAIL_GLOBS[@]}"; do
-    # shellcheck disable=SC2053
-    if [[ "$id" == $pat ]]; then flags+=(--epochs 0); fi  # FAIL_RUNS test hook: rejected by train_ex.py
+    build_args "$i"
+    b="$(base_of "$i")"
+    if [[ -n "$b" && -n "${TASK_OF[$b]:-}" ]]; then  # its S5 run is in this submission: the same task id, later
+      array=warm; task=${TASK_OF[$b]}; warm_ids+=("$task")
+    else
+      array=main; task=$n_main; n_main=$((n_main + 1)); TASK_OF[$i]=$task
+    fi
+    plan+="$array"$'\t'"$task"$'\t'"$id"$'\t'"${R_ORDER[$i]}"$'\t'"$g"$'\t'"${R_SETTING[$i]}"$'\t'"${R_SEED[$i]}"$'\t'"$(printf '%q ' "${ARGS[@]}")"$'\n'
+    echo "[$((i + 1))/$N] $id: $array array task $task"
   done
-
-  mode=fresh
-  if [[ ("$status" == running || "$status" == interrupted) && -f "$dir/ckpt_latest.msgpack" ]]; then mode=resume; fi
-  if [[ "$mode" == fresh ]]; then rm -f "$dir/results.json" "$dir"/ckpt_*.msgpack "$dir"/ckpt_*.json; fi
-  args=("${COMMON_ARGS[@]}" "${flags[@]}" "${EXTRA_ARGS[@]}" --jax_seed "$seed" --run_dir "$dir"
-        --wandb_project "$WANDB_PROJECT" --wandb_run_name "$SERIES/$id")
-  [[ "$USE_WANDB" == 1 ]] && args+=(--use_wandb)
-  [[ "$mode" == resume ]] && args+=(--resume)
-  cmd="$PYTHON $TRAIN ${args[*]}"
-
-  if [[ "$mode" == resume ]]; then echo "$head (resuming from ckpt_latest)"; else echo "$head"; fi
-  write_meta "$dir" "$order" "$g" "$setting" "$seed" running null "" "$cmd"
-  echo "=== $(date '+%Y-%m-%d %H:%M:%S') attempt ($mode): $cmd" >>"$dir/train.log"
-  t0=$SECONDS
-  set +e
-  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${GROUP_NAMES[$g]}" \
-    "$PYTHON" "$TRAIN" "${args[@]}" >>"$dir/train.log" 2>&1 </dev/null
-  rc=$?
-  set -e
-  dt=$((SECONDS - t0))
-  read -r status bval btest < <(run_info "$dir")
-
-  if [[ $rc == 130 ]]; then
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted $rc "Ctrl-C" "$cmd"
-    echo "      interrupted after ${dt}s; run this script again to continue (--resume)" >&2
-    exit 130
-  elif [[ $rc == 0 && "$status" == finished ]]; then
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" finished 0 "" "$cmd"
-    echo "      finished in ${dt}s: best val $bval, test at best val $btest"; n_done=$((n_done + 1))
-  elif [[ $rc == 0 ]]; then  # e.g. --max_steps in EXTRA: stopped resumably
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" "${status/none/interrupted}" 0 "stopped before the last epoch" "$cmd"
-    echo "      stopped after ${dt}s with status '$status' (resumed on the next invocation)"
-  else
-    last="$(tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c 1-200)"
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" failed $rc "exit code $rc: ${last//|//}" "$cmd"
-    echo "      FAILED (exit code $rc) after ${dt}s; log: $dir/train.log"
-    tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 3 | sed 's/^/      | /'
-    n_failed=$((n_failed + 1))
+  if [[ $n_main == 0 ]]; then
+    echo "every run is finished (or left failed): nothing to submit"
+    summarize_and_print
+    exit 0
   fi
-done
-
-echo "series '$SERIES': $n_done run(s) trained, $n_skipped skipped (finished before), $n_failed failed, of $N"
-if "$PYTHON" "$HERE/summarize.py" "$OUT_ROOT"; then
+  printf '%s' "$plan" >"$PLAN.tmp" && mv "$PLAN.tmp" "$PLAN"
+  cat >"$OUT_ROOT/slurm/task.sh" <<EOF
+#!/usr/bin/env bash
+# A task of the series in $OUT_ROOT (run_train_ex.sh --help): its line of plan.tsv, requeued when interrupted.
+$(for v in OUT_ROOT PYTHON TRAIN SERIES MAX_REQUEUES TASKS_PER_RUN RETRY_FAILED USE_WANDB LAUNCHER; do printf 'export %s=%q\n' "$v" "${!v}"; done)
+exec bash $(printf '%q' "$HERE/run_train_ex.sh")
+EOF
+  rm -f "$OUT_ROOT/slurm/summary.done"
+  log_of="$OUT_ROOT/slurm/%A_%a.out"
+  common=(--parsable --requeue --open-mode=append --signal="B:USR1@$SIGNAL_SECS" --ntasks="$TASKS_PER_RUN"
+          "${SLURM_ARG_LIST[@]}")
+  submit() {  # sbatch words...: the job id, or exit 2 with sbatch's message after cancelling what was submitted
+    local out
+    if ! out="$(sbatch "$@" "$OUT_ROOT/slurm/task.sh" 2>&1)"; then
+      [[ ${#SUBMITTED[@]} -gt 0 ]] && scancel "${SUBMITTED[@]}" 2>/dev/null
+      die "sbatch refused the series (SLURM_ARGS='$SLURM_ARGS'); nothing is submitted:"$'\n'"$out"
+    fi
+    out="$(echo "$out" | tail -n 1)"; out="${out%%;*}"
+    SUBMITTED+=("$out"); echo "$out"
+  }
+  SUBMITTED=()
+  MAIN_JOB=$(submit "${common[@]}" --job-name="$SERIES" --output="$log_of" --export="ALL,_SERIES_TASK=main" \
+             --array="0-$((n_main - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
+  SUBMITTED=("$MAIN_JOB"); after="afterany:$MAIN_JOB"
+  if [[ ${#warm_ids[@]} -gt 0 ]]; then
+    WARM_JOB=$(IFS=,; submit "${common[@]}" --job-name="$SERIES-warm" --output="$log_of" \
+               --export="ALL,_SERIES_TASK=warm" --dependency="aftercorr:$MAIN_JOB" \
+               --array="${warm_ids[*]}${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
+    SUBMITTED+=("$WARM_JOB"); after+=":$WARM_JOB"
+  fi
+  SUM_JOB=$(submit --parsable "${SLURM_ARG_LIST[@]}" --ntasks=1 --job-name="$SERIES-summary" \
+            --output="$OUT_ROOT/slurm/summary_%j.out" --export="ALL,_SERIES_TASK=summary" --dependency="$after") \
+    || exit 2
+  echo "submitted: job array $MAIN_JOB ($n_main run(s))${WARM_JOB:+, warm-start array $WARM_JOB (${#warm_ids[@]}, each after its S5 run)}, summary job $SUM_JOB (after them)"
+  echo "follow:    squeue -j $MAIN_JOB${WARM_JOB:+,$WARM_JOB},$SUM_JOB   |   sacct -j $MAIN_JOB   |   tail -f $OUT_ROOT/<run>/train.log"
+  echo "task logs: $OUT_ROOT/slurm/<job>_<task>.out; the plan: $PLAN; summary: $OUT_ROOT/summary.md when job $SUM_JOB ends"
+  [[ "$WAIT" == 1 ]] || exit 0
+  echo "waiting for summary job $SUM_JOB (WAIT=1) ..."
+  while squeue -h -j "$SUM_JOB" 2>/dev/null | grep -q .; do sleep "${SLURM_POLL_SECS:-5}"; done
+  [[ -f "$OUT_ROOT/slurm/summary.done" ]] \
+    || { echo "run_train_ex.sh: error: summary job $SUM_JOB ended without a summary (log: $OUT_ROOT/slurm/summary_$SUM_JOB.out)" >&2; exit 1; }
   echo
   cat "$OUT_ROOT/summary.md"
-else
-  echo "warning: summarize.py failed; the runs themselves are in $OUT_ROOT" >&2
+  exit 0
 fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# local: PARALLEL runs at once (one per device of DEVICES), each in a subshell that forwards signals to its run
+# ---------------------------------------------------------------------------------------------------------------
+declare -A RUN_OF=() SLOT_OF=()
+STATE=(); for ((i = 0; i < N; i++)); do STATE[i]=pending; done
+FREE=(); for ((s = 0; s < PARALLEL; s++)); do FREE+=("$s"); done
+STOP=""; n_done=0; n_skipped=0; n_failed=0; n_stopped=0; STOP_RC=0
+stop_all() {  # a signal to the series, or a run stopped by one: stop starting runs, pass it to the running ones
+  STOP=${STOP:-$1}
+  local pid
+  for pid in "${!RUN_OF[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
+}
+on_signal() { if [[ $STOP_RC == 0 ]]; then STOP_RC=$2; fi; stop_all "$1"; }
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+
+next_ready() {  # the first pending run whose S5 base (if any) is not pending or running
+  local i b
+  for ((i = 0; i < N; i++)); do
+    [[ "${STATE[$i]}" == pending ]] || continue
+    b="$(base_of "$i")"
+    if [[ -n "$b" && "${STATE[$b]}" != done ]]; then continue; fi
+    echo "$i"; return 0
+  done
+  return 1
+}
+
+start_run() {  # i slot
+  local i=$1 slot=$2
+  build_args "$i"
+  (
+    trap 'forward TERM' TERM
+    trap 'forward INT' INT
+    [[ ${#DEVICE_LIST[@]} -gt 0 ]] && export CUDA_VISIBLE_DEVICES="${DEVICE_LIST[$slot]}"
+    run_one "[$((i + 1))/$N]" "${R_ORDER[$i]}" "${R_GROUP[$i]}" "${R_SETTING[$i]}" "${R_SEED[$i]}"
+    case "$OUTCOME" in
+      trained) exit 0 ;; skipped) exit 10 ;; failed) exit 11 ;; stopped) exit 12 ;; *) exit "$RC" ;;
+    esac
+  ) &
+  RUN_OF[$!]=$i; SLOT_OF[$!]=$slot; STATE[i]=running
+}
+
+while :; do
+  while [[ -z "$STOP" && ${#RUN_OF[@]} -lt $PARALLEL ]]; do
+    i="$(next_ready)" || break
+    start_run "$i" "${FREE[0]}"; FREE=("${FREE[@]:1}")
+  done
+  [[ ${#RUN_OF[@]} -gt 0 ]] || break
+  DONE=""
+  wait -n -p DONE "${!RUN_OF[@]}" && rc=0 || rc=$?
+  [[ -n "${DONE:-}" ]] || continue  # a signal to the series: its trap has passed it on
+  i=${RUN_OF[$DONE]}; FREE+=("${SLOT_OF[$DONE]}"); unset "RUN_OF[$DONE]" "SLOT_OF[$DONE]"; STATE[i]=done
+  case $rc in
+    0) n_done=$((n_done + 1)) ;; 10) n_skipped=$((n_skipped + 1)) ;; 11) n_failed=$((n_failed + 1)) ;;
+    12) n_stopped=$((n_stopped + 1)) ;;
+    *) if [[ $STOP_RC == 0 ]]; then STOP_RC=$rc; fi  # a run stopped by a signal: the series stops like on Ctrl-C
+       if [[ $rc == 130 ]]; then stop_all INT; else stop_all TERM; fi ;;
+  esac
+done
+
+if [[ -n "$STOP" ]]; then
+  left=0; for ((i = 0; i < N; i++)); do [[ "${STATE[$i]}" == done ]] || left=$((left + 1)); done
+  echo "series '$SERIES' interrupted (exit $STOP_RC): the running runs saved ckpt_latest; run this script again to continue them and the $left not started" >&2
+  exit "$STOP_RC"
+fi
+echo "series '$SERIES': $n_done run(s) trained, $n_skipped skipped (finished before), $n_failed failed, of $N"
+summarize_and_print
 exit 0

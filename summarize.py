@@ -17,9 +17,9 @@ setting, seed, exit code) and writes into the root (or --out):
   test_acc_diff.png  the paired differences to each group's baseline, error bars = their 95% CI
 
 Works on a partial series: a run still running or interrupted counts with what it has so far, a failed run
-(results.json status "failed", a non-zero exit code recorded by the series, or no results.json at all) is a
-failed row. The mean of a setting is over its finished runs; if none finished, over its partial ones; failed
-runs never count.
+(results.json status "failed", an exit code recorded by the series that utils.exit_status calls failed, or no
+results.json at all) is a failed row; a run stopped by a signal (utils.INTERRUPTED_CODES) is interrupted.
+The mean of a setting is over its finished runs; if none finished, over its partial ones; failed runs never count.
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ def load_run(root: Path, d: Path) -> dict:
         status = res.get("status") or "unknown"
         if status in PARTIAL and crashed:
             status = "failed"  # the process died without writing its final status
+        elif status in PARTIAL and utils.exit_status(code) == "interrupted":
+            status = "interrupted"  # stopped by a signal (utils.INTERRUPTED_CODES): resumable
     elif meta:
         status = "failed" if crashed else (meta.get("status") or "unknown")
     else:

@@ -442,3 +442,91 @@ def test_summarize_baseline_option(tmp_path, capsys):
     assert math.isclose(float(rows["s5"]["diff_mean"]), 0.01)  # 0.05, -0.10, 0.08
     assert summarize.main([str(root), "--baseline", "nothing"]) == 2
     assert "--baseline 'nothing' is no setting of any group" in capsys.readouterr().err
+
+# --------------------------------------------------------------------------------------------------
+# several runs at once: PARALLEL, signals to the series
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parallel_2_gives_the_serial_series_results(smoke, tmp_path):
+    root, _, _ = smoke
+    env = series_env(tmp_path / "par", GROUPS="1 6", FAIL_RUNS="g1-aux/aux-on/*", PARALLEL="2")
+    r, out = run_series(env)
+    assert r.returncode == 0, out
+    assert "3 run(s) trained, 0 skipped (finished before), 1 failed, of 4" in out
+    for rid in RUN_IDS:
+        if rid == FAILING:
+            assert json.loads((tmp_path / "par" / rid / "series_run.json").read_text())["status"] == "failed"
+            continue
+        a = json.loads((root / rid / "results.json").read_text())
+        b = json.loads((tmp_path / "par" / rid / "results.json").read_text())
+        assert b["status"] == "finished" and len(a["epochs"]) == len(b["epochs"]) == 1, rid
+        for x, y in zip(a["epochs"], b["epochs"]):
+            for k in ("train_loss", "val_loss", "test_loss", "val_acc", "test_acc"):
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (rid, k)
+
+
+SLEEPY = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+argv = sys.argv[1:]
+run_dir = Path(argv[argv.index("--run_dir") + 1])
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(argv) + "\n")
+def results(status):
+    (run_dir / "results.json").write_text(json.dumps(dict(config={"epochs": 1}, epochs=[], status=status)))
+if "--resume" in argv:
+    assert (run_dir / "ckpt_latest.msgpack").read_bytes() == b"saved"
+if "--resume" in argv or not os.environ.get("FAKE_HOLD"):
+    results("finished"); sys.exit(0)
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+results("running")
+(run_dir / "started").write_text("")
+while not stop:
+    time.sleep(0.05)
+(run_dir / "ckpt_latest.msgpack").write_bytes(b"saved")
+results("interrupted")
+sys.exit(143)
+'''
+
+
+def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocation_finishes_them(tmp_path):
+    import signal
+    import time
+
+    fake = tmp_path / "sleepy.py"
+    fake.write_text(SLEEPY)
+    (tmp_path / "data").mkdir()
+    calls = tmp_path / "calls.jsonl"
+    env = series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", RUN_GROUPS="3",
+                     PARALLEL="2")
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env={**env, "FAKE_HOLD": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    dirs = [tmp_path / "out/g3-aux-strength" / s / "seed0" for s in ("strength-0.05", "strength-0.1")]
+    end = time.monotonic() + 60
+    while not all((d / "started").exists() for d in dirs):
+        assert time.monotonic() < end and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, out
+    assert "strength-0.2" not in out  # the third run is not started
+    for d in dirs:
+        assert json.loads((d / "results.json").read_text())["status"] == "interrupted"
+        meta = json.loads((d / "series_run.json").read_text())
+        assert meta["status"] == "interrupted" and meta["exit_code"] == 143
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    assert out.count("(resuming from ckpt_latest)") == 2
+    assert "3 run(s) trained, 0 skipped (finished before), 0 failed, of 3" in out
+    for d in [*dirs, tmp_path / "out/g3-aux-strength/strength-0.2/seed0"]:
+        assert json.loads((d / "results.json").read_text())["status"] == "finished"
+
+
+def test_readme_exit_codes_are_utils_table():
+    import utils
+
+    assert utils.exit_code_table() in (HERE / "README.md").read_text()
+    assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
+    assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES

@@ -171,18 +171,27 @@ def test_resume_reproduces_the_uninterrupted_run(mnist_root, tmp_path):
     assert train_ex.main(args("full")) == 0
     assert train_ex.main(args("cut", "--max_steps", "11")) == 0  # stops mid-epoch 2 (8 steps an epoch)
     assert results(tmp_path / "cut")["status"] == "interrupted"
-    assert train_ex.main(args("cut", "--resume")) == 0
+    # the run directory alone: its own options, not train_ex.py's defaults (another dataset, model, budget)
+    assert train_ex.main(["--resume", "--run_dir", str(tmp_path / "cut")]) == 0
     full, cut = results(tmp_path / "full"), results(tmp_path / "cut")
-    assert cut["status"] == "finished" and len(cut["epochs"]) == 2
+    assert cut["status"] == "finished" and len(cut["epochs"]) == 2 and cut["config"]["max_steps"] is None
     for a, b in zip(full["epochs"], cut["epochs"]):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
 
 
-def test_checkpoint_of_another_architecture_is_refused(mnist_root, tmp_path, capsys):
+def test_resume_refuses_other_options_and_extends_by_epochs(mnist_root, tmp_path, capsys):
     assert train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--epochs", "1")) == 0
-    code = train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--epochs", "2", "--resume", "--n_layers", "2"))
-    assert code == 2 and "n_layers: checkpoint 1 vs now 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # every difference listed, before any data is read
+        train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--resume", "--n_layers", "2", "--lr", "0.01"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "n_layers: checkpoint 1 vs now 2" in err and "lr: checkpoint 0.001 vs now 0.01" in err
+    assert "--epochs" in err.split("only these may change")[1]
+    # --epochs may change: the run goes on to epoch 2 with its own options
+    assert train_ex.main(["--resume", "--run_dir", str(tmp_path / "a"), "--epochs", "2"]) == 0
+    res = results(tmp_path / "a")
+    assert res["status"] == "finished" and [r["epoch"] for r in res["epochs"]] == [1, 2]
+    assert res["config"]["dataset"] == "mnist-classification" and res["config"]["d_model"] == 8
 
 
 def test_non_finite_loss_stops_the_run(mnist_root, tmp_path, capsys):

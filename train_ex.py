@@ -11,6 +11,7 @@ the jit-compiled steps, the epoch loop, checkpoints, results.json, wandb and the
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 import time
@@ -47,6 +48,9 @@ class Runtime:
             except (AttributeError, ValueError):
                 pass
             kw = {}
+            problem = None if cfg.coordinator else utils.slurm_env_problem()
+            if problem:
+                raise utils.RunError(problem, 2)
             if cfg.coordinator:
                 kw = dict(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                           process_id=cfg.process_id)
@@ -195,15 +199,21 @@ class Report:
 
 
 def start_wandb(cfg, config, run_dir):
-    """A wandb run (offline unless --use_wandb; WANDB_MODE wins), or None: logging must never cost a run."""
+    """A wandb run (offline unless --use_wandb; WANDB_MODE wins), or None: logging must never cost a run. Its id
+    is kept in the run directory (utils.WANDB_ID_FILE): a resumed or requeued run continues the same wandb run."""
     mode = utils.wandb_mode(cfg.use_wandb)
     if mode is None:
         return None
     try:
         import wandb  # imported only when used: it is slow to import and optional on GPU images
 
+        id_file = Path(run_dir) / utils.WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:
+            run_id = secrets.token_hex(8)  # wandb's id alphabet: lower-case letters and digits
+            utils.atomic_write(id_file, run_id + "\n")
         return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name, config=config,
-                          dir=str(run_dir), mode=mode)
+                          dir=str(run_dir), mode=mode, id=run_id, resume="allow")
     except Exception as e:
         print(f"warning: wandb logging is off ({e})", file=sys.stderr)
         return None
@@ -215,12 +225,15 @@ def start_wandb(cfg, config, run_dir):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM (what SLURM and Kubernetes send before a kill) only set a flag; the step loop saves
-    and stops at the next agreed point."""
+    """SIGINT, SIGTERM (what SLURM and Kubernetes send before a kill) and SIGUSR1 (SLURM's --signal=USR1@SECS
+    before a time limit) only set a flag; the step loop saves and stops at the next agreed point, and the run
+    exits with the signal's code of utils.SIGNAL_EXIT_CODES."""
+
+    NAMES = tuple(utils.SIGNAL_EXIT_CODES)  # agreed between processes by index (0: none)
 
     def __enter__(self):
         self.caught = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (getattr(signal, n) for n in self.NAMES)}
         return self
 
     def _handle(self, signum, frame):
@@ -410,7 +423,7 @@ def train_epochs(loop: Loop, state, progress, report, signals, after_epoch=None)
 
 def train_one_epoch(loop: Loop, state, progress, signals, t0):
     """The steps of the current epoch from progress["batch"] on. → (state, None), or (state, what stopped it:
-    "SIGINT", "SIGTERM" or "max_steps") after saving ckpt_latest.
+    a signal's name of StopSignals.NAMES or "max_steps") after saving ckpt_latest.
 
     Every --log_every steps (and at the end of the epoch) the host reads the on-device totals (loss, NaN count)
     and, with all processes, agrees on whether to stop (a signal, --max_steps) or to write a mid-epoch checkpoint
@@ -434,13 +447,13 @@ def train_one_epoch(loop: Loop, state, progress, signals, t0):
         if progress["step"] % sync_every and progress["step"] != cfg.max_steps:
             continue
         due = cfg.ckpt_every_min > 0 and time.monotonic() - last_save >= 60 * cfg.ckpt_every_min
-        sig = {None: 0, "SIGINT": 1, "SIGTERM": 2}[signals.caught]
+        sig = 0 if signals.caught is None else StopSignals.NAMES.index(signals.caught) + 1
         stop_sig, max_steps, save_now = rt.agree([sig, progress["step"] == cfg.max_steps, due])
         if stop_sig or max_steps:
             progress["wall_time_s"] += time.perf_counter() - t0
             loop.ckpts.save("latest", state, progress)
             bar.close()
-            name = {1: "SIGINT", 2: "SIGTERM"}.get(int(stop_sig))
+            name = StopSignals.NAMES[int(stop_sig) - 1] if stop_sig else None
             print(f"\nprocess {rt.index}: {'stopped by ' + name if name else 'reached --max_steps'} at epoch "
                   f"{epoch + 1}, batch {progress['batch']} (step {progress['step']}); continue with "
                   f"--resume --run_dir {loop.ckpts.dir}", flush=True)

@@ -19,18 +19,21 @@ from pathlib import Path
 
 from flax import serialization
 
-# ---- exit codes: one table for train_ex.py, the series (run_train_ex.sh) and summarize.py ----
+# ---- exit codes: one table for train_ex.py, the series (run_train_ex.sh), its SLURM tasks and summarize.py ----
 EXIT_CODES = {
     0: "finished (or stopped resumably by --max_steps)",
     1: "crashed: an unexpected error (traceback in the log)",
-    2: "bad input: options, data, checkpoint or run directory (the message says what to do)",
+    2: "bad input: options, data, checkpoint, run directory or SLURM environment (the message says what to do)",
     3: "non-finite loss: stopped; ckpt_latest holds the last good state",
     4: "could not write the run directory (disk full, quota, permissions): the files written before are intact",
     130: "interrupted by SIGINT (Ctrl-C): ckpt_latest saved, resumable with --resume",
+    138: "interrupted by SIGUSR1 (SLURM's warning before a time limit): ckpt_latest saved, resumable with --resume",
     143: "interrupted by SIGTERM (preemption, time limit): ckpt_latest saved, resumable with --resume",
 }
-SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports a killed job
-INTERRUPTED_CODES = frozenset(SIGNAL_EXIT_CODES.values())
+# 128 + the signal's number, as a shell reports a killed job
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGUSR1": 138, "SIGTERM": 143}
+INTERRUPTED_CODES = frozenset(SIGNAL_EXIT_CODES.values())  # to be resumed: the series continues them
+FINAL_CODES = frozenset(EXIT_CODES) - INTERRUPTED_CODES  # the run is over (finished, or failed for good)
 
 
 def exit_status(code) -> str | None:
@@ -39,6 +42,30 @@ def exit_status(code) -> str | None:
     if code is None:
         return None
     return "finished" if code == 0 else "interrupted" if code in INTERRUPTED_CODES else "failed"
+
+
+def exit_code_table() -> str:
+    """EXIT_CODES as a Markdown table (the README's copy is checked against it)."""
+    rows = [f"| {code} | {exit_status(code)} | {text} |" for code, text in sorted(EXIT_CODES.items())]
+    return "\n".join(["| exit code | status | meaning |", "|---|---|---|", *rows])
+
+
+# ---- SLURM ----
+SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def slurm_env_problem(environ=None) -> str | None:
+    """Why jax.distributed cannot find its peers in SLURM's environment although a SLURM job is visible (a
+    shell of an allocation, e.g. after ssh into one of its nodes or in a batch script outside srun), or None."""
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    missing = [v for v in SLURM_STEP_VARS if v not in environ]
+    if not missing:
+        return None
+    return (f"--distributed: SLURM's environment is only partly set (SLURM_JOB_ID={environ['SLURM_JOB_ID']}, but no "
+            f"{', '.join(missing)}): start every process with srun inside the allocation, e.g. `srun -n 2 python "
+            f"train_ex.py --distributed ...`, or give --coordinator, --num_processes and --process_id")
 
 
 class RunError(Exception):
@@ -216,6 +243,9 @@ def newest_checkpoint(run_dir, kinds=("latest", "latest.prev", "best")):
 
 
 # ---- wandb ----
+WANDB_ID_FILE = "wandb_id.txt"  # the run directory's wandb run id: a resumed run continues the same wandb run
+
+
 def wandb_mode(online: bool, default: str | None = "offline") -> str | None:
     """The wandb mode: WANDB_MODE when set, else 'online' when asked for, else `default`; None means no wandb."""
     mode = os.environ.get("WANDB_MODE") or ("online" if online else default)

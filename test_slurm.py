@@ -1,0 +1,194 @@
+"""run_train_ex.sh on a real one-node SLURM (Debian's slurm-wlm and munge): munged, slurmctld and slurmd started
+for the session with a small slurm.conf in a temporary directory, stopped by their PIDs afterwards. Where SLURM
+is not installed (or cannot start) the tests are skipped with the reason.
+
+SLURM delays a requeued job's next start by 120 s; the fixture's `release` starts such tasks at once
+(`scontrol update JobId=... StartTime=now`), as an administrator could, so that requeues take seconds."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_series import SCRIPT, run_series, series_env
+from test_train import HERE
+
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
+pytestmark = pytest.mark.slow
+
+
+def _which(name):
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
+                                      None)
+
+
+def _wait(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+class Slurm:
+    def __init__(self, root: Path):
+        self.root, self.env, self.pids = root, {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}, []
+        self._stop = threading.Event()
+
+    def run(self, *argv, check=True):
+        r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60)
+        if check and r.returncode:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr}")
+        return r.stdout
+
+    def start(self):
+        host, cpus = socket.gethostname().split(".")[0], os.cpu_count()
+        for d in ("state", "spool"):
+            (self.root / d).mkdir()
+        (self.root / "slurm.conf").write_text("\n".join([
+            "ClusterName=tests", f"SlurmctldHost={host}", "SlurmUser=root", "AuthType=auth/munge",
+            "SlurmctldPort=16817", "SlurmdPort=16818",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2", "MinJobAge=30", "JobRequeue=1",
+            "KillWait=30", f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
+            f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.pid",
+            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.log",
+            f"NodeName={host} CPUs={cpus} State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode:  # munged as user munge
+            Path("/run/munge").mkdir(exist_ok=True)
+            shutil.chown("/run/munge", "munge", "munge")
+            subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", _which("munged")], check=True, timeout=30)
+            self.pids.append(int(Path("/run/munge/munged.pid").read_text()))
+        for daemon in ("slurmctld", "slurmd"):
+            subprocess.run([_which(daemon)], env=self.env, check=True, timeout=30)
+            _wait(lambda d=daemon: (self.root / f"{d}.pid").exists(), 30, f"{daemon} did not start")
+            self.pids.append(int((self.root / f"{daemon}.pid").read_text()))
+        _wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%t", check=False), 60,
+              f"the node is not idle:\n{self.run('sinfo', check=False)}")
+        threading.Thread(target=self._release_requeued, daemon=True).start()
+
+    def _release_requeued(self):
+        """Requeued tasks wait 120 s for their BeginTime: start them now."""
+        while not self._stop.wait(1.0):
+            out = self.run("squeue", "-h", "-r", "-t", "PD", "-o", "%i %r", check=False)
+            for line in out.splitlines():
+                job, reason = (line.split() + [""])[:2]
+                if reason == "BeginTime":
+                    self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+    def queue(self):
+        return self.run("squeue", "-h", "-r", "-o", "%i %T", check=False).split()
+
+    def stop(self):
+        self._stop.set()
+        for pid in reversed(self.pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    missing = [b for b in SLURM_BINARIES if _which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM needs root (slurmd, munged as user munge)")
+    cluster = Slurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Exception as e:
+        cluster.stop()
+        log = "".join((cluster.root / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
+                      if (cluster.root / f).exists())
+        pytest.skip(f"a local SLURM did not start: {e}\n{log}")
+    yield cluster
+    cluster.stop()
+
+
+def results(root, rid):
+    return json.loads((root / rid / "results.json").read_text())
+
+
+def same_epochs(a, b, keys=("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")):
+    assert len(a["epochs"]) == len(b["epochs"])
+    for x, y in zip(a["epochs"], b["epochs"]):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+
+
+WARM = ["g6-warm-start/s5-base/seed0", "g6-warm-start/extend-warm/seed0"]
+
+
+def test_slurm_series_equals_the_local_series(slurm, tmp_path):
+    """Group 6 (an S5 run, then the extension warm-started from it) as one array and a second array after it
+    (aftercorr), with a summary job: the same per-run results as the local serial series."""
+    local = series_env(tmp_path / "local", RUN_GROUPS="6")
+    r, out = run_series(local)
+    assert r.returncode == 0, out
+    env = {**series_env(tmp_path / "slurm", RUN_GROUPS="6", LAUNCHER="slurm", WAIT="1", SLURM_POLL_SECS="1"),
+           **{"SLURM_CONF": slurm.env["SLURM_CONF"]}}
+    r, out = run_series(env, timeout=300)
+    assert r.returncode == 0, out
+    assert "submitted: job array" in out and "warm-start array" in out and "squeue -j" in out
+    plan = (tmp_path / "slurm" / "slurm" / "plan.tsv").read_text().splitlines()
+    assert [ln.split("\t")[:3] for ln in plan] == [["main", "0", WARM[0]], ["warm", "0", WARM[1]]]
+    assert "# Series summary" in out
+    for rid in WARM:
+        a, b = results(tmp_path / "local", rid), results(tmp_path / "slurm", rid)
+        assert a["status"] == b["status"] == "finished", rid
+        same_epochs(a, b)
+    # a second submission: nothing left to run, nothing submitted
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0 and "nothing to submit" in out and "submitted" not in out, out
+
+
+def test_requeued_task_resumes_from_its_checkpoint(slurm, tmp_path, mnist_root):
+    """`scontrol requeue` in the middle of a run: the task saves ckpt_latest, starts again with --resume, and
+    its epochs equal an uninterrupted run's."""
+    extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 4000 --max_eval_samples 64 "
+             "--warmup_end 0 --p_dropout 0 --log_every 1 --ckpt_every_min 0")
+    kw = dict(RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS="3", DATA=str(mnist_root), EXTRA=extra)
+    rid = "g1-aux/aux-off/seed0"
+    r, out = run_series(series_env(tmp_path / "local", **kw), timeout=300)
+    assert r.returncode == 0, out
+    env = {**series_env(tmp_path / "slurm", LAUNCHER="slurm", **kw), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    job = out.split("submitted: job array ")[1].split()[0]
+    log = tmp_path / "slurm" / rid / "train.log"
+    _wait(lambda: log.exists() and "epoch   1 |" in log.read_text(), 240, "the run did not finish epoch 1")
+    slurm.run("scontrol", "requeue", f"{job}_0")
+    done = tmp_path / "slurm" / "slurm" / "summary.done"
+    _wait(done.exists, 300, f"the series did not end:\n{log.read_text()[-2000:]}")
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text and "attempt (resume)" in text, text[-2000:]
+    res = results(tmp_path / "slurm", rid)
+    assert res["status"] == "finished"
+    same_epochs(res, results(tmp_path / "local", rid))
+
+
+def test_slurm_without_sbatch_or_with_bad_args_exits_2_and_submits_nothing(slurm, tmp_path):
+    env = {**series_env(tmp_path / "a", RUN_GROUPS="1", LAUNCHER="slurm"), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("bash", "python3", "env", "dirname", "tr", "sed", "head", "tail", "mkdir", "basename"):
+        if shutil.which(tool):
+            os.symlink(shutil.which(tool), bare / tool)
+    r = subprocess.run([shutil.which("bash"), str(SCRIPT)], env={**env, "PATH": str(bare)}, capture_output=True,
+                       text=True, timeout=60, cwd=HERE)
+    assert r.returncode == 2 and "no sbatch on PATH" in r.stderr, r.stdout + r.stderr
+    before = slurm.queue()
+    r, out = run_series({**env, "SLURM_ARGS": "--partition=no_such_partition"}, timeout=120)
+    assert r.returncode == 2 and "sbatch refused" in out and "invalid partition" in out.lower(), out
+    assert slurm.queue() == before

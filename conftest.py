@@ -2,7 +2,8 @@
 
 The tests compile hundreds of small functions, so compile time dominates the suite on a 2-core CPU.
 XLA's heavy optimisation passes are switched off for tests: they speed up large programs but not the
-semantics under test, and turning them off roughly halves each compile.
+semantics under test, and turning them off roughly halves each compile. The environment variable carries the
+same setting into the training runs and series that tests start as subprocesses.
 """
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations", True)
 
 SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"

@@ -19,6 +19,7 @@ pixels.
 Command line:
     python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
     python dataloaders.py make-listops --out DIR          generate ListOps in the LRA TSV format
+    python dataloaders.py split-mnist --source D --out DIR  disjoint MNIST train/test from the test split alone
 """
 
 from __future__ import annotations
@@ -558,6 +559,32 @@ def build_cifar(root: Path, gray: bool):
         splits[split] = dict(inputs=rgb, lengths=np.full(len(labels), 1024, np.int32), labels=labels)
     return splits, dict(n_classes=10, seq_len=1024, in_dim=1 if gray else 3, padded=False, pair=False,
                         source=source)
+
+
+def write_idx(path: Path, array: np.ndarray):
+    """Write unsigned bytes as an IDX file (gzip when the name ends in .gz): the inverse of read_idx."""
+    array = np.asarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def split_mnist(source: Path, out: Path, n_test: int) -> Path:
+    """A torchvision-layout MNIST root (out/MNIST/raw) made from one IDX split (source/t10k-*), its last n_test
+    images as the test split and the rest as the training split: disjoint train and test sets from the 10,000
+    test images alone. Returns out/MNIST/raw."""
+    images = read_idx(_mnist_file(source, "t10k-images-idx3-ubyte", source))
+    labels = read_idx(_mnist_file(source, "t10k-labels-idx1-ubyte", source))
+    if not 0 < n_test < len(images):
+        raise DataError(f"split-mnist: --n_test must be between 1 and {len(images) - 1}, got {n_test}")
+    raw = Path(out) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    cut = len(images) - n_test
+    for prefix, part in (("train", slice(0, cut)), ("t10k", slice(cut, None))):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[part])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[part])
+    return raw
 
 
 def _mnist_file(base: Path, stem: str, root: Path):
@@ -1271,10 +1298,18 @@ def main(argv=None):
     g.add_argument("--n_test", type=int, default=LISTOPS_SIZES["n_test"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count, at most 8)")
+    m = sub.add_parser("split-mnist", help="an MNIST root with disjoint train/test splits made from the test "
+                       "split alone (source/t10k-*-ubyte[.gz]: its last N_TEST images become the test split)")
+    m.add_argument("--source", required=True, help="folder holding t10k-images-idx3-ubyte[.gz] and its labels")
+    m.add_argument("--out", required=True, help="data root to write (OUT/MNIST/raw), for --dir_name")
+    m.add_argument("--n_test", type=int, default=2000, help="images kept for the test split (default 2000)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             check(args)
+        elif args.command == "split-mnist":
+            raw = split_mnist(Path(args.source), Path(args.out), args.n_test)
+            print(f"wrote {raw}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz")
         else:
             t0 = time.perf_counter()
             out = make_listops(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.workers)

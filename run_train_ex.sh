@@ -5,6 +5,7 @@
 #   ./run_train_ex.sh                        # the full series (see --help for the variables)
 #   SMOKE=1 ./run_train_ex.sh                # the whole series on a tiny budget on a CPU, in minutes
 #   RUN_GROUPS="1 5" SEEDS="0 1 2" EPOCHS=20 OUT_ROOT=runs/ablation ./run_train_ex.sh
+#   STUDY=cpu PARALLEL=2 ./run_train_ex.sh  # the CPU study: every SSM type on the diagnostics and psMNIST, 3 seeds
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,6 +22,18 @@ Runs the ablation series of train_ex.py, in this order (one run per setting and 
                            [SMOKE=1: (8,4), (16,8), (32,16)]
   group 5  g5-extend       --ssm_type extend, --R 4/10/16 x --extend_mode full/diag
   group 6  g6-warm-start   an S5 run, then --ssm_type extend fine-tuned on its ckpt_best.msgpack (--freeze base)
+  group 7  g7-baselines    --ssm_type s5, s4d, s6 (Mamba's selective SSM), lru, at the same --d_model
+
+STUDY=cpu runs the CPU study instead: one group per task, each with the same 11 settings (s5; aux-linear,
+aux-exponential, aux-sinusoidal, aux-constant; extend-diag and extend-full at R 4; s4d; s6; lru; s5-control, an
+S5 whose --ssm_size_base gives it about extend-full's parameter count), d_model 32, 2 layers:
+  group 1  copying             --data_options k=8,vocab=8,lag=32, 20 epochs (S5 control: --ssm_size_base 20)
+  group 2  selective-copying   --data_options k=8,vocab=8,length=48, 20 epochs (22)
+  group 3  associative-recall  --data_options n_pairs=8,n_queries=8,n_keys=16,n_values=16,gap=16, 20 epochs (20)
+  group 4  adding              --data_options length=128, 15 epochs (26)
+  group 5  psmnist             pmnist-classification, 2,000 training and 1,000 evaluation images, 3 epochs (66)
+The diagnostics are generated in memory (2,000/500/500 samples); psMNIST reads DATA, by default OUT_ROOT/data
+made once by "dataloaders.py split-mnist" from MNIST_SOURCE's 10,000 test images (8,000 train, 2,000 test).
 
 Every run uses train_ex.py's defaults for padded sets: padding masked before every SSM (--mask_padding) and
 length-bucketed batches (--buckets), not the S5 release's unmasked, full-length batches; for the release's
@@ -47,14 +60,16 @@ limit (SIGNAL_SECS) and on preemption the run saves ckpt_latest, the task requeu
 times) and continues with --resume. Running the command again submits only the runs not finished.
 
 Variables (default in brackets):
+  STUDY         cpu: the CPU study above instead of the ablation series (DATASET is then per group) []
+  MNIST_SOURCE  STUDY=cpu: folder with t10k-{images-idx3,labels-idx1}-ubyte[.gz] [../shared/data/mnist]
   DATASET       train_ex.py --dataset                       [listops-classification]
   DATA          data root, train_ex.py --dir_name            [./data; SMOKE=1: OUT_ROOT/data for ListOps]
-  EPOCHS        epochs per run                              [50; SMOKE=1: 1]
+  EPOCHS        epochs per run                              [50; SMOKE=1: 1; STUDY=cpu: per task]
   SEEDS         seeds per setting (--jax_seed), e.g. "0 1 2" [0 1 2; SMOKE=1: 0]
-  RUN_GROUPS    which groups run, e.g. "1 5"                 [1 2 3 4 5 6]
+  RUN_GROUPS    which groups run, e.g. "1 5"                 [1 2 3 4 5 6 7; STUDY=cpu: 1 2 3 4 5]
                 (GROUPS is accepted too, but only through \`env GROUPS="1 5" $0\`: bash reserves the name)
   EXTRA         flags passed to every run (after the setting's own flags, so they win) []
-  OUT_ROOT      output root                                 [runs/series-DATASET; SMOKE=1: runs/smoke-series]
+  OUT_ROOT      output root     [runs/series-DATASET; SMOKE=1: runs/smoke-series; STUDY=cpu: runs/study-cpu]
   SMOKE         1: tiny model and data budget for a CPU check; builds a tiny generated ListOps under
                 OUT_ROOT/data unless DATA is set              [0]
   SERIES        series name: wandb group and run-name prefix [basename of OUT_ROOT]
@@ -94,8 +109,16 @@ done
 # ---------------------------------------------------------------------------------------------------------------
 SMOKE="${SMOKE:-0}"
 [[ "$SMOKE" == 0 || "$SMOKE" == 1 ]] || die "SMOKE must be 0 or 1, got '$SMOKE'"
+STUDY="${STUDY:-}"
+[[ -z "$STUDY" || "$STUDY" == cpu ]] || die "STUDY must be cpu or unset (the ablation series), got '$STUDY'"
+if [[ -n "$STUDY" ]]; then
+  [[ "$SMOKE" == 0 ]] || die "STUDY=cpu has its own small sizes; leave SMOKE unset"
+  [[ -z "${DATASET:-}" ]] || die "STUDY=cpu sets each group's dataset; leave DATASET unset"
+fi
 DATASET="${DATASET:-listops-classification}"
-if [[ "$SMOKE" == 1 ]]; then
+if [[ -n "$STUDY" ]]; then
+  EPOCHS="${EPOCHS:-}"; SEEDS="${SEEDS:-0 1 2}"; OUT_ROOT="${OUT_ROOT:-runs/study-$STUDY}"
+elif [[ "$SMOKE" == 1 ]]; then
   EPOCHS="${EPOCHS:-1}"; SEEDS="${SEEDS:-0}"; OUT_ROOT="${OUT_ROOT:-runs/smoke-series}"
 else
   EPOCHS="${EPOCHS:-50}"; SEEDS="${SEEDS:-0 1 2}"; OUT_ROOT="${OUT_ROOT:-runs/series-$DATASET}"
@@ -105,7 +128,8 @@ fi
 if [[ -z "${RUN_GROUPS:-}" && -r /proc/$$/environ ]]; then
   RUN_GROUPS="$(tr '\0' '\n' </proc/$$/environ | sed -n 's/^GROUPS=//p' | head -n 1)"
 fi
-RUN_GROUPS="${RUN_GROUPS:-1 2 3 4 5 6}"
+if [[ -n "$STUDY" ]]; then MAX_GROUP=5; else MAX_GROUP=7; fi
+RUN_GROUPS="${RUN_GROUPS:-$(seq -s ' ' 1 $MAX_GROUP)}"
 EXTRA="${EXTRA:-}"
 USE_WANDB="${USE_WANDB:-0}"
 WANDB_PROJECT="${WANDB_PROJECT:-s5-ex}"
@@ -116,13 +140,16 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
-[[ "$EPOCHS" =~ ^[0-9]+$ && "$EPOCHS" -ge 1 ]] || die "EPOCHS must be a positive integer, got '$EPOCHS'"
+[[ (-n "$STUDY" && -z "$EPOCHS") || ("$EPOCHS" =~ ^[0-9]+$ && "$EPOCHS" -ge 1) ]] \
+  || die "EPOCHS must be a positive integer, got '$EPOCHS'"
 read -r -a SEED_LIST <<<"$SEEDS"
 [[ ${#SEED_LIST[@]} -ge 1 ]] || die "SEEDS is empty"
 for s in "${SEED_LIST[@]}"; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be non-negative integers, got '$s'"; done
 read -r -a GROUP_ARGS <<<"$RUN_GROUPS"
 [[ ${#GROUP_ARGS[@]} -ge 1 ]] || die "GROUPS is empty"
-for g in "${GROUP_ARGS[@]}"; do [[ "$g" =~ ^[1-6]$ ]] || die "GROUPS must be numbers 1 to 6, got '$g'"; done
+for g in "${GROUP_ARGS[@]}"; do
+  [[ "$g" =~ ^[1-9]$ && "$g" -le $MAX_GROUP ]] || die "GROUPS must be numbers 1 to $MAX_GROUP, got '$g'"
+done
 [[ "$USE_WANDB" == 0 || "$USE_WANDB" == 1 ]] || die "USE_WANDB must be 0 or 1, got '$USE_WANDB'"
 [[ "$RETRY_FAILED" == 0 || "$RETRY_FAILED" == 1 ]] || die "RETRY_FAILED must be 0 or 1, got '$RETRY_FAILED'"
 [[ -n "$OUT_ROOT" ]] || die "OUT_ROOT is empty"
@@ -168,6 +195,7 @@ SERIES="${SERIES:-$(basename "$OUT_ROOT")}"
 SMOKE_DATA=0
 if [[ -z "${DATA:-}" ]]; then
   if [[ "$SMOKE" == 1 && "$DATASET" == listops-classification ]]; then DATA="$OUT_ROOT/data"; SMOKE_DATA=1
+  elif [[ -n "$STUDY" ]]; then DATA="$OUT_ROOT/data"
   else DATA=./data; fi
 fi
 
@@ -181,7 +209,14 @@ else
   BASE_ARGS=()
   SIZES=("64 32" "128 64" "256 128")
 fi
-COMMON_ARGS=(--dataset "$DATASET" --dir_name "$DATA" --epochs "$EPOCHS" "${BASE_ARGS[@]}")
+if [[ -n "$STUDY" ]]; then
+  # small enough that one run takes about a minute on one CPU core; dropout off: the diagnostics are noiseless
+  COMMON_ARGS=(--dir_name "$DATA" --d_model 32 --n_layers 2 --ssm_size_base 16 --bsz 64 --lr 4e-3 --p_dropout 0
+               --warmup_end 1 --ckpt_every_min 0)
+  [[ -n "$EPOCHS" ]] && COMMON_ARGS+=(--epochs "$EPOCHS")
+else
+  COMMON_ARGS=(--dataset "$DATASET" --dir_name "$DATA" --epochs "$EPOCHS" "${BASE_ARGS[@]}")
+fi
 
 # EXTRA (and DATASET) checked once with train_ex.py's own command line (config.py): a typo must not fail every run
 if [[ -z "${_SERIES_TASK:-}" ]] && ! err="$("$PYTHON" - "${COMMON_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 <<PY
@@ -200,8 +235,32 @@ print(*sorted(utils.INTERRUPTED_CODES))" "$HERE") " || die "PYTHON: cannot impor
 # ---------------------------------------------------------------------------------------------------------------
 # the series: group|setting|flags, in order
 # ---------------------------------------------------------------------------------------------------------------
-GROUP_NAMES=("" g1-aux g2-time-scale g3-aux-strength g4-size g5-extend g6-warm-start)
+# STUDY=cpu: per task, its flags and the S5 control's --ssm_size_base (its parameter count is the closest to
+# extend-full R 4's at d_model 32, 2 layers; the S5 count grows in steps of --ssm_size_base 2)
+STUDY_TASKS=(""
+  "copying|--dataset copying --data_options k=8,vocab=8,lag=32 --epochs 20|20"
+  "selective-copying|--dataset selective_copying --data_options k=8,vocab=8,length=48 --epochs 20|22"
+  "associative-recall|--dataset associative_recall --data_options n_pairs=8,n_queries=8,n_keys=16,n_values=16,gap=16 --epochs 20|20"
+  "adding|--dataset adding --data_options length=128 --epochs 15|26"
+  "psmnist|--dataset pmnist-classification --max_train_samples 2000 --max_eval_samples 1000 --epochs 3|66")
+study_settings_of() {
+  local task flags control
+  IFS='|' read -r task flags control <<<"${STUDY_TASKS[$1]}"
+  echo "s5|$flags --ssm_type s5"
+  for t in linear exponential sinusoidal constant; do echo "aux-$t|$flags --enable_auxiliary_state --time_scale_type $t"; done
+  for m in diag full; do echo "extend-$m|$flags --ssm_type extend --R 4 --extend_mode $m"; done
+  for t in s4d s6 lru; do echo "$t|$flags --ssm_type $t"; done
+  echo "s5-control|$flags --ssm_type s5 --ssm_size_base $control"
+}
+
+if [[ -n "$STUDY" ]]; then
+  GROUP_NAMES=("")
+  for ((g = 1; g <= MAX_GROUP; g++)); do GROUP_NAMES+=("${STUDY_TASKS[$g]%%|*}"); done
+else
+  GROUP_NAMES=("" g1-aux g2-time-scale g3-aux-strength g4-size g5-extend g6-warm-start g7-baselines)
+fi
 settings_of() {
+  if [[ -n "$STUDY" ]]; then study_settings_of "$1"; return; fi
   case "$1" in
     1) echo "aux-off|--ssm_type s5"
        echo "aux-on|--enable_auxiliary_state" ;;
@@ -214,11 +273,12 @@ settings_of() {
     5) for r in 4 10 16; do for m in full diag; do echo "R$r-$m|--ssm_type extend --R $r --extend_mode $m"; done; done ;;
     6) echo "s5-base|--ssm_type s5"
        echo "extend-warm|--ssm_type extend --freeze base" ;;  # + --load_checkpoint <s5-base of the same seed>
+    7) for t in s5 s4d s6 lru; do echo "$t|--ssm_type $t"; done ;;
   esac
 }
 
 R_GROUP=(); R_SETTING=(); R_SEED=(); R_FLAGS=(); R_ORDER=()
-for g in 1 2 3 4 5 6; do
+for ((g = 1; g <= MAX_GROUP; g++)); do
   [[ " ${GROUP_ARGS[*]} " == *" $g "* ]] || continue
   j=0
   while IFS='|' read -r name flags; do
@@ -445,7 +505,7 @@ case "${_SERIES_TASK:-}" in
 esac
 
 # ---------------------------------------------------------------------------------------------------------------
-# data for SMOKE
+# data for SMOKE and STUDY=cpu
 # ---------------------------------------------------------------------------------------------------------------
 if [[ "$SMOKE_DATA" == 1 && ! -f "$DATA/listops_generated/basic_test.tsv" && ! -d "$DATA/lra_release/listops-1000" ]]; then
   echo "SMOKE: generating a tiny ListOps set in $DATA/listops_generated"
@@ -455,8 +515,19 @@ if [[ "$SMOKE_DATA" == 1 && ! -f "$DATA/listops_generated/basic_test.tsv" && ! -
     || die "could not generate the smoke data (log: $OUT_ROOT/make_listops.log)"
   mv "$DATA/listops_generated.tmp" "$DATA/listops_generated"
 fi
+# STUDY=cpu's psMNIST: disjoint train/test splits made once from MNIST_SOURCE's test images, unless DATA has MNIST
+if [[ -n "$STUDY" && " ${GROUP_ARGS[*]} " == *" 5 "* ]] && ! compgen -G "$DATA/MNIST/raw/train-images-idx3-ubyte*" >/dev/null; then
+  MNIST_SOURCE="${MNIST_SOURCE:-$HERE/../shared/data/mnist}"
+  echo "STUDY: making $DATA/MNIST from $MNIST_SOURCE (8,000 training and 2,000 test images)"
+  "$PYTHON" "$HERE/dataloaders.py" split-mnist --source "$MNIST_SOURCE" --out "$DATA" --n_test 2000 \
+    >"$OUT_ROOT/split_mnist.log" 2>&1 || die "could not make the psMNIST data: $(tail -n 1 "$OUT_ROOT/split_mnist.log")"
+fi
 
-echo "series '$SERIES': $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; $DATASET, $EPOCHS epochs) → $OUT_ROOT"
+if [[ -n "$STUDY" ]]; then
+  echo "study '$STUDY' ($SERIES): $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; ${EPOCHS:-per-task} epochs) → $OUT_ROOT"
+else
+  echo "series '$SERIES': $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; $DATASET, $EPOCHS epochs) → $OUT_ROOT"
+fi
 [[ -n "$EXTRA" ]] && echo "EXTRA for every run: $EXTRA"
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import summarize
@@ -24,7 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def series_env(out_root, **kw):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "OUT_ROOT": str(out_root), "SMOKE": "1"}
     for var in ("RUN_GROUPS", "GROUPS", "DATASET", "DATA", "EPOCHS", "SEEDS", "EXTRA", "SERIES", "USE_WANDB",
-                "RETRY_FAILED", "FAIL_RUNS", "PYTHON", "TRAIN"):
+                "RETRY_FAILED", "FAIL_RUNS", "PYTHON", "TRAIN", "STUDY", "MNIST_SOURCE", "PARALLEL", "DEVICES", "ONLY",
+                "LAUNCHER"):
         env.pop(var, None)  # hermetic: only what the test sets
     env.update({k: str(v) for k, v in kw.items()})
     return env
@@ -229,7 +231,10 @@ def test_ctrl_c_stops_the_series_and_run_groups_alias(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"GROUPS": "1 7"}, "GROUPS must be numbers 1 to 6"),
+    ({"GROUPS": "1 8"}, "GROUPS must be numbers 1 to 7"),
+    ({"STUDY": "gpu"}, "STUDY must be cpu or unset"),
+    ({"STUDY": "cpu", "SMOKE": "0", "DATASET": "mnist"}, "leave DATASET unset"),
+    ({"STUDY": "cpu", "SMOKE": "0", "GROUPS": "6"}, "GROUPS must be numbers 1 to 5"),
     ({"EPOCHS": "two"}, "EPOCHS must be a positive integer"),
     ({"SEEDS": "0 x"}, "SEEDS must be non-negative integers"),
     ({"SMOKE": "yes"}, "SMOKE must be 0 or 1"),
@@ -240,6 +245,48 @@ def test_misuse_exits_2(tmp_path, bad, message):
     r, out = run_series(env, timeout=60)
     assert r.returncode == 2 and message in out, out
     assert not calls.exists()
+
+
+SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+STUDY_TASKS = {"copying": "copying", "selective-copying": "selective_copying",
+               "associative-recall": "associative_recall", "adding": "adding", "psmnist": "pmnist-classification"}
+STUDY_SETTINGS = ["s5", "aux-linear", "aux-exponential", "aux-sinusoidal", "aux-constant", "extend-diag",
+                  "extend-full", "s4d", "s6", "lru", "s5-control"]
+
+
+def last(argv, flag):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag][-1]
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="../shared/data/mnist is not beside the checkout")
+def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_splits(tmp_path):
+    import dataloaders
+
+    env, calls = fake_env(tmp_path, STUDY="cpu", SMOKE="0", SEEDS="0", PARALLEL="2", MNIST_SOURCE=SHARED_MNIST)
+    env.pop("DATA")  # the study makes its own psMNIST data
+    r, out = run_series(env, timeout=300)
+    assert r.returncode == 0, out
+    out_root = tmp_path / "out"
+    c = calls_of(calls)
+    assert len(c) == len(STUDY_TASKS) * len(STUDY_SETTINGS)
+    for group, dataset in STUDY_TASKS.items():
+        for setting in STUDY_SETTINGS:
+            argv = c[str(out_root / group / setting / "seed0")]
+            assert last(argv, "--dataset") == dataset and last(argv, "--d_model") == "32"
+            size = last(argv, "--ssm_size_base")
+            assert (size == "16") == (setting != "s5-control"), (group, setting, size)
+            kind = setting.split("-")[0]
+            assert last(argv, "--ssm_type") == kind if kind in ("s5", "extend", "s4d", "s6", "lru") else \
+                "--enable_auxiliary_state" in argv
+    raw = out_root / "data" / "MNIST" / "raw"
+    train = dataloaders.read_idx(raw / "train-images-idx3-ubyte.gz")
+    test = dataloaders.read_idx(raw / "t10k-images-idx3-ubyte.gz")
+    labels = dataloaders.read_idx(raw / "train-labels-idx1-ubyte.gz")
+    source = dataloaders.read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+    assert train.shape == (8000, 28, 28) and test.shape == (2000, 28, 28) and labels.shape == (8000,)
+    np.testing.assert_array_equal(np.concatenate([train, test]), source)  # a split of the source, nothing lost
+    assert not {t.tobytes() for t in test} & {t.tobytes() for t in train}  # no test image among the training ones
+    assert "psmnist" in (out_root / "summary.md").read_text()
 
 
 def test_help_lists_the_variables():

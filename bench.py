@@ -8,7 +8,9 @@ digits in the recurrent mode.
     python bench.py --quick --sections sample   # drawing 16 MNIST digits in the recurrent mode, per ssm_type
 
 Times are medians over --repeats calls after a warm-up call, each ended by block_until_ready. Every scan
-is reported as a ratio to the S5 scan of the same shape and pass, measured in the same run.
+is reported as a ratio to the S5 scan of the same shape and pass, measured in the same run. The rows "s5 layer",
+"lru layer" and "s6 layer" are whole SSM layers on P features (S5 and the LRU: P complex states and the same scan;
+S6: P × 16 real states, its selective scan), to compare with each other.
 
 Sequential depth: the number of dependent steps on the longest path of a function's jaxpr, where a scan of
 length n whose body has depth d counts n·max(d, 1) and every other operation 0 (a parallel associative scan's
@@ -34,6 +36,7 @@ import numpy as np
 import config
 import dataloaders
 import models
+import s6_lru
 import ssm
 import ssm_ex
 
@@ -41,6 +44,7 @@ FULL_SHAPES = [(32, 1024, 64), (32, 2048, 64), (8, 16384, 128)]
 QUICK_SHAPES = [(8, 256, 16), (32, 1024, 64), (2, 4096, 32)]  # (32, 1024, 64): the full mode's target shape
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 R = 10
+S6_N = 16  # S6's states per channel in the scan rows (Mamba's default)
 
 
 def _jaxpr_depth(jaxpr) -> int:
@@ -94,6 +98,12 @@ def scan_variants(P, L):
     F = jnp.asarray(0.05 * (rng.normal(size=(R, P)) + 1j * rng.normal(size=(R, P))), jnp.complex64)
     delta = jnp.asarray(rng.normal(size=(L, R)), jnp.float32)
     sched = ssm_ex.time_scale(L, "sinusoidal")
+    B_s5 = jnp.asarray(rng.normal(size=(P, P)) + 1j * rng.normal(size=(P, P)), jnp.complex64) / np.sqrt(2 * P)
+    C_s5 = jnp.asarray(rng.normal(size=(P, P)) + 1j * rng.normal(size=(P, P)), jnp.complex64) / np.sqrt(2 * P)
+    nu_log, theta_log = jnp.log(-jnp.log(jnp.abs(lam))), jnp.log(jnp.abs(jnp.angle(lam)) + 1e-3)
+    gamma_log, D = 0.5 * jnp.log(1 - jnp.abs(lam) ** 2), jnp.ones(P)
+    s6_delta = jnp.asarray(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), (L, P))), jnp.float32)
+    s6_A = -jnp.tile(jnp.arange(1.0, S6_N + 1), (P, 1))
 
     def lowrank_recurrence(b):
         def step(x, inp):
@@ -112,6 +122,11 @@ def scan_variants(P, L):
         "diag recurrence": lambda b: ssm.linear_recurrence(ssm_ex.extend_diag_transitions(lam, E, F, delta), b),
         "full chunked": lambda b: ssm_ex.lowrank_scan(lam, E, F, delta, b),
         "full recurrence": lowrank_recurrence,
+        # whole layers on u = Re b (L, P), P features: S5 and the LRU carry P complex states (the same scan);
+        # S6 carries P × S6_N real states (its Δ_t, B_t, C_t given, as its projections would make them)
+        "s5 layer": lambda b: ssm.apply_ssm(lam, B_s5, C_s5, b.real, conj_sym=False),
+        "lru layer": lambda b: s6_lru.apply_lru(nu_log, theta_log, gamma_log, B_s5, C_s5, D, b.real),
+        "s6 layer": lambda b: s6_lru.selective_scan(b.real, s6_delta, s6_A, b.imag[:, :S6_N], b.imag[:, -S6_N:], D),
     }
     return {k: jax.vmap(f) for k, f in per_seq.items()}
 
@@ -154,7 +169,8 @@ def bench_scans(shapes, repeats, on_gpu):
 # The variants every training and memory row compares: S5 and the extensions on the same recipe
 VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
             "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
-            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"]}
+            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"],
+            "s6": ["--ssm_type", "s6"], "lru": ["--ssm_type", "lru"]}  # the modern baselines at S5's width
 
 
 def compiled_step(cfg, meta, batch):
@@ -170,14 +186,14 @@ def compiled_step(cfg, meta, batch):
     return compiled, model, state, time.perf_counter() - t0
 
 
-def bench_train(recipes, repeats):
+def bench_train(recipes, repeats, variants=VARIANTS):
     """Steps/s of a training step per variant. All variants are compiled first, then timed in interleaved rounds
     (one step of each in turn), so a slow spell of a noisy machine hits every variant alike; the ratio to S5
     is the median of the per-round ratios."""
     rows = []
     for label, argv, L, tokens in recipes:
         runs = {}
-        for name, extra in VARIANTS.items():
+        for name, extra in variants.items():
             cfg = config.parse_args([*argv, *extra])
             meta = dict(n_classes=10, seq_len=L, in_dim=18 if tokens else 1, tokens=tokens, pair=False)
             rng = np.random.default_rng(0)
@@ -229,14 +245,14 @@ def s5_recipes() -> dict:
     return {short[name]: (argv, name) for name, argv in config.readme_recipes().items()}
 
 
-def bench_memory(recipes):
+def bench_memory(recipes, variants=VARIANTS):
     rows = []
     all_recipes = s5_recipes()
     for label in recipes:
         argv, dataset = all_recipes[label]
         meta = dataloaders.model_meta(dataset)
         base = None
-        for variant, extra in VARIANTS.items():
+        for variant, extra in variants.items():
             row = dict(recipe=label, variant=variant, L=meta["seq_len"],
                        **step_memory([*argv, "--R", str(R), *extra], meta))
             base = base or row["temp_GB"]
@@ -288,6 +304,8 @@ def main(argv=None):
                    help="comma-separated subset of scans,train,data,memory,sample")
     p.add_argument("--recipes", default=",".join(s5_recipes()),
                    help=f"memory section: which S5 recipes (of {','.join(s5_recipes())})")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"train and memory sections: which of {','.join(VARIANTS)} (s5 always, the ratios' base)")
     p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -295,6 +313,10 @@ def main(argv=None):
     print(f"backend {dev.platform}: {len(jax.devices())}× {dev.device_kind} | jax {jax.__version__}")
     out = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__, "quick": args.quick}
     sections = args.sections.split(",")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    variants = {k: v for k, v in VARIANTS.items() if k == "s5" or k in args.variants.split(",")}
     if "scans" in sections:
         print("scans (B, L, P): median time, ratio to the S5 scan")
         out["scans"] = bench_scans(QUICK_SHAPES if args.quick else FULL_SHAPES, args.repeats, on_gpu)
@@ -309,13 +331,13 @@ def main(argv=None):
                 recipes.append(("path-x", ["--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--blocks",
                                            "16", "--n_layers", "6", "--bidirectional", "--C_init", "complex_normal"],
                                 16384, False))
-        out["train"] = bench_train(recipes, args.repeats)
+        out["train"] = bench_train(recipes, args.repeats, variants)
     if "memory" in sections:
         print(f"memory of one training step at the S5 recipes (XLA's estimate on {dev.platform}; R = {R})")
         unknown = set(args.recipes.split(",")) - set(s5_recipes())
         if unknown:
             p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(s5_recipes())}")
-        out["memory"] = bench_memory(args.recipes.split(","))
+        out["memory"] = bench_memory(args.recipes.split(","), variants)
     if "sample" in sections:
         if args.quick:
             flags = ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16"]

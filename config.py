@@ -97,6 +97,11 @@ def _model_options(p):
     g.add_argument("--token_encoder", choices=models.TOKEN_ENCODERS,
                    help="token datasets: onehot = the S5 release's Dense with bias on one-hot tokens; embed = "
                    "nn.Embed")
+    g.add_argument("--s6_state_size", type=int, help="--ssm_type s6: N real states per channel (Mamba: 16)")
+    g.add_argument("--lru_r_min", type=float, help="--ssm_type lru: smallest initial |λ| (ring initialisation)")
+    g.add_argument("--lru_r_max", type=float, help="--ssm_type lru: largest initial |λ|")
+    g.add_argument("--lru_max_phase", type=float, help="--ssm_type lru: initial phases uniform in (0, this] "
+                   "(the LRU paper: 2π, π/10 on the longest tasks)")
     g.add_argument("--pixel_tokens", action=Flag,
                    help="--dataset mnist (next-pixel prediction): feed the previous pixel as one of 256 tokens "
                    "(encoded by --token_encoder; Annotated S4's embedding=true is --pixel_tokens --token_encoder "
@@ -265,6 +270,13 @@ def _check_sizes(args, error):
               f"{args.ssm_size_base}")
     if args.conj_sym and (args.ssm_size_base // args.blocks) % 2:
         error(f"--conj_sym needs an even block size; ssm_size_base/blocks = {args.ssm_size_base // args.blocks}")
+    if args.s6_state_size < 1:
+        error(f"--s6_state_size must be at least 1, got {args.s6_state_size}")
+    if not 0 <= args.lru_r_min < args.lru_r_max < 1:
+        error(f"need 0 <= --lru_r_min < --lru_r_max < 1 (|λ| < 1 keeps the LRU stable), got {args.lru_r_min} and "
+              f"{args.lru_r_max}")
+    if not args.lru_max_phase > 0:
+        error(f"--lru_max_phase must be > 0, got {args.lru_max_phase}")
     if not 0 <= args.p_dropout < 1:
         error(f"--p_dropout must be in [0, 1), got {args.p_dropout}")
     if args.dt_min <= 0 or args.dt_max < args.dt_min:
@@ -316,6 +328,9 @@ def _check_run(args, error):
         error("--freeze base needs --load_checkpoint (the S5 checkpoint to build on)")
     if args.freeze and args.ssm_type == "s5":
         error("--freeze base trains only an extension: use --ssm_type aux or extend")
+    if args.freeze and args.ssm_type in ("s6", "lru"):
+        error(f"--freeze base trains an S5 extension on top of an S5 checkpoint; --ssm_type {args.ssm_type} has no "
+              f"S5 base to freeze (train it whole, without --freeze)")
     if args.eval_only and not (args.load_checkpoint or args.resume):
         error("--eval_only needs --load_checkpoint (or --resume with --run_dir)")
     if args.resume and not args.run_dir:

@@ -4,7 +4,8 @@
 
 Reads RUN_DIR's checkpoint and config, rebuilds the model without the data, and writes into RUN_DIR/inspect/:
   eigenvalues.png   per layer, the discrete eigenvalues Λ̄ in the complex plane with the unit circle, at
-                    initialisation (rebuilt from the config's seed) and trained
+                    initialisation (rebuilt from the config's seed) and trained (S6: exp(ΔA) at the bias step
+                    Δ = softplus(b_Δ), i.e. for a zero input, as its transition depends on the input; LRU: λ)
   timescales.png    per layer, histograms of the timescales −1/ln|λ̄| (steps until |λ̄|^k falls to 1/e) and of
                     the learned steps Δ
   aux_modulus.png   (aux) the effective transition modulus |Λ̄ + E Δ(t−1)| over t, quantiles across states, the
@@ -33,6 +34,7 @@ import numpy as np
 
 import models
 import s4
+import s6_lru
 import ssm
 import ssm_ex
 import utils
@@ -80,11 +82,16 @@ def initial_params(cfg, meta):
 
 
 def discrete_eigs(module, p):
-    """(Λ̄ (n,) complex, steps Δ) of a layer: S5-type layers' diagonal Λ̄; S4D/DSS exp(ΔΛ) per feature; S4 the
-    eigenvalues of each feature's dense bilinear Ā."""
-
+    """(Λ̄ (n,) complex, steps Δ or None) of a layer: S5-type layers' diagonal Λ̄; S4D/DSS exp(ΔΛ) per feature; S4
+    the eigenvalues of each feature's dense bilinear Ā; S6 exp(ΔA) at the bias step Δ = softplus(b_Δ) (its steps
+    depend on the input: this is the transition of a zero input); the LRU's λ (discrete-time: no step, None)."""
 
     m = module.bind({"params": p})
+    if isinstance(module, s6_lru.S6SSM):
+        step = np.asarray(jax.nn.softplus(m.b_Delta), np.float64) * module.step_rescale
+        return np.exp(step[:, None] * np.asarray(m.A(), np.float64)).ravel().astype(complex), step
+    if isinstance(module, s6_lru.LRUSSM):
+        return np.asarray(m.discrete_system()[0]), None
     if isinstance(module, s4.S4SSM):
         A_bar, _ = jax.vmap(s4.dplr_bilinear)(m.Lambda(), ssm.as_complex(m.P_lr), ssm.as_complex(m.B),
                                              m.step_size())
@@ -230,11 +237,15 @@ def plot_timescales(path, layers):
         ax_t.set_ylabel("states")
         ax_t.set_title(f"{name}: timescales (steps until |λ̄|^k = 1/e)")
         ax_t.legend(fontsize=8)
+        if info["steps"] is None:
+            ax_d.text(0.5, 0.5, "no step Δ: the layer is discrete-time (LRU)", ha="center", va="center")
+            ax_d.axis("off")
+            continue
         steps = np.asarray(info["steps"], np.float64)
         ax_d.hist(np.log10(steps), bins=30, color="tab:blue")
         ax_d.set_xlabel("log10 learned step Δ")
         ax_d.set_ylabel("states" if len(steps) == len(info["trained"]) else "features")
-        ax_d.set_title(f"{name}: learned steps Δ")
+        ax_d.set_title(f"{name}: learned steps Δ{info.get('step_note', '')}")
     _save(plt, fig, path)
 
 
@@ -335,6 +346,8 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
         lam0, _ = discrete_eigs(module, init[name])
         eigs[name] = dict(trained=lam, init=lam0, timescales=timescales(lam), timescales_init=timescales(lam0),
                           steps=steps)
+        if isinstance(module, s6_lru.S6SSM):  # its steps and eigenvalues depend on the input
+            eigs[name]["step_note"] = " at the bias softplus(b_Δ) (S6: zero input)"
         if isinstance(module, ssm_ex.S5SSMAux):
             mod, frac = aux_modulus(module, p, L)
             aux[name] = dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac)
@@ -371,7 +384,7 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
         "layers": {name: {
             "eigenvalues": cplx(e["trained"]), "eigenvalues_init": cplx(e["init"]),
             "timescales": real(e["timescales"]), "timescales_init": real(e["timescales_init"]),
-            "steps": real(e["steps"]),
+            "steps": None if e["steps"] is None else real(e["steps"]),
             "impulse_time_variation": imp[name]["time_variation"],
             **({"aux_modulus_quantiles": np.asarray(aux[name]["quantiles"]).tolist(),
                 "aux_clamped_fraction": aux[name]["clamped_fraction"]} if name in aux else {}),

@@ -32,18 +32,19 @@ from flax import serialization
 from PIL import Image
 
 import s4
+import s6_lru
 import ssm
 import ssm_ex
 import utils
 
-SSM_TYPES = ("s5", "aux", "extend", "s4", "s4d", "dss")  # the last three: the S4-family baselines
+SSM_TYPES = ("s5", "aux", "extend", "s4", "s4d", "dss", "s6", "lru")  # s4..dss: the S4 family; s6, lru: s6_lru.py
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 
 
 def ssm_class(ssm_type: str, **kw):
     """(module class, its options) for `--ssm_type`: options the class does not have are dropped."""
     cls = {"s5": ssm.S5SSM, "aux": ssm_ex.S5SSMAux, "extend": ssm_ex.S5SSMExtend, "s4": s4.S4SSM,
-           "s4d": s4.S4DSSM, "dss": s4.DSSSSM}.get(ssm_type)
+           "s4d": s4.S4DSSM, "dss": s4.DSSSSM, "s6": s6_lru.S6SSM, "lru": s6_lru.LRUSSM}.get(ssm_type)
     if cls is None:
         raise ValueError(f"unknown ssm_type {ssm_type!r}: use one of {SSM_TYPES}")
     fields = set(cls.__dataclass_fields__)
@@ -352,7 +353,8 @@ def build_model(cfg, ds_meta):
                   auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
                   delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
                   s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None,
-                  step_rescale=getattr(cfg, "step_rescale", 1.0))
+                  step_rescale=getattr(cfg, "step_rescale", 1.0),
+                  **{k: getattr(cfg, name, MODEL_DEFAULTS[name]) for k, name in S6_LRU_OPTIONS.items()})
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum, mask_padding=cfg.mask_padding)
     tokens, in_dim = ds_meta["tokens"], ds_meta["in_dim"]
@@ -385,12 +387,15 @@ MODEL_DEFAULTS = dict(
     activation_fn="half_glu1", prenorm=True, batchnorm=None, bn_momentum=0.95, p_dropout=0.1, mode="pool",
     token_encoder="onehot", pixel_tokens=False, mask_padding=True,
     time_scale_type="sinusoidal", auxiliary_strength=0.1, R=10, extend_mode="full", delta_type="learned",
-    extend_init_scale=0.05, extend_chunk=0,
+    extend_init_scale=0.05, extend_chunk=0, s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999,
+    lru_max_phase=2 * np.pi,
 )
+# the S6 / LRU module fields and the options that set them
+S6_LRU_OPTIONS = dict(N="s6_state_size", r_min="lru_r_min", r_max="lru_r_max", max_phase="lru_max_phase")
 # The options a checkpoint's parameters depend on: loading it into a model that differs in any is refused.
 ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
                "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
-               "time_scale_type", "token_encoder", "pixel_tokens", "data_options")
+               "time_scale_type", "token_encoder", "pixel_tokens", "data_options", "s6_state_size")
 
 
 def check_architecture(saved: dict, cfg):
@@ -454,6 +459,9 @@ def init_variables(cfg, model, batch):
 # ==================================================================================================
 
 
+EIGENVALUE_PARAMS = ("A_log", "nu_log", "theta_log", "gamma_log")  # S6's A; the LRU's λ and its input scale γ
+
+
 def param_label(path, cfg, frozen: bool) -> str:
     """The optimiser group of a parameter, from its leaf name (see the README's optimiser recipe)."""
     names = [getattr(k, "key", str(k)) for k in path]
@@ -462,9 +470,9 @@ def param_label(path, cfg, frozen: bool) -> str:
         return "frozen"
     if not in_ssm:
         return "regular"
-    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im", "P"):  # P: S4's low-rank term
-        return "ssm"
-    if leaf == "log_step":
+    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im", "P") + EIGENVALUE_PARAMS:
+        return "ssm"  # P: S4's low-rank term
+    if leaf in ("log_step", "b_Delta"):  # b_Delta: S6's step bias
         return "regular" if cfg.dt_global else "ssm"
     groups = {"standard": {"B": "ssm"}, "BandCdecay": {"B": "ssm_decay"}, "BfastandCdecay": {},
               "noBCdecay": {"B": "ssm", "C": "ssm", "D": "ssm"}}[cfg.opt_config]

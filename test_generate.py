@@ -43,7 +43,7 @@ def random_variables(model, key, B=3, L=L_TEST):
     batch = {"inputs": jnp.zeros((B, L), jnp.int32), "lengths": jnp.full(B, L)}
     variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, batch))(key)
     change = {"E": lambda x: 10 * x, "F": lambda x: 10 * x, "delta_table": lambda x: 10 * x,
-              "log_step": lambda x: x + 3.0}
+              "log_step": lambda x: x + 3.0, "b_Delta": lambda x: x + 3.0}
 
     def scale(path, x):
         return change.get(getattr(path[-1], "key", ""), lambda v: v)(x)
@@ -66,7 +66,8 @@ LAYOUTS = {  # every type once; each layout (norm placement, norm, activation, i
 }
 CASES = [("s5", "prenorm-batchnorm-values"), ("aux", "postnorm-layernorm-tokens"),
          ("extend", "prenorm-layernorm-onehot"), ("extend-diag", "postnorm-batchnorm-gelu"),
-         ("s4", "prenorm-batchnorm-values"), ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu")]
+         ("s4", "prenorm-batchnorm-values"), ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu"),
+         ("s6", "prenorm-layernorm-onehot"), ("lru", "postnorm-layernorm-tokens")]
 
 
 @pytest.mark.parametrize("ssm_type,layout", CASES)

@@ -237,3 +237,24 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
         assert f"[slurm {job}_0, start {k + 1}]" in task_log and f"requeueing {job}_0 ({k} of at most 8)" in task_log
     meta = json.loads((tmp_path / rid / "series_run.json").read_text())
     assert meta["status"] == "finished" and meta["exit_code"] == 0
+
+
+def test_two_processes_by_srun_give_the_losses_of_one(slurm, tmp_path, mnist_root):
+    """TASKS_PER_RUN=2: the task runs `srun -n 2 python train_ex.py --distributed ...`, whose processes find each
+    other from SLURM's environment (one CPU device each); its epochs equal one process's on two devices."""
+    extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 256 --max_eval_samples 64 "
+             "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
+    kw = dict(RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS="2", DATA=mnist_root, EXTRA=extra)
+    rid = "g1-aux/aux-off/seed0"
+    r, out = run_series(series_env(tmp_path / "local", JAX_NUM_CPU_DEVICES="2", **kw))
+    assert r.returncode == 0, out
+    env = {**series_env(tmp_path / "slurm", LAUNCHER="slurm", TASKS_PER_RUN="2", WAIT="1", SLURM_POLL_SECS="1",
+                        JAX_NUM_CPU_DEVICES="1", **kw), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, out = run_series(env, timeout=300)
+    text = (tmp_path / "slurm" / rid / "train.log").read_text()
+    assert r.returncode == 0, out + text[-2000:]
+    assert "attempt (fresh): srun -n 2 " in text and "--distributed" in text, text[-2000:]
+    one, two = results(tmp_path / "local", rid), results(tmp_path / "slurm", rid)
+    assert one["device"] == "2× cpu" and two["device"] == "2× cpu on 2 processes", (one["device"], two["device"])
+    assert one["status"] == two["status"] == "finished"
+    same_epochs(one, two)

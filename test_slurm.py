@@ -258,3 +258,32 @@ def test_two_processes_by_srun_give_the_losses_of_one(slurm, tmp_path, mnist_roo
     assert one["device"] == "2× cpu" and two["device"] == "2× cpu on 2 processes", (one["device"], two["device"])
     assert one["status"] == two["status"] == "finished"
     same_epochs(one, two)
+
+
+def test_a_rerun_does_not_submit_again_the_runs_still_in_slurm(slurm, tmp_path):
+    """A series submitted held (pending), then the command again: the pending run is not submitted twice, the
+    others are; once released, the pending task still runs its own submission's run."""
+    from test_series import calls_of, fake_env
+
+    env, calls = fake_env(tmp_path, RUN_GROUPS="1", LAUNCHER="slurm")
+    env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+    out_root = tmp_path / "out"
+    r, out = run_series({**env, "ONLY": "g1-aux/aux-off/*", "SLURM_ARGS": "--hold"}, timeout=120)
+    assert r.returncode == 0, out
+    held, held_summary = out.split("submitted: job array ")[1].split()[0], out.split("summary job ")[1].split()[0]
+    try:
+        r, out = run_series({**env, "WAIT": "1", "SLURM_POLL_SECS": "1"}, timeout=180)
+        assert r.returncode == 0, out
+        assert f"g1-aux/aux-off/seed0: still in SLURM (task {held}_0, PENDING), not submitted again" in out, out
+        assert [ln.split("\t")[:3] for ln in (out_root / "slurm" / "plan.tsv").read_text().splitlines()] == \
+            [["main", "0", "g1-aux/aux-on/seed0"]]
+        assert list(calls_of(calls)) == [str(out_root / "g1-aux/aux-on/seed0")]
+        r, out = run_series(env, timeout=120)
+        assert r.returncode == 0 and "nothing to submit" in out and "submitted:" not in out, out
+        slurm.run("scontrol", "release", held, held_summary)
+        done = out_root / "g1-aux/aux-off/seed0/results.json"
+        _wait(lambda: done.exists() and held not in " ".join(slurm.queue()), 120, "the released task did not run")
+        assert sorted(calls_of(calls)) == [str(out_root / f"g1-aux/aux-{s}/seed0") for s in ("off", "on")]
+        assert json.loads(done.read_text())["status"] == "finished"
+    finally:
+        slurm.run("scancel", held, held_summary, check=False)

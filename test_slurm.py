@@ -215,7 +215,7 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
     extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 10000 --max_eval_samples 64 "
              "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
     env = {**series_env(tmp_path, RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root,
-                        EXTRA=extra, LAUNCHER="slurm", SLURM_ARGS="--time=1", SIGNAL_SECS="5", MAX_REQUEUES="8",
+                        EXTRA=extra, LAUNCHER="slurm", SLURM_ARGS="--time=1", SIGNAL_SECS="5", MAX_REQUEUES="10",
                         WAIT="1", SLURM_POLL_SECS="2"),
            "SLURM_CONF": slurm.env["SLURM_CONF"]}
     r, out = run_series(env, timeout=900)
@@ -234,7 +234,7 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
     resumes = re.findall(r"resuming \S+ at epoch (\d+), batch (\d+)", text)
     assert len(stops) == len(resumes) == len(attempts) - 1 and resumes == stops, (stops, resumes)
     for k in range(1, len(attempts)):
-        assert f"[slurm {job}_0, start {k + 1}]" in task_log and f"requeueing {job}_0 ({k} of at most 8)" in task_log
+        assert f"[slurm {job}_0, start {k + 1}]" in task_log and f"requeueing {job}_0 ({k} of at most 10)" in task_log
     meta = json.loads((tmp_path / rid / "series_run.json").read_text())
     assert meta["status"] == "finished" and meta["exit_code"] == 0
 

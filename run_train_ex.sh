@@ -57,7 +57,8 @@ warm-start runs (task k starts when task k of the first, its S5 run, has ended: 
 summary job runs summarize.py after both (--dependency=afterany). The job ids and how to follow them are printed
 and the script returns (WAIT=1: waits for the summary, prints it). Every task is requeueable: before its time
 limit (SIGNAL_SECS) and on preemption the run saves ckpt_latest, the task requeues itself (at most MAX_REQUEUES
-times) and continues with --resume. Running the command again submits only the runs not finished.
+times) and continues with --resume. Running the command again submits only the runs not finished and not still
+pending or running in SLURM (OUT_ROOT/slurm/jobs.tsv: the arrays submitted, each with its own plan).
 
 Variables (default in brackets):
   STUDY         cpu: the CPU study above instead of the ablation series (DATASET is then per group) []
@@ -453,7 +454,9 @@ summarize_and_print() {
 # ---------------------------------------------------------------------------------------------------------------
 # SLURM: one array task (started by sbatch: _SERIES_TASK = main or warm) and the summary job (summary)
 # ---------------------------------------------------------------------------------------------------------------
-PLAN="$OUT_ROOT/slurm/plan.tsv"
+# the plan of this task's own submission (a later submission writes its own; plan.tsv is the latest)
+PLAN="${_SERIES_PLAN:-$OUT_ROOT/slurm/plan.tsv}"
+JOBS="$OUT_ROOT/slurm/jobs.tsv"  # every submitted array: job id, array (main/warm), its plan
 
 slurm_task() {
   local line id order g setting seed words
@@ -536,12 +539,26 @@ fi
 if [[ "$LAUNCHER" == slurm ]]; then
   read -r -a SLURM_ARG_LIST <<<"$SLURM_ARGS"
   mkdir -p "$OUT_ROOT/slurm"
-  declare -A TASK_OF=()
+  declare -A TASK_OF=() QUEUED=()
+  # runs of an earlier submission still pending or running (squeue) are not submitted again
+  if [[ -s "$JOBS" ]]; then
+    while read -r jt state; do
+      j=${jt%%_*}; t=${jt#*_}
+      [[ "$jt" == *_* && "$t" =~ ^[0-9]+$ ]] || continue
+      IFS=$'\t' read -r _ a p < <(awk -F'\t' -v j="$j" '$1 == j' "$JOBS") || continue
+      [[ -n "${p:-}" && -f "$p" ]] || continue
+      rid="$(awk -F'\t' -v a="$a" -v t="$t" '$1 == a && $2 == t {print $3}' "$p")"
+      [[ -n "$rid" ]] && QUEUED[$rid]="$jt, $state"
+    done < <(squeue -h -r -j "$(cut -f1 "$JOBS" | paste -sd, -)" -o "%i %T" 2>/dev/null || true)
+  fi
   plan="" n_main=0; warm_ids=()
   for ((i = 0; i < N; i++)); do
     g=${R_GROUP[$i]}; id="${GROUP_NAMES[$g]}/${R_SETTING[$i]}/seed${R_SEED[$i]}"
     read -r status _ _ < <(run_info "$OUT_ROOT/$id")
     if [[ "$status" == finished ]]; then echo "[$((i + 1))/$N] $id: finished, skipped"; continue; fi
+    if [[ -n "${QUEUED[$id]:-}" ]]; then
+      echo "[$((i + 1))/$N] $id: still in SLURM (task ${QUEUED[$id]}), not submitted again"; continue
+    fi
     if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
       echo "[$((i + 1))/$N] $id: failed before, left failed (RETRY_FAILED=0)"; continue
     fi
@@ -555,16 +572,24 @@ if [[ "$LAUNCHER" == slurm ]]; then
     plan+="$array"$'\t'"$task"$'\t'"$id"$'\t'"${R_ORDER[$i]}"$'\t'"$g"$'\t'"${R_SETTING[$i]}"$'\t'"${R_SEED[$i]}"$'\t'"$(printf '%q ' "${ARGS[@]}")"$'\n'
     echo "[$((i + 1))/$N] $id: $array array task $task"
   done
+  if [[ $n_main == 0 && ${#QUEUED[@]} -gt 0 ]]; then
+    echo "every run is finished, left failed or still in SLURM: nothing to submit"
+    exit 0
+  fi
   if [[ $n_main == 0 ]]; then
     echo "every run is finished (or left failed): nothing to submit"
     summarize_and_print
     exit 0
   fi
-  printf '%s' "$plan" >"$PLAN.tmp" && mv "$PLAN.tmp" "$PLAN"
-  cat >"$OUT_ROOT/slurm/task.sh" <<EOF
+  SUB="$(date +%Y%m%d-%H%M%S)-$$"  # this submission: its own plan and task script, read by its tasks
+  PLAN="$OUT_ROOT/slurm/plan.$SUB.tsv"
+  printf '%s' "$plan" >"$PLAN"
+  cp "$PLAN" "$OUT_ROOT/slurm/plan.tsv.tmp" && mv "$OUT_ROOT/slurm/plan.tsv.tmp" "$OUT_ROOT/slurm/plan.tsv"
+  cat >"$OUT_ROOT/slurm/task.$SUB.sh" <<EOF
 #!/usr/bin/env bash
 # A task of the series in $OUT_ROOT (run_train_ex.sh --help): its line of plan.tsv, requeued when interrupted.
 $(for v in OUT_ROOT PYTHON TRAIN SERIES MAX_REQUEUES TASKS_PER_RUN RETRY_FAILED USE_WANDB LAUNCHER; do printf 'export %s=%q\n' "$v" "${!v}"; done)
+export _SERIES_PLAN=$(printf '%q' "$PLAN")
 exec bash $(printf '%q' "$HERE/run_train_ex.sh")
 EOF
   rm -f "$OUT_ROOT/slurm/summary.done"
@@ -573,7 +598,7 @@ EOF
           "${SLURM_ARG_LIST[@]}")
   submit() {  # sbatch words...: the job id, or exit 2 with sbatch's message after cancelling what was submitted
     local out
-    if ! out="$(sbatch "$@" "$OUT_ROOT/slurm/task.sh" 2>&1)"; then
+    if ! out="$(sbatch "$@" "$OUT_ROOT/slurm/task.$SUB.sh" 2>&1)"; then
       [[ ${#SUBMITTED[@]} -gt 0 ]] && scancel "${SUBMITTED[@]}" 2>/dev/null
       die "sbatch refused the series (SLURM_ARGS='$SLURM_ARGS'); nothing is submitted:"$'\n'"$out"
     fi
@@ -584,11 +609,13 @@ EOF
   MAIN_JOB=$(submit "${common[@]}" --job-name="$SERIES" --output="$log_of" --export="ALL,_SERIES_TASK=main" \
              --array="0-$((n_main - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
   SUBMITTED=("$MAIN_JOB"); after="afterany:$MAIN_JOB"
+  printf '%s\tmain\t%s\n' "$MAIN_JOB" "$PLAN" >>"$JOBS"
   if [[ ${#warm_ids[@]} -gt 0 ]]; then
     WARM_JOB=$(IFS=,; submit "${common[@]}" --job-name="$SERIES-warm" --output="$log_of" \
                --export="ALL,_SERIES_TASK=warm" --dependency="aftercorr:$MAIN_JOB" \
                --array="${warm_ids[*]}${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
     SUBMITTED+=("$WARM_JOB"); after+=":$WARM_JOB"
+    printf '%s\twarm\t%s\n' "$WARM_JOB" "$PLAN" >>"$JOBS"
   fi
   SUM_JOB=$(submit --parsable "${SLURM_ARG_LIST[@]}" --ntasks=1 --job-name="$SERIES-summary" \
             --output="$OUT_ROOT/slurm/summary_%j.out" --export="ALL,_SERIES_TASK=summary" --dependency="$after") \

@@ -192,3 +192,69 @@ def test_two_processes_equal_one_process_and_stop_together(mnist_root, tmp_path)
     steps = [int(re.search(r"process \d: stopped by SIGTERM .*\(step (\d+)\)", o).group(1)) for o in outs]
     assert steps[0] == steps[1] > 0
     assert json.loads((tmp_path / "cut" / "ckpt_latest.json").read_text())["progress"]["step"] == steps[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# SLURM's environment and wandb, in this process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_distributed_in_a_partly_set_slurm_environment_exits_2(mnist_root, tmp_path, monkeypatch, capsys):
+    """A shell of an allocation outside srun (e.g. ssh into one of its nodes): SLURM_JOB_ID and SLURM_NTASKS are
+    set, the step's own variables are not. --distributed stops with exit 2, saying which are missing and to start
+    the processes with srun (or give the coordinator), before the run directory or jax.distributed is touched."""
+    import jax
+
+    import utils
+
+    for var in utils.SLURM_STEP_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    run_dir = tmp_path / "run"
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        code = train_ex.main(mnist_args(mnist_root, run_dir, "--distributed"))
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "SLURM_JOB_ID=4242" in err and "no SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID)" in err, err
+    assert "srun -n 2 python train_ex.py --distributed" in err and "--coordinator" in err, err
+    assert not run_dir.exists()
+    # outside SLURM, or inside an srun step, there is nothing to say
+    assert utils.slurm_env_problem({}) is None
+    assert utils.slurm_env_problem({"SLURM_JOB_ID": "1", **{v: "0" for v in utils.SLURM_STEP_VARS}}) is None
+
+
+def test_a_resumed_run_continues_its_wandb_run(mnist_root, tmp_path, monkeypatch):
+    """The wandb id is drawn once, kept in the run directory, and given to wandb.init again on --resume (with
+    resume="allow"), so a requeued run logs into the same wandb run; another run directory gets another id."""
+    import re
+
+    import wandb
+
+    import utils
+
+    class Run:
+        def log(self, data, step=None):
+            pass
+
+        def finish(self):
+            pass
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw) or Run())
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    d = tmp_path / "run"
+    assert train_ex.main(mnist_args(mnist_root, d, "--epochs", "1")) == 0
+    first = (d / utils.WANDB_ID_FILE).read_text().strip()
+    assert re.fullmatch(r"[a-z0-9]{8,}", first), first
+    assert train_ex.main(["--resume", "--run_dir", str(d), "--epochs", "2"]) == 0
+    assert results(d)["status"] == "finished" and len(results(d)["epochs"]) == 2
+    assert (d / utils.WANDB_ID_FILE).read_text().strip() == first
+    assert [(c["id"], c["resume"], c["mode"], c["dir"]) for c in calls] == [(first, "allow", "offline", str(d))] * 2
+    other = train_ex.start_wandb(train_ex.parse_args(mnist_args(mnist_root, tmp_path / "other")), {},
+                                 tmp_path / "other")
+    assert isinstance(other, Run) and calls[-1]["id"] != first
+    assert (tmp_path / "other" / utils.WANDB_ID_FILE).read_text().strip() == calls[-1]["id"]

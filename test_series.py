@@ -577,3 +577,45 @@ def test_readme_exit_codes_are_utils_table():
     assert utils.exit_code_table() in (HERE / "README.md").read_text()
     assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
     assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES
+
+
+DEVICE_FAKE = r'''
+import json, os, sys, time
+from pathlib import Path
+argv = sys.argv[1:]
+run_dir = Path(argv[argv.index("--run_dir") + 1])
+calls = Path(os.environ["FAKE_CALLS"])
+def event(kind):
+    with open(calls, "a") as f:
+        f.write(json.dumps([kind, str(run_dir), os.environ.get("CUDA_VISIBLE_DEVICES")]) + "\n")
+event("start")
+end = time.monotonic() + 30
+while sum(ln.startswith('["start"') for ln in calls.read_text().splitlines()) < 2 and time.monotonic() < end:
+    time.sleep(0.05)  # the first two runs wait for each other: both run at once
+(run_dir / "results.json").write_text(json.dumps(dict(config={"epochs": 1}, epochs=[], status="finished")))
+event("end")
+'''
+
+
+def test_devices_give_each_running_run_its_own_device(tmp_path):
+    """DEVICES="0 1": two runs at once, each with CUDA_VISIBLE_DEVICES set to a device no other running run has;
+    the third run gets the device its predecessor freed."""
+    fake = tmp_path / "device_fake.py"
+    fake.write_text(DEVICE_FAKE)
+    (tmp_path / "data").mkdir()
+    calls = tmp_path / "calls.jsonl"
+    env = series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", RUN_GROUPS="3",
+                     DEVICES="0 1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    events = [json.loads(ln) for ln in calls.read_text().splitlines()]
+    assert [e[0] for e in events].count("start") == 3 and [e[0] for e in events].count("end") == 3, events
+    running = {}
+    for kind, run, device in events:
+        if kind == "start":
+            assert device in ("0", "1") and device not in running.values(), (run, device, running)
+            running[run] = device
+        else:
+            del running[run]
+    assert {e[2] for e in events[:2]} == {"0", "1"} and [e[0] for e in events[:2]] == ["start", "start"]

@@ -2,7 +2,7 @@
 for the session with a small slurm.conf in a temporary directory, stopped by their PIDs afterwards. Where SLURM
 is not installed (or cannot start) the tests are skipped with the reason.
 
-SLURM delays a requeued job's next start by 120 s; the fixture's `release` starts such tasks at once
+SLURM delays a requeued job's next start by 120 s; the fixture starts such tasks after 2 s instead
 (`scontrol update JobId=... StartTime=now`), as an administrator could, so that requeues take seconds."""
 
 import json
@@ -27,6 +27,12 @@ pytestmark = pytest.mark.slow
 def _which(name):
     return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
                                       None)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout, what):
@@ -55,7 +61,7 @@ class Slurm:
             (self.root / d).mkdir()
         (self.root / "slurm.conf").write_text("\n".join([
             "ClusterName=tests", f"SlurmctldHost={host}", "SlurmUser=root", "AuthType=auth/munge",
-            "SlurmctldPort=16817", "SlurmdPort=16818",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",  # beside any other SLURM here
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2", "MinJobAge=30", "JobRequeue=1",
             "KillWait=30", f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
@@ -77,12 +83,17 @@ class Slurm:
         threading.Thread(target=self._release_requeued, daemon=True).start()
 
     def _release_requeued(self):
-        """Requeued tasks wait 120 s for their BeginTime: start them now."""
+        """Requeued tasks wait 120 s for their BeginTime: start them 2 s after they are seen waiting. (Not in the
+        same second as the requeue: slurmd would refuse the new start's credential as revoked, and the task would
+        end FAILED.)"""
+        seen = {}
         while not self._stop.wait(1.0):
             out = self.run("squeue", "-h", "-r", "-t", "PD", "-o", "%i %r", check=False)
-            for line in out.splitlines():
-                job, reason = (line.split() + [""])[:2]
-                if reason == "BeginTime":
+            waiting = {job for job, reason in (((ln.split() + [""])[:2]) for ln in out.splitlines())
+                       if reason == "BeginTime"}
+            seen = {job: seen.get(job, time.monotonic()) for job in waiting}
+            for job, since in seen.items():
+                if time.monotonic() - since >= 2:
                     self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
 
     def queue(self):
@@ -192,3 +203,87 @@ def test_slurm_without_sbatch_or_with_bad_args_exits_2_and_submits_nothing(slurm
     r, out = run_series({**env, "SLURM_ARGS": "--partition=no_such_partition"}, timeout=120)
     assert r.returncode == 2 and "sbatch refused" in out and "invalid partition" in out.lower(), out
     assert slurm.queue() == before
+
+
+def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnist_root):
+    """`--time=1` for a run that needs about 2 minutes: SLURM's USR1 (SIGNAL_SECS before the limit; SLURM sends it
+    up to 30 s earlier still) reaches the run through its task, which saves ckpt_latest and requeues itself; each
+    start continues where the one before stopped, and the run finishes with every epoch once."""
+    import re
+
+    epochs = 60  # 1,125 steps an epoch: about 90 s of training on one core, and the starts
+    extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 10000 --max_eval_samples 64 "
+             "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
+    env = {**series_env(tmp_path, RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root,
+                        EXTRA=extra, LAUNCHER="slurm", SLURM_ARGS="--time=1", SIGNAL_SECS="5", MAX_REQUEUES="10",
+                        WAIT="1", SLURM_POLL_SECS="2"),
+           "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, out = run_series(env, timeout=900)
+    rid = "g1-aux/aux-off/seed0"
+    text = (tmp_path / rid / "train.log").read_text()
+    job = out.split("submitted: job array ")[1].split()[0]
+    task_log = (tmp_path / "slurm" / f"{job}_0.out").read_text()
+    assert r.returncode == 0, out + text[-2000:]
+    res = results(tmp_path, rid)
+    assert res["status"] == "finished", task_log[-2000:] + text[-2000:]
+    assert [e["epoch"] for e in res["epochs"]] == list(range(1, epochs + 1))
+    attempts = [ln for ln in text.splitlines() if ln.startswith("=== ")]
+    assert len(attempts) >= 2 and "attempt (fresh)" in attempts[0], attempts
+    assert all("attempt (resume)" in a for a in attempts[1:]), attempts
+    stops = re.findall(r"stopped by SIGTERM at epoch (\d+), batch (\d+)", text)
+    resumes = re.findall(r"resuming \S+ at epoch (\d+), batch (\d+)", text)
+    assert len(stops) == len(resumes) == len(attempts) - 1 and resumes == stops, (stops, resumes)
+    for k in range(1, len(attempts)):
+        assert f"[slurm {job}_0, start {k + 1}]" in task_log and f"requeueing {job}_0 ({k} of at most 10)" in task_log
+    meta = json.loads((tmp_path / rid / "series_run.json").read_text())
+    assert meta["status"] == "finished" and meta["exit_code"] == 0
+
+
+def test_two_processes_by_srun_give_the_losses_of_one(slurm, tmp_path, mnist_root):
+    """TASKS_PER_RUN=2: the task runs `srun -n 2 python train_ex.py --distributed ...`, whose processes find each
+    other from SLURM's environment (one CPU device each); its epochs equal one process's on two devices."""
+    extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 256 --max_eval_samples 64 "
+             "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
+    kw = dict(RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS="2", DATA=mnist_root, EXTRA=extra)
+    rid = "g1-aux/aux-off/seed0"
+    r, out = run_series(series_env(tmp_path / "local", JAX_NUM_CPU_DEVICES="2", **kw))
+    assert r.returncode == 0, out
+    env = {**series_env(tmp_path / "slurm", LAUNCHER="slurm", TASKS_PER_RUN="2", WAIT="1", SLURM_POLL_SECS="1",
+                        JAX_NUM_CPU_DEVICES="1", **kw), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, out = run_series(env, timeout=300)
+    text = (tmp_path / "slurm" / rid / "train.log").read_text()
+    assert r.returncode == 0, out + text[-2000:]
+    assert "attempt (fresh): srun -n 2 " in text and "--distributed" in text, text[-2000:]
+    one, two = results(tmp_path / "local", rid), results(tmp_path / "slurm", rid)
+    assert one["device"] == "2× cpu" and two["device"] == "2× cpu on 2 processes", (one["device"], two["device"])
+    assert one["status"] == two["status"] == "finished"
+    same_epochs(one, two)
+
+
+def test_a_rerun_does_not_submit_again_the_runs_still_in_slurm(slurm, tmp_path):
+    """A series submitted held (pending), then the command again: the pending run is not submitted twice, the
+    others are; once released, the pending task still runs its own submission's run."""
+    from test_series import calls_of, fake_env
+
+    env, calls = fake_env(tmp_path, RUN_GROUPS="1", LAUNCHER="slurm")
+    env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+    out_root = tmp_path / "out"
+    r, out = run_series({**env, "ONLY": "g1-aux/aux-off/*", "SLURM_ARGS": "--hold"}, timeout=120)
+    assert r.returncode == 0, out
+    held, held_summary = out.split("submitted: job array ")[1].split()[0], out.split("summary job ")[1].split()[0]
+    try:
+        r, out = run_series({**env, "WAIT": "1", "SLURM_POLL_SECS": "1"}, timeout=180)
+        assert r.returncode == 0, out
+        assert f"g1-aux/aux-off/seed0: still in SLURM (task {held}_0, PENDING), not submitted again" in out, out
+        assert [ln.split("\t")[:3] for ln in (out_root / "slurm" / "plan.tsv").read_text().splitlines()] == \
+            [["main", "0", "g1-aux/aux-on/seed0"]]
+        assert list(calls_of(calls)) == [str(out_root / "g1-aux/aux-on/seed0")]
+        r, out = run_series(env, timeout=120)
+        assert r.returncode == 0 and "nothing to submit" in out and "submitted:" not in out, out
+        slurm.run("scontrol", "release", held, held_summary)
+        done = out_root / "g1-aux/aux-off/seed0/results.json"
+        _wait(lambda: done.exists() and held not in " ".join(slurm.queue()), 120, "the released task did not run")
+        assert sorted(calls_of(calls)) == [str(out_root / f"g1-aux/aux-{s}/seed0") for s in ("off", "on")]
+        assert json.loads(done.read_text())["status"] == "finished"
+    finally:
+        slurm.run("scancel", held, held_summary, check=False)

@@ -12,6 +12,8 @@ import dataloaders
 import train_ex
 from test_train import EVERY_TYPE, HERE, SUBPROCESS_ENV, TINY, mnist_args, results
 
+pytestmark = pytest.mark.xdist_group("cluster")  # its module fixtures are built once, on one worker
+
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forced host devices")
 def test_one_and_two_devices_give_the_same_losses(mnist_root, tmp_path):

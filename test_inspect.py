@@ -12,6 +12,8 @@ import train_ex
 import utils
 from test_train import TINY
 
+pytestmark = pytest.mark.xdist_group("inspect")  # its module fixtures are built once, on one worker
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,6 +17,8 @@ import pytest
 
 import summarize
 
+pytestmark = pytest.mark.xdist_group("series")  # its module fixtures are built once, on one worker
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "run_train_ex.sh"
 PNG = b"\x89PNG\r\n\x1a\n"

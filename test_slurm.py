@@ -21,7 +21,7 @@ from test_series import SCRIPT, run_series, series_env
 from test_train import HERE
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one SLURM cluster, one worker
 
 
 def _which(name):

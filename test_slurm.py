@@ -7,10 +7,12 @@ SLURM delays a requeued job's next start by 120 s; the fixture starts such tasks
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -287,3 +289,76 @@ def test_a_rerun_does_not_submit_again_the_runs_still_in_slurm(slurm, tmp_path):
         assert json.loads(done.read_text())["status"] == "finished"
     finally:
         slurm.run("scancel", held, held_summary, check=False)
+
+
+FAKE_TRAINER = '''import json, os, signal, sys, time
+from pathlib import Path
+log, run = Path(sys.argv[1]), Path(sys.argv[sys.argv.index("--run_dir") + 1])
+with log.open("a") as f:
+    f.write(json.dumps({"argv": sys.argv[2:], "restart": os.environ.get("SLURM_RESTART_COUNT")}) + "\\n")
+if "--resume" in sys.argv:
+    assert (run / "ckpt_latest.msgpack").exists(), "--resume without a checkpoint"
+    (run / "finished").write_text("")
+    sys.exit(0)
+stop = []
+for s in (signal.SIGTERM, signal.SIGUSR1):  # as train_ex.py: saves ckpt_latest, exits 128 + the signal
+    signal.signal(s, lambda n, _: stop.append(n))
+(run / "started").write_text("")
+end = time.monotonic() + 120
+while not stop and time.monotonic() < end:
+    time.sleep(0.1)
+if stop:
+    (run / "ckpt_latest.msgpack").write_text(signal.Signals(stop[0]).name)
+    sys.exit(128 + stop[0])
+sys.exit(1)
+'''
+
+
+def readme_single_run_recipe():
+    text = (HERE / "README.md").read_text()
+    section = text.split("## Clusters: several GPUs, several hosts, preemption", 1)
+    blocks = re.findall(r"```bash\n(#!/usr/bin/env bash\n#SBATCH --nodes=2 .*?)```", section[-1], re.S)
+    assert len(section) == 2 and blocks, "README.md: no SLURM batch script in '## Clusters: ...'"
+    return blocks[0]
+
+
+def test_readme_single_run_recipe_requeues_and_resumes(slurm, tmp_path):
+    """README's batch script for one run, on one node with a stand-in trainer: SLURM's warning before the time
+    limit (USR1 to the batch shell alone, as `--signal=B:USR1@...` sends it) reaches the trainer through srun, the
+    trainer saves ckpt_latest and stops, the script requeues the job, and the next start resumes and finishes."""
+    recipe = readme_single_run_recipe()
+    run, log, trainer = tmp_path / "run", tmp_path / "starts.jsonl", tmp_path / "fake_train.py"
+    run.mkdir()
+    trainer.write_text(FAKE_TRAINER)
+    script = recipe
+    for old, new in [("#SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --time=24:00:00",
+                      "#SBATCH --nodes=1 --ntasks-per-node=1 --time=5"),
+                     ("RUN=runs/pathx-s5", f"RUN={run}"),
+                     ("python train_ex.py", f"{sys.executable} {trainer} {log}"),
+                     (" ... &", " &")]:
+        assert old in script, f"README.md's batch script no longer has {old!r}"
+        script = script.replace(old, new)
+    (tmp_path / "job.sh").write_text(script)
+    job = slurm.run("sbatch", "--parsable", f"--output={tmp_path}/job.out", str(tmp_path / "job.sh")).strip()
+
+    def state():
+        return slurm.run("scontrol", "show", "job", job, check=False)
+
+    def starts():
+        return [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+
+    def output():
+        out = tmp_path / "job.out"
+        return f"{state()}\n{out.read_text() if out.exists() else ''}\nstarts: {starts()}"
+
+    try:
+        _wait((run / "started").exists, 30, f"the trainer did not start:\n{output()}")
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+        _wait((run / "finished").exists, 40, f"the run was not resumed to its end:\n{output()}")
+        _wait(lambda: "JobState=COMPLETED" in state(), 20, f"the job did not end COMPLETED:\n{output()}")
+    finally:
+        slurm.run("scancel", job, check=False)
+    assert "Restarts=1 " in state(), output()
+    assert [(s["argv"], s["restart"]) for s in starts()] == [
+        (["--distributed", "--run_dir", str(run)], None),
+        (["--distributed", "--run_dir", str(run), "--resume"], "1")], output()

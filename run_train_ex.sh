@@ -464,9 +464,13 @@ slurm_task() {
   [[ -n "$line" ]] || { echo "run_train_ex.sh: error: no line for array '$_SERIES_TASK' task ${SLURM_ARRAY_TASK_ID:-?} in $PLAN" >&2; exit 2; }
   IFS=$'\t' read -r _ _ id order g setting seed words <<<"$line"
   eval "ARGS=($words)"
-  local launch=()
-  [[ "$TASKS_PER_RUN" -gt 1 ]] && launch=(srun -n "$TASKS_PER_RUN" --kill-on-bad-exit=1)
-  trap 'forward TERM' TERM USR1  # USR1: SLURM's --signal=B:USR1@SIGNAL_SECS before the time limit
+  local launch=() stop=TERM
+  if [[ "$TASKS_PER_RUN" -gt 1 ]]; then
+    launch=(srun -n "$TASKS_PER_RUN" --kill-on-bad-exit=1)
+    stop=USR1  # srun passes USR1 on to every process; SIGTERM to srun kills them without a checkpoint
+  fi
+  # shellcheck disable=SC2064
+  trap "forward $stop" TERM USR1  # USR1: SLURM's --signal=B:USR1@SIGNAL_SECS before the time limit
   trap 'forward INT' INT
   local task="${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" restarts=${SLURM_RESTART_COUNT:-0}
   run_one "[slurm $task, start $((restarts + 1))]" "$order" "$g" "$setting" "$seed" "${launch[@]}"

@@ -243,22 +243,48 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
 
 def test_two_processes_by_srun_give_the_losses_of_one(slurm, tmp_path, mnist_root):
     """TASKS_PER_RUN=2: the task runs `srun -n 2 python train_ex.py --distributed ...`, whose processes find each
-    other from SLURM's environment (one CPU device each); its epochs equal one process's on two devices."""
+    other from SLURM's environment (one CPU device each). After its first epoch SLURM's warning before the time
+    limit (USR1 to the batch shell alone, as `--signal=B:USR1@...` sends it) reaches both processes through srun:
+    they save ckpt_latest and stop, the task requeues itself once, and the next start resumes and finishes. Its
+    epochs equal one process's on two devices."""
     extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 256 --max_eval_samples 64 "
-             "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
-    kw = dict(RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS="2", DATA=mnist_root, EXTRA=extra)
+             "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0 --log_every 4")  # processes agree on a stop every 4 steps
+    epochs = 4  # 32 steps an epoch: the later epochs leave the warning a few seconds to arrive
+    kw = dict(RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root, EXTRA=extra)
     rid = "g1-aux/aux-off/seed0"
     r, out = run_series(series_env(tmp_path / "local", JAX_NUM_CPU_DEVICES="2", **kw))
     assert r.returncode == 0, out
-    env = {**series_env(tmp_path / "slurm", LAUNCHER="slurm", TASKS_PER_RUN="2", WAIT="1", SLURM_POLL_SECS="1",
-                        JAX_NUM_CPU_DEVICES="1", **kw), "SLURM_CONF": slurm.env["SLURM_CONF"]}
-    r, out = run_series(env, timeout=300)
-    text = (tmp_path / "slurm" / rid / "train.log").read_text()
-    assert r.returncode == 0, out + text[-2000:]
-    assert "attempt (fresh): srun -n 2 " in text and "--distributed" in text, text[-2000:]
+    env = {**series_env(tmp_path / "slurm", LAUNCHER="slurm", TASKS_PER_RUN="2", JAX_NUM_CPU_DEVICES="1", **kw),
+           "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, out = run_series(env, timeout=120)
+    assert r.returncode == 0, out
+    job = out.split("submitted: job array ")[1].split()[0]
+    log, done = tmp_path / "slurm" / rid / "train.log", tmp_path / "slurm" / "slurm" / "summary.done"
+
+    def log_text():  # srun interleaves the processes' stdout and stderr, at times inside a character
+        return log.read_bytes().decode(errors="replace") if log.exists() else ""
+
+    try:
+        _wait(lambda: "epoch   1 |" in log_text(), 240, "the run did not finish epoch 1")
+        slurm.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
+        _wait(done.exists, 300, f"the series did not end:\n{log_text()[-2000:]}")
+    finally:
+        slurm.run("scancel", job, check=False)
+    text, task_log = log_text(), (tmp_path / "slurm" / "slurm" / f"{job}_0.out").read_text()
+    attempts = [ln for ln in text.splitlines() if ln.startswith("=== ")]
+    assert len(attempts) == 2, text[-3000:] + task_log[-2000:]
+    assert "attempt (fresh): srun -n 2 " in attempts[0] and "--distributed" in attempts[0], attempts
+    assert "attempt (resume): srun -n 2 " in attempts[1] and attempts[1].endswith(" --resume"), attempts
+    stops = {i: re.findall(rf"process {i}: stopped by SIGUSR1 at epoch (\d+), batch (\d+)", text) for i in (0, 1)}
+    resumes = re.findall(r"resuming \S+ at epoch (\d+), batch (\d+)", text)
+    assert len(resumes) == 1 and stops[0] == stops[1] == resumes, (stops, resumes, text[-3000:])
+    assert int(resumes[0][0]) > 1, resumes  # the warning came after epoch 1
+    assert f"[slurm {job}_0, start 2]" in task_log and f"requeueing {job}_0 (1 of at most" in task_log, task_log
+    assert f"[slurm {job}_0, start 3]" not in task_log, task_log
     one, two = results(tmp_path / "local", rid), results(tmp_path / "slurm", rid)
     assert one["device"] == "2× cpu" and two["device"] == "2× cpu on 2 processes", (one["device"], two["device"])
     assert one["status"] == two["status"] == "finished"
+    assert [e["epoch"] for e in two["epochs"]] == list(range(1, epochs + 1))
     same_epochs(one, two)
 
 

@@ -363,6 +363,16 @@ def safe(name):
     return re.sub(r"[^\w.-]+", "_", str(name))
 
 
+def save_figure(fig, path):
+    """Lay out, write (PNG, 100 dpi) and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out: Path, rows):
     import matplotlib
 
@@ -398,11 +408,7 @@ def write_plots(out: Path, rows):
         ax.set(title=f"{group}: validation accuracy", xlabel="epoch", ylabel="validation accuracy")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / f"val_acc_{safe(group)}.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        written.append(p)
+        written.append(save_figure(fig, out / f"val_acc_{safe(group)}.png"))
 
     fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(rows) + 2), 4.5))
     xs = range(len(rows))
@@ -417,11 +423,7 @@ def write_plots(out: Path, rows):
     ax.set_xticks(list(xs), [f"{r['group']}/{r['setting']}" for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="test accuracy at best val", title="test accuracy per setting (mean over seeds, 95% CI)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = out / "test_acc.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    written.append(p)
+    written.append(save_figure(fig, out / "test_acc.png"))
 
     compared = [r for r in rows if r["baseline"] is not None and r["baseline"] != r["setting"]]
     if compared:
@@ -442,11 +444,7 @@ def write_plots(out: Path, rows):
         ax.set(ylabel="Δ test accuracy (percentage points)",
                title="paired difference to the group's baseline, same seed (mean, 95% CI; * excludes 0)")
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        p = out / "test_acc_diff.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        written.append(p)
+        written.append(save_figure(fig, out / "test_acc_diff.png"))
     return written
 
 

@@ -164,9 +164,10 @@ row = dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, te
 '''
 
 
-def fake_env(tmp_path, **kw):
+def fake_env(tmp_path, script=None, **kw):
+    """The series' environment with train_ex.py replaced by a fake (FAKE unless `script` is given)."""
     fake = tmp_path / "fake_train.py"
-    fake.write_text(FAKE)
+    fake.write_text(script or FAKE)
     (tmp_path / "data").mkdir(exist_ok=True)
     calls = tmp_path / "calls.jsonl"
     return series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", **kw), calls
@@ -544,12 +545,7 @@ def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocati
     import signal
     import time
 
-    fake = tmp_path / "sleepy.py"
-    fake.write_text(SLEEPY)
-    (tmp_path / "data").mkdir()
-    calls = tmp_path / "calls.jsonl"
-    env = series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", RUN_GROUPS="3",
-                     PARALLEL="2")
+    env, calls = fake_env(tmp_path, SLEEPY, RUN_GROUPS="3", PARALLEL="2")
     proc = subprocess.Popen(["bash", str(SCRIPT)], env={**env, "FAKE_HOLD": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=HERE)
     dirs = [tmp_path / "out/g3-aux-strength" / s / "seed0" for s in ("strength-0.05", "strength-0.1")]
@@ -602,12 +598,7 @@ event("end")
 def test_devices_give_each_running_run_its_own_device(tmp_path):
     """DEVICES="0 1": two runs at once, each with CUDA_VISIBLE_DEVICES set to a device no other running run has;
     the third run gets the device its predecessor freed."""
-    fake = tmp_path / "device_fake.py"
-    fake.write_text(DEVICE_FAKE)
-    (tmp_path / "data").mkdir()
-    calls = tmp_path / "calls.jsonl"
-    env = series_env(tmp_path / "out", TRAIN=fake, FAKE_CALLS=calls, DATA=tmp_path / "data", RUN_GROUPS="3",
-                     DEVICES="0 1")
+    env, calls = fake_env(tmp_path, DEVICE_FAKE, RUN_GROUPS="3", DEVICES="0 1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     r, out = run_series(env, timeout=120)
     assert r.returncode == 0, out

@@ -12,10 +12,12 @@ Auxiliary state (E ∈ C^P):
   a diagonal time-varying recurrence: computed exactly by the parallel scan `ssm.linear_scan`.
 
 Lambda extension (E ∈ C^{P×R}, F ∈ C^{R×P}, δ(t) ∈ R^R):   Λ_ex(t) = diag(Λ̄) + E diag(δ(t)) F
+  δ(t): a learned table (l_max × R), a basis δ_r(t) = Σ_k w_rk φ_k(t/L) (K × R, any length; `delta_basis`),
+        or a fixed schedule times a learned amplitude per r.
   full: x_t = Λ̄ ⊙ x_{t-1} + E (δ(t) ⊙ (F x_{t-1})) + B̄ u_t     (dense transition, rank-R correction)
   diag: x_t = (Λ̄ + diag(E diag(δ(t)) F)) ⊙ x_{t-1} + B̄ u_t       (diagonal only: parallel scan)
 
-Full mode: a time-varying linear system shared by the batch. Λ̄, E, F, δ(t) and the guard's scale s_t do not
+Full mode: a time-varying linear system shared by the batch. Λ̄, E, F, δ(t) and the guard's scales do not
 depend on the sample; only b_t = B̄u_t does. So every P×P operator is built once per step of training, for the
 whole batch, and the per-sample work is P-vectors only. `lowrank_scan` splits the sequence into n = ⌈L/C⌉
 chunks of C steps (C ≈ √(L/2) by default) and makes three passes:
@@ -31,11 +33,12 @@ Sequential depth (dependent steps on the longest path): 2C + n ≈ 2√(2L) per 
 
 Reverse mode (`jax.custom_vjp`): nothing of the passes is stored but the states x_t and the n chunk maps. With
 x̄_t the cotangent of state x_t and ḡ_t the cotangent arriving from the output, the adjoint recurrence runs
-backwards with the transposed transitions, which are again diagonal plus rank R,
-    κ_t = Λ_ex(t)ᵀ (κ_{t+1} + ḡ_t),  κ_L = 0,   x̄_t = κ_{t+1} + ḡ_t,   Λ_ex(t)ᵀ = diag(Λ̄) + Fᵀ diag(δ_t) Eᵀ diag(s_t),
+backwards with the transposed transitions, which are again diagonal plus rank R. Written for the guarded
+transition A_t = diag(a_t) + diag(s_t) E diag(δ_t) F (a_t = Λ̄, or c_t Λ̄ under the spectral guard; s_t = 1 unguarded):
+    κ_t = A_tᵀ (κ_{t+1} + ḡ_t),  κ_L = 0,   x̄_t = κ_{t+1} + ḡ_t,   A_tᵀ = diag(a_t) + Fᵀ diag(δ_t) Eᵀ diag(s_t),
 by the same chunked scan, reusing the forward's Φ_cᵀ as its chunk maps; then, with v_t = F x_{t-1},
 w_t = δ_t ⊙ v_t and m̄_t = s_t ⊙ x̄_t:
-    Λ̄̄ = Σ_t x̄_t ⊙ x_{t-1},  Ē = Σ_t m̄_t w_tᵀ,  F̄ = Σ_t (δ_t ⊙ Eᵀm̄_t) x_{t-1}ᵀ,  δ̄_t = Re(Eᵀm̄_t ⊙ v_t),
+    ā_t = x̄_t ⊙ x_{t-1},  Ē = Σ_t m̄_t w_tᵀ,  F̄ = Σ_t (δ_t ⊙ Eᵀm̄_t) x_{t-1}ᵀ,  δ̄_t = Re(Eᵀm̄_t ⊙ v_t),
     s̄_t = Re(x̄_t ⊙ E w_t),  b̄_t = x̄_t
 (transposes, not conjugates: JAX's reverse mode of complex-linear maps). Memory: O(L (P + R)) per sample
 (the states), O(n P²) shared, the same order as S5's scan, instead of O(L P²) per sample.
@@ -44,22 +47,35 @@ Another sampling rate (`step_rescale` k, e.g. a model trained at 16 kHz evaluate
 steps are multiplied by k, which is exact for its continuous-time system. The extensions' terms are discrete
 (a schedule over steps, a learned table per step) and have no exact continuous-time meaning; they are read as
 functions of physical time, the natural choice: step t at rate k is physical time k·t, so a schedule is read at
-k·t (of a sequence of physical length k·L) and the learned δ table every k-th entry. With E = 0 both reduce
+k·t (of a sequence of physical length k·L) and the learned δ table every k-th entry (a δ basis reads relative
+time t/L, which is the same at every rate). With E = 0 both reduce
 exactly to S5 at rate k.
 
 Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
 time index (t counts from the sequence end), its states reversed back and concatenated as in S5.
 
-Stability guard (modules only; the pure `apply_*` functions implement the equations exactly). Every
-transition is kept non-expanding, so the state can grow at most linearly in L with bounded input and never
-explodes, whatever E, F, δ are learned to be:
-  * diagonal transitions (auxiliary state, diag mode, and Λ̄ in full mode): the modulus is clamped,
-    a ← a · min(1, 1/|a|). A clamped entry keeps its phase and its gradient along the phase.
-  * full mode: the rows of the correction are scaled, E_t ← diag(s_t) E, with
-    s_{t,p} = min(1, (1 − |λ̄_p|) / Σ_r |E_pr| |δ_r(t)| Σ_q |F_rq|), so the row sums of |Λ_ex(t)| are
-    ≤ 1, i.e. ‖Λ_ex(t)‖_∞ ≤ 1 and ‖x_t‖_∞ ≤ ‖x_{t-1}‖_∞ + ‖B̄ u_t‖_∞. The scaled correction is still rank R.
-Where a model sits inside the bound (e.g. E = 0 and |Λ̄| < 1) the guard is the identity, so a warm-started
-extension computes exactly the S5 function it started from.
+Stability guard (modules only, `guard`; the pure `apply_*` functions implement the equations exactly). A
+transition of 2-norm at most 1 cannot make the state grow: ‖x_t‖₂ ≤ ‖x_{t-1}‖₂ + ‖B̄ u_t‖₂, so with bounded input
+the state grows at most linearly in L. Three guards:
+  * "spectral" (the default): the whole transition is scaled, A_t ← c_t A_t with c_t = min(1, 1/σ_t) and σ_t its
+    largest singular value, estimated by power iteration on A_tᴴA_t (POWER_ITERATIONS steps of O(P R) each,
+    all t at once, shared by the batch; `spectral_norms`). A correction that rotates the state changes ‖A_t‖₂
+    only to second order, so it is charged only to second order: a slow state (|λ̄| near 1) may still vary in
+    time. The estimate approaches σ_t from below, so after scaling ‖A_t‖₂ can exceed 1 by the iteration's
+    error; the tests bound the state over 16,384 steps with the extension's parameters at 10× and 1000× their
+    initial scale, but this is measured, not proved. The estimate is least accurate where the top singular
+    values cluster (a small correction on many states that decay alike: up to about 3 % low, test_ssm.py).
+  * "rows" (the guard of every run before the choice existed): the rows of the correction are scaled,
+    E_t ← diag(s_t) E, s_{t,p} = min(1, (1 − |λ̄_p|) / Σ_r |E_pr| |δ_r(t)| Σ_q |F_rq|), so ‖Λ_ex(t)‖_∞ ≤ 1.
+    Proved non-expanding in the ∞-norm, but a slow state has room 1 − |λ̄_p| ≈ 0.001–0.03 at S5's
+    initialisation: the correction is pinned near zero, and full mode near S5.
+  * "none": the equations as they are; a state may explode (a non-finite loss stops the run).
+Diagonal transitions (the auxiliary state, diag mode, and Λ̄ in full mode) are clamped in modulus under "spectral"
+and "rows", a ← a · min(1, 1/|a|): for a diagonal matrix that is the smallest change to 2-norm ≤ 1; a clamped
+entry keeps its phase and its gradient along the phase. Where a model sits inside the bound (e.g. E = 0 and
+|Λ̄| < 1) every guard is the identity, so a warm-started extension computes exactly the S5 function it started
+from. `guard_scales(L)` of a module gives the factor each guard applied to each (t, state) row: the evidence of
+whether a run's extension was allowed to act.
 """
 
 from __future__ import annotations
@@ -69,14 +85,19 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 import ssm
 
 TIME_SCALES = ("linear", "exponential", "sinusoidal", "constant")
-DELTA_TYPES = ("learned",) + TIME_SCALES
+DELTA_BASES = ("legendre", "fourier")  # δ(t) = Σ_k w_k φ_k(t/L): K × R parameters, any length
+DELTA_TYPES = ("learned",) + DELTA_BASES + TIME_SCALES
 EXTEND_MODES = ("full", "diag")
-EXTENSION_PARAMS = ("E", "F", "delta_table", "delta_amp")  # leaves that warm start trains on top of S5
+EXTENSION_PARAMS = ("E", "F", "delta_table", "delta_amp", "delta_weights")  # leaves warm start trains on top of S5
+GUARDS = ("spectral", "rows", "none")  # the stability guard (see the top of this file)
+LEGACY_GUARD = "rows"  # the guard of every run written before there was a choice
+POWER_ITERATIONS = 24  # the spectral guard's power iterations per step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +125,32 @@ def time_scale(L: int, kind: str, rate: float = 1.0):
     return schedule(rate * jnp.arange(L), rate * L, kind)
 
 
+def delta_basis(L: int, kind: str, K: int) -> np.ndarray:
+    """φ_k(τ_t), k = 0..K-1, at τ_t = t/L for t = 0..L-1: (L, K) float32, each basis function of mean square 1
+    over [0, 1). Time is the position relative to the sequence's own length, so a sequence of 2L reads the same
+    δ(τ), twice as slowly, and a sequence at step_rescale k (k·t of k·L) the same δ as at rate 1.
+
+      legendre: √(2k+1) P_k(2τ − 1)     (Legendre polynomials on [-1, 1))
+      fourier:  1, √2 cos(2πτ), √2 sin(2πτ), √2 cos(4πτ), √2 sin(4πτ), ...
+    """
+    if K < 1:
+        raise ValueError(f"the δ basis needs at least one function, got K={K}")
+    tau = np.arange(L, dtype=np.float64) / L
+    if kind == "legendre":
+        x, phi = 2.0 * tau - 1.0, [np.ones(L), 2.0 * tau - 1.0]
+        for n in range(1, K - 1):  # (n+1) P_{n+1} = (2n+1) x P_n − n P_{n−1}
+            phi.append(((2 * n + 1) * x * phi[n] - n * phi[n - 1]) / (n + 1))
+        phi = [np.sqrt(2 * k + 1) * p for k, p in enumerate(phi[:K])]
+    elif kind == "fourier":
+        phi = [np.ones(L)]
+        for j in range(1, K // 2 + 1):
+            phi += [np.sqrt(2) * np.cos(2 * np.pi * j * tau), np.sqrt(2) * np.sin(2 * np.pi * j * tau)]
+        phi = phi[:K]
+    else:
+        raise ValueError(f"unknown δ basis {kind!r}: use one of {DELTA_BASES}")
+    return np.stack(phi, axis=1).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Transitions
 # --------------------------------------------------------------------------------------------------
@@ -128,11 +175,6 @@ def _shrink(size, limit):
     return jnp.where(over, limit / jnp.where(over, size, 1.0), 1.0)
 
 
-def clamp_modulus(a, r_max: float = 1.0):
-    """a · min(1, r_max/|a|): same phase, modulus at most r_max."""
-    return a * _shrink(jnp.abs(a), r_max)
-
-
 def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
     """s (L, P) such that ‖diag(Λ̄) + diag(s_t) E diag(δ(t)) F‖_∞ ≤ r_max for every t (needs |Λ̄| ≤ r_max).
 
@@ -141,6 +183,47 @@ def lowrank_row_scale(Lambda_bar, E, F, delta, r_max: float = 1.0):
     row_bound = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # (L, P)
     room = jnp.maximum(r_max - jnp.abs(Lambda_bar), 0.0)[None, :]
     return _shrink(row_bound, room)
+
+
+def _start_vector(P: int):
+    """The power iteration's start: a fixed unit vector with every component nonzero (no direction excluded)."""
+    z = np.random.default_rng(0).normal(size=(P, 2))
+    v = (1.0 + np.abs(z[:, 0])) * np.exp(1j * np.pi * z[:, 1])
+    return jnp.asarray(v / np.linalg.norm(v), jnp.complex64)
+
+
+def spectral_norms(a, E, F, delta, iterations: int = POWER_ITERATIONS):
+    """σ_t ≈ ‖A_t‖₂, the largest singular value of A_t = diag(a) + E diag(δ(t)) F, for every t: (L,) real.
+
+    a (P,) or (L, P), E (P,R), F (R,P), delta (L,R). `iterations` steps of the power iteration v ← A_tᴴA_t v
+    (each O(P R): A v = a ⊙ v + E(δ ⊙ F v)), all t at once, from a fixed start; then σ_t = ‖A_t v_t‖. The
+    vector carries no gradient (at convergence ∂σ = Re(uᴴ ∂A v), which ‖A_t v_t‖ with v_t held gives). The
+    estimate never exceeds ‖A_t‖₂ and approaches it as the iterations converge: slowly where the top singular
+    values cluster (measured with POWER_ITERATIONS = 24: within 3 % for a small correction of many states with
+    |λ̄| in [0.9, 0.9995], 0.3 % for a moderate one, 1e-5 where the correction dominates).
+    """
+    L, P = delta.shape[0], E.shape[0]
+    d = delta.astype(E.dtype)
+
+    def A(v, a, E, F, d):
+        return a * v + (d * (v @ F.T)) @ E.T
+
+    def AH(w, a, E, F, d):
+        return jnp.conj(a) * w + (d * (w @ jnp.conj(E))) @ jnp.conj(F)
+
+    held = jax.lax.stop_gradient((a, E, F, d))
+
+    def body(_, v):
+        v = AH(A(v, *held), *held)
+        return v / jnp.sqrt(jnp.maximum(jnp.sum(jnp.abs(v) ** 2, axis=-1, keepdims=True), 1e-30))
+
+    v = jax.lax.fori_loop(0, iterations, body, jnp.broadcast_to(_start_vector(P), (L, P)))
+    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.abs(A(v, a, E, F, d)) ** 2, axis=-1), 1e-30))
+
+
+def spectral_scale(a, E, F, delta, iterations: int = POWER_ITERATIONS):
+    """c_t = min(1, 1/σ_t) (L,): the factor that brings the whole transition A_t to 2-norm ≤ 1 (spectral_norms)."""
+    return _shrink(spectral_norms(a, E, F, delta, iterations), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,21 +236,21 @@ def default_chunk(L: int) -> int:
     return max(1, int(math.ceil(math.sqrt(L / 2))))
 
 
-def _transition(Lambda_bar, E, F, transpose: bool):
-    """x ↦ Λ_ex(t) x (or Λ_ex(t)ᵀ x) for states stored as rows x (..., P), with Λ_ex(t) = diag(Λ̄) + diag(s) E diag(δ) F.
+def _transition(E, F, transpose: bool):
+    """x ↦ A_t x (or A_tᵀ x) for states stored as rows x (..., P), with A_t = diag(a_t) + diag(s_t) E diag(δ_t) F.
 
-    Λ_ex x  = Λ̄ ⊙ x + s ⊙ (E (δ ⊙ (F x)))        Λ_exᵀ x = Λ̄ ⊙ x + Fᵀ (δ ⊙ (Eᵀ (s ⊙ x)))
+    A_t x  = a_t ⊙ x + s_t ⊙ (E (δ_t ⊙ (F x)))        A_tᵀ x = a_t ⊙ x + Fᵀ (δ_t ⊙ (Eᵀ (s_t ⊙ x)))
     (transposes, not conjugate transposes: the adjoint of a complex-linear map in JAX's reverse mode).
-    s is (P,) or None (= 1); δ is (R,), cast to the state's dtype.
+    a_t is (P,); s_t is (P,) or None (= 1); δ_t is (R,), cast to the state's dtype.
     """
     Ft, Et = F.T, E.T  # transposed once, outside the loops
 
-    def apply(x, d, s):
+    def apply(x, a, d, s):
         d = d.astype(x.dtype)
         if transpose:
-            return Lambda_bar * x + (d * ((x if s is None else s * x) @ E)) @ F
+            return a * x + (d * ((x if s is None else s * x) @ E)) @ F
         out = (d * (x @ Ft)) @ Et
-        return Lambda_bar * x + (out if s is None else s * out)
+        return a * x + (out if s is None else s * out)
 
     return apply
 
@@ -200,18 +283,18 @@ def _chunked(step, Phi_T, inputs, zero, reverse: bool, transpose: bool):
     return run(starts, True)[1]
 
 
-def _chunk_transitions(Lambda_bar, E, F, d, s):
-    """Φ_cᵀ (n, P, P) for every chunk c, Φ_c = Λ_ex(end)···Λ_ex(start): the identity's rows carried through the
-    chunk's steps. d (C, n, R), s (C, n, P) or None. Depends on parameters only: built once for the whole batch."""
-    P, n = Lambda_bar.shape[0], d.shape[1]
-    apply = _transition(Lambda_bar, E, F, transpose=False)
+def _chunk_transitions(a, E, F, d, s):
+    """Φ_cᵀ (n, P, P) for every chunk c, Φ_c = A(end)···A(start): the identity's rows carried through the chunk's
+    steps. a (C, n, P), d (C, n, R), s (C, n, P) or None. Depends on parameters only: built once for the batch."""
+    P, n = a.shape[-1], a.shape[1]
+    apply = _transition(E, F, transpose=False)
 
     def body(X, inp):  # X (n, P, P): row k of chunk c is Φ e_k so far
-        d_t, s_t = inp
-        return apply(X, d_t[:, None, :], None if s_t is None else s_t[:, None, :]), None
+        a_t, d_t, s_t = inp
+        return apply(X, a_t[:, None, :], d_t[:, None, :], None if s_t is None else s_t[:, None, :]), None
 
-    X0 = jnp.broadcast_to(jnp.eye(P, dtype=Lambda_bar.dtype), (n, P, P))
-    return jax.lax.scan(body, X0, (d, s))[0]
+    X0 = jnp.broadcast_to(jnp.eye(P, dtype=a.dtype), (n, P, P))
+    return jax.lax.scan(body, X0, (a, d, s))[0]
 
 
 def _chunks(L: int, chunk):
@@ -233,39 +316,39 @@ def _join(xs, L):
     return jnp.swapaxes(xs, 0, 1).reshape(-1, xs.shape[-1])[:L]
 
 
-def _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk):
+def _lowrank_forward(a, E, F, delta, b, s, chunk):
     L, P = b.shape
     T, n, pad = _chunks(L, chunk)
-    cast = lambda a: None if a is None else a.astype(b.dtype)  # noqa: E731  (once, not in every step)
-    d, sc, bc = _split(cast(delta), n, T, pad), _split(cast(s), n, T, pad), _split(b, n, T, pad)
-    apply = _transition(Lambda_bar, E, F, transpose=False)
-    Phi_T = None if n == 1 else _chunk_transitions(Lambda_bar, E, F, d, sc)
-    xs = _chunked(lambda x, inp: apply(x, inp[0], inp[1]) + inp[2], Phi_T, (d, sc, bc), jnp.zeros((P,), b.dtype),
-                  reverse=False, transpose=False)
+    cast = lambda v: None if v is None else v.astype(b.dtype)  # noqa: E731  (once, not in every step)
+    ac, d, sc, bc = (_split(v, n, T, pad) for v in (a, cast(delta), cast(s), b))
+    apply = _transition(E, F, transpose=False)
+    Phi_T = None if n == 1 else _chunk_transitions(ac, E, F, d, sc)
+    xs = _chunked(lambda x, inp: apply(x, inp[0], inp[1], inp[2]) + inp[3], Phi_T, (ac, d, sc, bc),
+                  jnp.zeros((P,), b.dtype), reverse=False, transpose=False)
     return _join(xs, L), Phi_T
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _lowrank_states(Lambda_bar, E, F, delta, b, s, chunk):
-    return _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk)[0]
+def _lowrank_states(a, E, F, delta, b, s, chunk):
+    return _lowrank_forward(a, E, F, delta, b, s, chunk)[0]
 
 
-def _lowrank_states_fwd(Lambda_bar, E, F, delta, b, s, chunk):
-    xs, Phi_T = _lowrank_forward(Lambda_bar, E, F, delta, b, s, chunk)
-    return xs, (Lambda_bar, E, F, delta, s, xs, Phi_T)
+def _lowrank_states_fwd(a, E, F, delta, b, s, chunk):
+    xs, Phi_T = _lowrank_forward(a, E, F, delta, b, s, chunk)
+    return xs, (a, E, F, delta, s, xs, Phi_T)
 
 
 def _lowrank_states_bwd(chunk, res, g):
     """Reverse mode by the adjoint recurrence, run with the same chunked scan and the forward's chunk maps:
-    κ_t = Λ_ex(t)ᵀ (κ_{t+1} + ḡ_t), κ_L = 0, so x̄_t = κ_{t+1} + ḡ_t is the cotangent of state x_t; the
+    κ_t = A_tᵀ (κ_{t+1} + ḡ_t), κ_L = 0, so x̄_t = κ_{t+1} + ḡ_t is the cotangent of state x_t; the
     parameters' cotangents are sums over t of outer products of x̄_t with x_{t-1} (no stored P×P per step)."""
-    Lambda_bar, E, F, delta, s, xs, Phi_T = res
+    a, E, F, delta, s, xs, Phi_T = res
     L, P = xs.shape
     T, n, pad = _chunks(L, chunk)
-    cast = lambda a: None if a is None else a.astype(xs.dtype)  # noqa: E731
-    d, sc, gc = _split(cast(delta), n, T, pad), _split(cast(s), n, T, pad), _split(g, n, T, pad)
-    apply_T = _transition(Lambda_bar, E, F, transpose=True)
-    kappa = _join(_chunked(lambda k, inp: apply_T(k + inp[2], inp[0], inp[1]), Phi_T, (d, sc, gc),
+    cast = lambda v: None if v is None else v.astype(xs.dtype)  # noqa: E731
+    ac, d, sc, gc = (_split(v, n, T, pad) for v in (a, cast(delta), cast(s), g))
+    apply_T = _transition(E, F, transpose=True)
+    kappa = _join(_chunked(lambda k, inp: apply_T(k + inp[3], inp[0], inp[1], inp[2]), Phi_T, (ac, d, sc, gc),
                            jnp.zeros((P,), xs.dtype), reverse=True, transpose=True), L)
     x_bar = g + jnp.concatenate([kappa[1:], jnp.zeros((1, P), xs.dtype)])
     x_prev = jnp.concatenate([jnp.zeros((1, P), xs.dtype), xs[:-1]])
@@ -275,24 +358,25 @@ def _lowrank_states_bwd(chunk, res, g):
     w_bar = m_bar @ E
     v_bar = delta.astype(xs.dtype) * w_bar
     s_bar = None if s is None else jnp.real(x_bar * (w @ E.T)).astype(s.dtype)
-    return (jnp.sum(x_bar * x_prev, axis=0), m_bar.T @ w, v_bar.T @ x_prev, jnp.real(w_bar * v).astype(delta.dtype),
-            x_bar, s_bar)
+    return (x_bar * x_prev, m_bar.T @ w, v_bar.T @ x_prev, jnp.real(w_bar * v).astype(delta.dtype), x_bar, s_bar)
 
 
 _lowrank_states.defvjp(_lowrank_states_fwd, _lowrank_states_bwd)
 
 
-def lowrank_scan(Lambda_bar, E, F, delta, b, row_scale=None, chunk=None):
-    """All states of x_t = Λ̄ ⊙ x_{t-1} + (s_t ⊙ E)(δ(t) ⊙ (F x_{t-1})) + b_t, x_{-1} = 0, by the chunked scan
+def lowrank_scan(a, E, F, delta, b, row_scale=None, chunk=None):
+    """All states of x_t = a_t ⊙ x_{t-1} + (s_t ⊙ E)(δ(t) ⊙ (F x_{t-1})) + b_t, x_{-1} = 0, by the chunked scan
     with shared chunk maps and the adjoint reverse mode described at the top of this file.
 
-    Lambda_bar (P,), E (P,R), F (R,P), delta (L,R) real, b (L,P), row_scale s (L,P) real or None (= 1).
+    a: the diagonal, Λ̄ (P,) or a time-varying (L, P) (the spectral guard's c_t Λ̄); E (P,R), F (R,P),
+    delta (L,R) real, b (L,P), row_scale s (L,P) real or None (= 1).
     chunk: steps per chunk (default ≈ √(L/2); ≥ L: one chunk, the plain recurrence).
     """
     dtype = b.dtype
     s = None if row_scale is None else jnp.asarray(row_scale, jnp.float32)
-    return _lowrank_states(jnp.asarray(Lambda_bar, dtype), jnp.asarray(E, dtype), jnp.asarray(F, dtype),
-                           jnp.asarray(delta, jnp.float32), b, s, chunk)
+    a = jnp.broadcast_to(jnp.asarray(a, dtype), b.shape)
+    return _lowrank_states(a, jnp.asarray(E, dtype), jnp.asarray(F, dtype), jnp.asarray(delta, jnp.float32), b, s,
+                           chunk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,39 +414,81 @@ def apply_ssm_extend(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym: bool,
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_guard(guard):
+    if guard not in GUARDS:
+        raise ValueError(f"unknown stability guard {guard!r}: use one of {GUARDS}")
+
+
+def guard_diagonal(a, guard: str):
+    """(guarded diagonal transitions, the factor applied to each) for a diagonal transition a ((P,) or (L, P)):
+    the modulus clamp a · min(1, 1/|a|) under every guard but "none" (for a diagonal matrix the 2-norm and the
+    ∞-norm are both max |a|, so the clamp is the least change that makes it non-expanding)."""
+    _check_guard(guard)
+    if guard == "none":
+        return a, jnp.ones(a.shape, jnp.float32)
+    k = _shrink(jnp.abs(a), 1.0)
+    return a * k, k
+
+
+def guard_full(Lambda_bar, E, F, delta, guard: str):
+    """Full mode's guarded transition A_t = diag(a_t) + diag(s_t) E diag(δ(t)) F as (a, s, scale):
+    a (P,) or (L, P), s (L, P) or None, and scale (L, P), the smallest factor the guard applied to an entry of
+    row p of A_t (1 where that row is unchanged). See the top of this file for the three guards."""
+    a, k = guard_diagonal(Lambda_bar, guard)
+    L = delta.shape[0]
+    if guard == "none":
+        return a, None, jnp.ones((L, a.shape[0]), jnp.float32)
+    if guard == "rows":
+        s = lowrank_row_scale(a, E, F, delta)
+        return a, s, jnp.minimum(s, k[None, :])
+    c = spectral_scale(a, E, F, delta)[:, None]  # (L, 1): the whole transition
+    return c * a[None, :], jnp.broadcast_to(c, (L, a.shape[0])), c * k[None, :]
+
+
 class S5SSMAux(ssm.S5SSM):
     """S5 with the auxiliary state, (L, H) → (L, H). Extra parameter: E (P_s, 2), complex, scale
-    `auxiliary_strength`. Transitions are modulus-clamped (see the module docstring)."""
+    `auxiliary_strength`. Transitions are modulus-clamped unless guard="none" (see the module docstring)."""
 
     time_scale_type: str = "sinusoidal"
     auxiliary_strength: float = 0.1
+    guard: str = "spectral"
 
     def setup(self):
         super().setup()
         if self.time_scale_type not in TIME_SCALES:
             raise ValueError(f"unknown time_scale_type {self.time_scale_type!r}: use one of {TIME_SCALES}")
+        _check_guard(self.guard)
         self.E = self.param("E", ssm.complex_normal_init(self.auxiliary_strength), (self.P_s,))
 
+    def transitions(self, L: int):
+        """(a_t (L, P) after the guard, the guard's factor per (t, state) (L, P))."""
+        Lambda_bar = self.discrete_system()[0]
+        a = aux_transitions(Lambda_bar, ssm.as_complex(self.E), time_scale(L, self.time_scale_type, self.step_rescale))
+        return guard_diagonal(a, self.guard)
+
+    def guard_scales(self, L: int):
+        return self.transitions(L)[1]
+
     def __call__(self, u):
-        Lambda_bar, B_bar, C_tilde = self.discrete_system()
-        a = aux_transitions(Lambda_bar, ssm.as_complex(self.E),
-                            time_scale(u.shape[0], self.time_scale_type, self.step_rescale))
-        return ssm.apply_ssm(clamp_modulus(a), B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
+        _, B_bar, C_tilde = self.discrete_system()
+        a = self.transitions(u.shape[0])[0]
+        return ssm.apply_ssm(a, B_bar, C_tilde, u, self.conj_sym, self.bidirectional) + self.D * u
 
     def step(self, x_prev, u_t, t, seq_len, system=None):
         """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t); `system` as in S5SSM.step."""
         Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         k = self.step_rescale
         delta_prev = jnp.where(t > 0, schedule(k * (t - 1), k * seq_len, self.time_scale_type), 0.0)
-        a = clamp_modulus(Lambda_bar + delta_prev * ssm.as_complex(self.E))
+        a = guard_diagonal(Lambda_bar + delta_prev * ssm.as_complex(self.E), self.guard)[0]
         x = a * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
 
 
 class S5SSMExtend(ssm.S5SSM):
     """S5 with the rank-R Lambda extension, (L, H) → (L, H). Extra parameters: E (P_s, R, 2),
-    F (R, P_s, 2), and δ's source: `delta_table` (l_max, R) for delta_type='learned', or `delta_amp` (R,)
-    times a time schedule. Transitions are guarded (see the module docstring)."""
+    F (R, P_s, 2), and δ's source: `delta_table` (l_max, R) for delta_type='learned', `delta_weights` (K, R) over
+    a basis (legendre, fourier; K = basis_size), or `delta_amp` (R,) times a time schedule. Transitions are
+    guarded by `guard` (see the module docstring)."""
 
     R: int = 10
     mode: str = "full"
@@ -370,6 +496,8 @@ class S5SSMExtend(ssm.S5SSM):
     l_max: int = 1024
     init_scale: float = 0.05
     chunk: int | None = None
+    guard: str = "spectral"
+    basis_size: int = 12
 
     def setup(self):
         super().setup()
@@ -379,17 +507,27 @@ class S5SSMExtend(ssm.S5SSM):
             raise ValueError(f"unknown extend mode {self.mode!r}: use one of {EXTEND_MODES}")
         if self.delta_type not in DELTA_TYPES:
             raise ValueError(f"unknown delta_type {self.delta_type!r}: use one of {DELTA_TYPES}")
+        _check_guard(self.guard)
         self.E = self.param("E", ssm.complex_normal_init(self.init_scale), (self.P_s, self.R))
         self.F = self.param("F", ssm.complex_normal_init(self.init_scale), (self.R, self.P_s))
         if self.delta_type == "learned":
             self.delta_table = self.param(
                 "delta_table", nn.initializers.normal(stddev=self.init_scale), (self.l_max, self.R))
+        elif self.delta_type in DELTA_BASES:
+            if self.basis_size < 1:
+                raise ValueError(f"the δ basis size K={self.basis_size} must be at least 1")
+            # δ(t) of mean square init_scale², as the table's (the basis functions have mean square 1)
+            self.delta_weights = self.param("delta_weights", nn.initializers.normal(
+                stddev=self.init_scale / math.sqrt(self.basis_size)), (self.basis_size, self.R))
         else:
             self.delta_amp = self.param("delta_amp", nn.initializers.ones, (self.R,))
 
     def delta(self, L: int):
-        """δ(t) for t = 0..L-1, (L, R); at step_rescale k, δ at physical time k·t (every k-th table entry)."""
+        """δ(t) for t = 0..L-1, (L, R); at step_rescale k, δ at physical time k·t (every k-th table entry; a basis
+        reads relative time t/L, the same at every rate)."""
         k = self.step_rescale
+        if self.delta_type in DELTA_BASES:
+            return jnp.asarray(delta_basis(L, self.delta_type, self.basis_size)) @ self.delta_weights
         if self.delta_type != "learned":
             return time_scale(L, self.delta_type, k)[:, None] * self.delta_amp[None, :]
         if k != int(k) or k < 1:
@@ -400,22 +538,27 @@ class S5SSMExtend(ssm.S5SSM):
             raise ValueError(
                 f"sequence length {L} (at step_rescale {k}: {k * (L - 1) + 1} table entries) is longer than the "
                 f"learned delta table (l_max={self.l_max}): set l_max to at least that (it comes from the "
-                f"dataset's sequence length), or use a schedule delta_type ({', '.join(TIME_SCALES)})")
+                f"dataset's sequence length), or a delta_type that works at any length "
+                f"({', '.join(DELTA_BASES + TIME_SCALES)})")
         return self.delta_table[:k * (L - 1) + 1:k]
 
     def guarded(self, Lambda_bar, delta):
-        """(Λ̄ or a (L,P) diagonal transition, row scale or None) after the stability guard."""
+        """(a, s, scale) after the stability guard: diag mode a (L, P) diagonal transitions, s None; full mode as
+        guard_full. scale (L, P): the guard's factor per (t, state) row."""
         E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
         if self.mode == "diag":
-            return clamp_modulus(extend_diag_transitions(Lambda_bar, E, F, delta)), None
-        Lambda_bar = clamp_modulus(Lambda_bar)
-        return Lambda_bar, lowrank_row_scale(Lambda_bar, E, F, delta)
+            a, scale = guard_diagonal(extend_diag_transitions(Lambda_bar, E, F, delta), self.guard)
+            return a, None, scale
+        return guard_full(Lambda_bar, E, F, delta, self.guard)
+
+    def guard_scales(self, L: int):
+        return self.guarded(self.discrete_system()[0], self.delta(L))[2]
 
     def __call__(self, u):
         L = u.shape[0]
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
         delta = self.delta(L)
-        a, s = self.guarded(Lambda_bar, delta)
+        a, s, _ = self.guarded(Lambda_bar, delta)
         if self.mode == "diag":
             y = ssm.apply_ssm(a, B_bar, C_tilde, u, self.conj_sym, self.bidirectional)
         else:
@@ -432,12 +575,14 @@ class S5SSMExtend(ssm.S5SSM):
         """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t); `system` as in S5SSM.step."""
         (Lambda_bar, B_bar, C_tilde), delta = self.recurrent_system(seq_len) if system is None else system
         delta_t = jax.lax.dynamic_slice_in_dim(delta, t, 1)  # (1, R)
-        a, s = self.guarded(Lambda_bar, delta_t)
+        a, s, _ = self.guarded(Lambda_bar, delta_t)
+        a = a.reshape(-1)  # (P,): Λ̄ (rows, none), c_t Λ̄ (spectral) or the diagonal transition (diag mode)
         if self.mode == "diag":
-            x = a[0] * x_prev
+            x = a * x_prev
         else:
             E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
-            x = a * x_prev + (s[0] * (E @ (delta_t[0].astype(E.dtype) * (F @ x_prev))))
+            corr = E @ (delta_t[0].astype(E.dtype) * (F @ x_prev))
+            x = a * x_prev + (corr if s is None else s[0] * corr)
         x = x + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
 

@@ -440,50 +440,57 @@ def test_lowrank_scan_any_chunk_equals_loop(L, chunk):
 
 
 def x64_dense_loop_output(Lambda_bar, B_bar, C, E, F, delta, s, u, conj_sym, bidirectional):
-    """y from x_t = (diag(Λ̄) + diag(s_t) E diag(δ_t) F) x_{t-1} + B̄ u_t, one dense P×P matrix per step
-    (call inside jax.enable_x64 with float64/complex128 arguments; s None means no row scale)."""
-    P = Lambda_bar.shape[0]
-    s = jnp.ones((u.shape[0], P)) if s is None else s
+    """y from x_t = (diag(a_t) + diag(s_t) E diag(δ_t) F) x_{t-1} + B̄ u_t, one dense P×P matrix per step, with
+    a_t = Λ̄ (P,) or a time-varying diagonal Lambda_bar (L, P) (call inside jax.enable_x64 with float64/complex128
+    arguments; s None means no row scale)."""
+    L, P = u.shape[0], Lambda_bar.shape[-1]
+    s = jnp.ones((L, P)) if s is None else s
+    a = jnp.broadcast_to(Lambda_bar, (L, P))
 
-    def states(v, d, sc):
+    def states(v):
         def step(x, inp):
-            d_t, s_t, v_t = inp
-            A = jnp.diag(Lambda_bar) + s_t[:, None] * (E @ jnp.diag(d_t.astype(E.dtype)) @ F)
+            a_t, d_t, s_t, v_t = inp
+            A = jnp.diag(a_t) + s_t[:, None] * (E @ jnp.diag(d_t.astype(E.dtype)) @ F)
             x = A @ x + B_bar @ v_t.astype(B_bar.dtype)
             return x, x
 
-        return jax.lax.scan(step, jnp.zeros(P, B_bar.dtype), (d, sc, v))[1]
+        return jax.lax.scan(step, jnp.zeros(P, B_bar.dtype), (a, delta, s, v))[1]
 
-    xs = states(u, delta, s)
-    if bidirectional:  # own time index: the reversed sequence runs through the same δ(t), s_t from t = 0
-        xs = jnp.concatenate([xs, states(u[::-1], delta, s)[::-1]], axis=1)
+    xs = states(u)
+    if bidirectional:  # own time index: the reversed sequence runs through the same a_t, δ(t), s_t from t = 0
+        xs = jnp.concatenate([xs, states(u[::-1])[::-1]], axis=1)
     y = (xs @ C.T).real
     return 2 * y if conj_sym else y
 
 
-def full_mode_case(L, P, R, H, bidirectional, guarded, seed):
+def full_mode_case(L, P, R, H, bidirectional, guarded, seed, varying=False):
+    """Arguments of full mode: a row scale s when `guarded`, a time-varying diagonal (L, P) when `varying` (the
+    spectral guard's c_t Λ̄)."""
     rng = np.random.default_rng(seed)
     Lambda_bar, B_bar, C, u = random_system(rng, L, P, H, 2 if bidirectional else 1)
     E, F, delta = crandn(rng, P, R, scale=0.3), crandn(rng, R, P, scale=0.3), rng.normal(size=(L, R))
     s = rng.uniform(0.2, 1.0, size=(L, P)) if guarded else None
-    return [0.9 * Lambda_bar, B_bar, C, E, F, delta, s, u]
+    a = 0.9 * Lambda_bar * (rng.uniform(0.5, 1.0, size=(L, 1)) if varying else 1.0)
+    return [a, B_bar, C, E, F, delta, s, u]
 
 
-FULL_CASES = [  # (L, P, R, chunk, guarded, bidirectional, conj_sym)
-    (1, 4, 2, None, False, False, True),  # L = 1
-    (1, 4, 3, 2, True, True, False),
-    (23, 6, 1, 5, True, False, True),  # R = 1, L not a multiple of the chunk
-    (23, 6, 4, 5, False, True, False),  # R > P/2
-    (40, 8, 5, None, True, True, True),  # default chunk, R > P/2
-    (37, 5, 3, 4, True, True, False),
-    (64, 4, 2, 8, False, False, False),  # L a multiple of the chunk
+FULL_CASES = [  # (L, P, R, chunk, guarded, bidirectional, conj_sym, time-varying diagonal)
+    (1, 4, 2, None, False, False, True, False),  # L = 1
+    (1, 4, 3, 2, True, True, False, True),
+    (23, 6, 1, 5, True, False, True, False),  # R = 1, L not a multiple of the chunk
+    (23, 6, 4, 5, False, True, False, True),  # R > P/2
+    (40, 8, 5, None, True, True, True, False),  # default chunk, R > P/2
+    (40, 8, 3, None, True, True, True, True),
+    (37, 5, 3, 4, True, True, False, False),
+    (64, 4, 2, 8, False, False, False, True),  # L a multiple of the chunk
 ]
 
 
-@pytest.mark.parametrize("L,P,R,chunk,guarded,bidirectional,conj_sym", FULL_CASES)
-def test_full_mode_outputs_and_gradients_equal_float64_dense_loop(L, P, R, chunk, guarded, bidirectional, conj_sym):
+@pytest.mark.parametrize("L,P,R,chunk,guarded,bidirectional,conj_sym,varying", FULL_CASES)
+def test_full_mode_outputs_and_gradients_equal_float64_dense_loop(L, P, R, chunk, guarded, bidirectional, conj_sym,
+                                                                   varying):
     H = 3
-    case = full_mode_case(L, P, R, H, bidirectional, guarded, seed=L * 7 + P + R)
+    case = full_mode_case(L, P, R, H, bidirectional, guarded, seed=L * 7 + P + R, varying=varying)
     diff = [i for i, a in enumerate(case) if a is not None]  # every argument, the row scale included
     w = np.random.default_rng(1).normal(size=(L, H))
 
@@ -516,7 +523,7 @@ def test_full_mode_batched_gradients_equal_float64_dense_loop():
     """Under vmap (how the model runs it) the chunk maps are shared and the parameter cotangents are summed
     over the batch."""
     L, P, R, H, Bsz = 29, 6, 4, 2, 3
-    Lambda_bar, B_bar, C, E, F, delta, s, _ = full_mode_case(L, P, R, H, True, True, seed=11)
+    Lambda_bar, B_bar, C, E, F, delta, s, _ = full_mode_case(L, P, R, H, True, True, seed=11, varying=True)
     u = np.random.default_rng(2).normal(size=(Bsz, L, H))
     w = np.random.default_rng(3).normal(size=(Bsz, L, H))
     params = [Lambda_bar, B_bar, C, E, F, delta, s]
@@ -536,41 +543,75 @@ def test_full_mode_batched_gradients_equal_float64_dense_loop():
         assert rel_err(gf, gr) < 1e-4
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_guarded_full_module_equals_float64_reference(bidirectional):
-    """The module (discretisation, modulus clamp, row-scale guard, chunked scan) against the same layer written
-    out in float64 from its raw parameters, with the guard active; outputs and every parameter's gradient."""
+def dense_power_iteration(Lambda_bar, E, F, delta, iterations=ssm_ex.POWER_ITERATIONS):
+    """v_t (L, P) after `iterations` steps of v ← A_tᴴA_t v / ‖·‖ from the spectral guard's start vector, each
+    A_t = diag(Λ̄) + E diag(δ_t) F formed as a dense matrix, a plain numpy float64 loop over t."""
+    v0 = np.asarray(ssm_ex._start_vector(len(Lambda_bar)), np.complex128)
+    out = []
+    for d in delta:
+        A = np.diag(Lambda_bar) + E @ np.diag(d) @ F
+        v = v0
+        for _ in range(iterations):
+            v = A.conj().T @ (A @ v)
+            v = v / np.linalg.norm(v)
+        out.append(v)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("guard,bidirectional", [("rows", False), ("rows", True), ("spectral", False),
+                                                 ("spectral", True), ("none", False)])
+def test_guarded_full_module_equals_float64_reference(guard, bidirectional):
+    """The module (discretisation, modulus clamp, guard, chunked scan) against the same layer written out in float64
+    from its raw parameters, with the guard active; outputs and every parameter's gradient. The spectral guard's
+    reference forms every A_t as a dense float64 matrix and runs the power iteration on it (dense_power_iteration),
+    then σ_t = ‖A_t v_t‖ with v_t held."""
     L, H, P, R = 33, 3, 8, 5
-    model = ssm_ex.S5SSMExtend(H=H, P=P, R=R, l_max=40, mode="full", bidirectional=bidirectional, chunk=6)
+    model = ssm_ex.S5SSMExtend(H=H, P=P, R=R, l_max=40, mode="full", bidirectional=bidirectional, chunk=6,
+                               guard=guard)
     params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
     params["E"], params["F"] = params["E"] * 20, params["F"] * 20  # large enough that the guard scales rows
-    params["Lambda_re"] = params["Lambda_re"].at[0].set(0.3)  # and one unstable base eigenvalue to clamp
+    if guard != "none":
+        params["Lambda_re"] = params["Lambda_re"].at[0].set(0.3)  # and one unstable base eigenvalue to clamp
     params["log_step"] = jnp.full_like(params["log_step"], np.log(0.5))  # |λ̄| well inside the circle: room
     u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
     w = jax.random.normal(jax.random.PRNGKey(2), (L, H))
+    cplx = lambda a: a[..., 0] + 1j * a[..., 1]  # noqa: E731
 
-    def reference(p, u):
-        cplx = lambda a: a[..., 0] + 1j * a[..., 1]  # noqa: E731
+    def system(p):
         Lambda = p["Lambda_re"] + 1j * p["Lambda_im"]
         Lb = jnp.exp(Lambda * jnp.exp(p["log_step"]))
         B_bar = ((Lb - 1) / Lambda)[:, None] * cplx(p["B"])
-        Lb = Lb * jnp.minimum(1.0, 1.0 / jnp.abs(Lb))
-        E, F, delta = cplx(p["E"]), cplx(p["F"]), p["delta_table"][:L]
-        row = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # bound on Σ_q |(E δ F)_pq|
-        s = jnp.minimum(1.0, jnp.maximum(1.0 - jnp.abs(Lb), 0.0)[None, :] / row)
+        if guard != "none":
+            Lb = Lb * jnp.minimum(1.0, 1.0 / jnp.abs(Lb))
+        return Lb, B_bar, cplx(p["E"]), cplx(p["F"]), p["delta_table"][:L]
+
+    def reference(p, u, v):
+        Lb, B_bar, E, F, delta = system(p)
+        s = None
+        if guard == "rows":
+            row = jnp.abs(delta) @ (jnp.abs(E) * jnp.sum(jnp.abs(F), axis=1)[None, :]).T  # bound on Σ_q |(EδF)_pq|
+            s = jnp.minimum(1.0, jnp.maximum(1.0 - jnp.abs(Lb), 0.0)[None, :] / row)
+        elif guard == "spectral":
+            A = jnp.diag(Lb)[None] + jnp.einsum("pr,lr,rq->lpq", E, delta.astype(E.dtype), F)
+            sigma = jnp.linalg.norm(jnp.einsum("lpq,lq->lp", A, v), axis=1)
+            c = jnp.minimum(1.0, 1.0 / sigma)[:, None]
+            Lb, s = c * Lb[None, :], jnp.broadcast_to(c, (L, P // 2))
         y = x64_dense_loop_output(Lb, B_bar, cplx(p["C"]), E, F, delta, s, u, True, bidirectional)
-        return y + p["D"] * u, s
+        return y + p["D"] * u, (jnp.ones((L, 1)) if s is None else s)
 
     y = jax.jit(model.apply)({"params": params}, u)
     g = jax.jit(jax.grad(lambda p: jnp.sum(w * model.apply({"params": p}, u))))(params)
     with jax.enable_x64(True):
         p64 = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in params.items()}
+        Lb, _, E, F, delta = (np.asarray(a) for a in jax.jit(system)(p64))
+        v = jnp.asarray(dense_power_iteration(Lb, E, F, delta))
         u64, w64 = jnp.asarray(np.asarray(u), jnp.float64), jnp.asarray(np.asarray(w), jnp.float64)
-        y_ref, s = jax.jit(reference)(p64, u64)
+        y_ref, s = jax.jit(reference)(p64, u64, v)
         s = np.asarray(s)
-        g_ref = jax.jit(jax.grad(lambda p: jnp.sum(w64 * reference(p, u64)[0])))(p64)
+        g_ref = jax.jit(jax.grad(lambda p: jnp.sum(w64 * reference(p, u64, v)[0])))(p64)
         g_ref = {k: np.asarray(v) for k, v in g_ref.items()}
-    assert np.mean((s > 0.05) & (s < 0.95)) > 0.3, "the guard must act in this test (not only by zeroing rows)"
+    if guard != "none":
+        assert np.mean((s > 0.05) & (s < 0.95)) > 0.3, "the guard must act in this test (not only by zeroing rows)"
     assert rel_err(y, np.asarray(y_ref)) < 1e-5
     for k in params:
         assert rel_err(g[k], g_ref[k]) < 1e-4, f"gradient of {k}"
@@ -666,6 +707,10 @@ EXT_MODULES = [
     ("extend", dict(mode="diag", delta_type="learned")),
     ("extend", dict(mode="full", delta_type="exponential")),
     ("extend", dict(mode="diag", delta_type="sinusoidal")),
+    ("extend", dict(mode="full", delta_type="learned", guard="rows")),
+    ("extend", dict(mode="full", delta_type="legendre")),
+    ("extend", dict(mode="diag", delta_type="fourier", guard="none")),
+    ("aux", dict(time_scale_type="linear", guard="none")),
 ]
 
 
@@ -708,34 +753,42 @@ def test_module_without_active_guard_equals_pure_function(name, kw):
     assert rel_err(jax.jit(model.apply)({"params": params}, u), np.asarray(y + params["D"] * u)) < 1e-5
 
 
-@pytest.mark.parametrize("name,kw", EXT_MODULES)
-def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw):
+BOUNDED_CASES = [(n, k, 1e3) for n, k in EXT_MODULES if k.get("guard") != "none"] + [
+    ("extend", dict(mode="full", delta_type="learned"), 10.0),  # the spectral guard at 10× the initial scale
+    ("extend", dict(mode="full", delta_type="legendre"), 10.0),
+    ("extend", dict(mode="full", delta_type="fourier"), 1e3),
+]
+
+
+@pytest.mark.parametrize("name,kw,scale", BOUNDED_CASES)
+def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw, scale):
+    """Path-X's length with the extension's parameters at `scale` × their initial size and an unstable base
+    eigenvalue: the guarded module's output stays within the bound of non-expanding transitions (diagonal clamps
+    and the rows guard: ‖x_t‖_∞ ≤ Σ_{s≤t} ‖B̄ u_s‖_∞, exactly; the spectral guard: ‖x_t‖₂ ≤ Σ_{s≤t} ‖B̄ u_s‖₂, up to
+    its power iteration's error, so at most twice that bound), while the same parameters unguarded explode."""
     L, H, P = 16384, 2, 8
     u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
     model = make_module(name, H, P, l_max=L, **kw)
     params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
     params["Lambda_re"] = params["Lambda_re"].at[0].set(0.5)  # an unstable base eigenvalue too
-    for k in ("E", "F", "delta_table", "delta_amp"):
+    for k in ("E", "F", "delta_table", "delta_amp", "delta_weights"):
         if k in params:
-            params[k] = params[k] * 1e3
+            params[k] = params[k] * scale
     m = model.bind({"params": params})
     Lambda_bar, B_bar, C = m.discrete_system()
     y = np.asarray(jax.jit(model.apply)({"params": params}, u))
     assert np.all(np.isfinite(y))
-    # Non-expanding transitions: ‖x_t‖_∞ ≤ Σ_{s≤t} ‖B̄ u_s‖_∞, hence the bound on |y_t| below.
-    Bu_inf = np.max(np.abs(np.asarray(u, np.float64) @ np.asarray(B_bar, np.complex128).T), axis=1)
-    x_bound = np.cumsum(Bu_inf)
-    y_bound = 2 * np.sum(np.abs(np.asarray(C)), axis=1)[None, :] * x_bound[:, None] + np.abs(
-        np.asarray(params["D"] * u))
-    assert np.all(np.abs(y) <= y_bound * (1 + 1e-4) + 1e-4)
-    # ... and the same parameters without the guard do explode: the test exercises the guard.
-    E = ssm.as_complex(params["E"])
-    if name == "aux":
-        y_raw = apply_ssm_aux(Lambda_bar, B_bar, C, E, ssm_ex.time_scale(L, kw["time_scale_type"]), u, True)
+    Bu = np.abs(np.asarray(u, np.float64) @ np.asarray(B_bar, np.complex128).T)
+    C_abs = np.abs(np.asarray(C, np.complex128))
+    if name == "extend" and kw["mode"] == "full" and kw.get("guard", "spectral") == "spectral":
+        x_bound, C_norm, slack = np.cumsum(np.linalg.norm(Bu, axis=1)), np.linalg.norm(C_abs, axis=1), 2.0
     else:
-        y_raw = apply_ssm_extend(Lambda_bar, B_bar, C, E, ssm.as_complex(params["F"]), m.delta(L), u, True,
-                                        False, kw["mode"])
-    y_raw = np.asarray(y_raw)
+        x_bound, C_norm, slack = np.cumsum(Bu.max(axis=1)), C_abs.sum(axis=1), 1 + 1e-4
+    y_bound = 2 * C_norm[None, :] * x_bound[:, None] + np.abs(np.asarray(params["D"] * u))
+    assert np.all(np.abs(y) <= y_bound * slack + 1e-4)
+    # ... and the same parameters without the guard do explode: the test exercises the guard.
+    y_raw = np.asarray(jax.jit(make_module(name, H, P, l_max=L, **{**kw, "guard": "none"}).apply)(
+        {"params": params}, u))
     assert not np.all(np.isfinite(y_raw)) or np.max(np.abs(y_raw)) > 1e6 * np.max(np.abs(y))
 
 
@@ -837,3 +890,72 @@ def test_extension_time_terms_are_read_at_physical_time():
     t = np.arange(7)
     np.testing.assert_allclose(sched.apply({"params": q}, 7, method="delta")[:, 0],
                                (1 + 0.1 * np.sin(0.1 * 3 * t)) * np.asarray(q["delta_amp"])[0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The spectral guard's estimate of ‖A_t‖₂, and the δ basis
+# --------------------------------------------------------------------------------------------------
+
+
+def random_lowrank(rng, L, P, R, scale):
+    return stable_diag(rng, P, 0.9, 0.9995), crandn(rng, P, R, scale=scale), crandn(rng, R, P, scale=scale), \
+        rng.normal(size=(L, R))
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3, 3.0])
+def test_spectral_norms_approach_the_largest_singular_value_from_below(scale):
+    """Against numpy's float64 SVD of every dense A_t: never above it (a power iteration's Rayleigh quotient), and
+    as close as spectral_norms' docstring says: within 3 % where the top singular values cluster (scale 0.05: the
+    correction is small and many states decay alike), 0.3 % at scale 0.3, 1e-5 where the correction dominates."""
+    L, P, R = 50, 16, 4
+    a, E, F, d = random_lowrank(np.random.default_rng(int(scale * 100)), L, P, R, scale)
+    sigma = np.asarray(jax.jit(ssm_ex.spectral_norms)(c64(a), c64(E), c64(F), jnp.asarray(d, jnp.float32)))
+    true = np.linalg.svd(np.diag(a)[None] + np.einsum("pr,lr,rq->lpq", E, d, F), compute_uv=False)[:, 0]
+    assert np.all(sigma <= true * (1 + 1e-5))
+    assert np.max((true - sigma) / true) < {0.05: 3e-2, 0.3: 3e-3, 3.0: 1e-5}[scale]
+
+
+def test_spectral_guard_is_the_identity_inside_the_bound():
+    """E = 0 and |Λ̄| < 1: the guarded transition is Λ̄ itself (a warm start computes S5's function exactly)."""
+    rng = np.random.default_rng(0)
+    a, E, F, d = random_lowrank(rng, 20, 8, 3, 1.0)
+    out, s, scale = ssm_ex.guard_full(c64(a), c64(0 * E), c64(F), jnp.asarray(d, jnp.float32), "spectral")
+    assert np.array_equal(np.asarray(out), np.broadcast_to(np.asarray(c64(a)), (20, 8)))
+    assert np.all(np.asarray(s) == 1.0) and np.all(np.asarray(scale) == 1.0)
+
+
+@pytest.mark.parametrize("kind", ssm_ex.DELTA_BASES)
+@pytest.mark.parametrize("L,K", [(1, 1), (7, 3), (100, 12), (64, 9)])
+def test_delta_basis_equals_its_closed_form(kind, L, K):
+    """Legendre polynomials from numpy.polynomial (not the three-term recurrence under test), sines and cosines
+    written out; every function has mean square 1 on a fine grid."""
+    phi = ssm_ex.delta_basis(L, kind, K)
+    tau = np.arange(L) / L
+    if kind == "legendre":
+        ref = np.stack([np.sqrt(2 * k + 1) * np.polynomial.legendre.Legendre.basis(k)(2 * tau - 1) for k in range(K)], 1)
+    else:
+        cols = [np.ones(L)] + [f(2 * np.pi * (k // 2 + 1) * tau) * np.sqrt(2) for k, f in
+                               zip(range(K - 1), itertools.cycle([np.cos, np.sin]))]
+        ref = np.stack(cols, 1)
+    np.testing.assert_allclose(phi, ref, atol=1e-5 * max(1, np.abs(ref).max()))
+    fine = ssm_ex.delta_basis(20000, kind, K).astype(np.float64)
+    np.testing.assert_allclose((fine ** 2).mean(0), 1.0, rtol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ssm_ex.DELTA_BASES)
+def test_basis_delta_has_k_by_r_parameters_and_runs_at_twice_the_length(kind):
+    """A layer built for l_max = L (a dataset of length L) with the basis δ: K × R parameters for δ, whatever L;
+    at 2L it runs, its recurrent mode equals its parallel mode, and its δ is the same function of t/L."""
+    L, H, P, R, K = 24, 2, 8, 3, 5
+    model = ssm_ex.S5SSMExtend(H=H, P=P, R=R, l_max=L, delta_type=kind, basis_size=K)
+    params = model.init(jax.random.PRNGKey(0), method="initial_state")["params"]
+    assert params["delta_weights"].shape == (K, R) and "delta_table" not in params
+    u = jax.random.normal(jax.random.PRNGKey(1), (2 * L, H))
+    y = np.asarray(jax.jit(model.apply)({"params": params}, u))
+    x = model.apply({"params": params}, method="initial_state")
+    step = jax.jit(lambda x, u_t, t: model.apply({"params": params}, x, u_t, t, 2 * L, method="step"))
+    for t in range(2 * L):
+        x, y_t = step(x, u[t], t)
+        assert rel_err(y_t, y[t]) < 1e-5, f"step {t}"
+    m = model.bind({"params": params})
+    np.testing.assert_allclose(np.asarray(m.delta(2 * L))[::2], np.asarray(m.delta(L)), atol=1e-6)

@@ -105,6 +105,13 @@ def scan_variants(P, L):
     s6_delta = jnp.asarray(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), (L, P))), jnp.float32)
     s6_A = -jnp.tile(jnp.arange(1.0, S6_N + 1), (P, 1))
 
+    def guarded_full_scan(guard):
+        def scan(b):
+            a, s, _ = ssm_ex.guard_full(lam, E, F, delta, guard)
+            return ssm_ex.lowrank_scan(a, E, F, delta, b, s)
+
+        return scan
+
     def lowrank_recurrence(b):
         def step(x, inp):
             d, bt = inp
@@ -122,6 +129,8 @@ def scan_variants(P, L):
         "diag recurrence": lambda b: ssm.linear_recurrence(ssm_ex.extend_diag_transitions(lam, E, F, delta), b),
         "full chunked": lambda b: ssm_ex.lowrank_scan(lam, E, F, delta, b),
         "full recurrence": lowrank_recurrence,
+        # full mode as a layer runs it: each guard's transitions (shared by the batch), then the chunked scan
+        **{f"full {g} guard": guarded_full_scan(g) for g in ssm_ex.GUARDS},
         # whole layers on u = Re b (L, P), P features: S5 and the LRU carry P complex states (the same scan);
         # S6 carries P × S6_N real states (its Δ_t, B_t, C_t given, as its projections would make them)
         "s5 layer": lambda b: ssm.apply_ssm(lam, B_s5, C_s5, b.real, conj_sym=False),
@@ -169,7 +178,9 @@ def bench_scans(shapes, repeats, on_gpu):
 # The variants every training and memory row compares: S5 and the extensions on the same recipe
 VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
             "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
-            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"],
+            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"],  # the default guard (spectral)
+            "extend full rows": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "rows"],
+            "extend full none": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "none"],
             "s6": ["--ssm_type", "s6"], "lru": ["--ssm_type", "lru"]}  # the modern baselines at S5's width
 
 

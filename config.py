@@ -119,6 +119,18 @@ def _extension_options(p):
     g.add_argument("--extend_init_scale", type=float)
     g.add_argument("--extend_chunk", type=int, help="full mode: steps per chunk of the chunked scan "
                    "(0: about sqrt(L/2), the smallest sequential depth; >= L: one chunk, the plain recurrence)")
+    g.add_argument("--extend_guard", choices=ssm_ex.GUARDS,
+                   help="stability guard of --ssm_type extend and aux (ssm_ex.py): spectral = each step's whole "
+                   "transition scaled to 2-norm <= 1 (power iteration); rows = the earlier guard, the correction's "
+                   "rows scaled to row sum <= 1 (pins full mode near S5; runs without this option in their config "
+                   "resume with it); none = the equations as they are (diagonal clamps off too); default %(default)s")
+    g.add_argument("--guard_growth", type=float,
+                   help="--extend_guard spectral: the most the state may grow over a whole sequence of L steps; each "
+                   "step's transition may have 2-norm up to guard_growth^(1/L) (1: none may expand); default "
+                   "%(default)s")
+    g.add_argument("--delta_basis_size", type=int,
+                   help="--delta_type legendre|fourier: K basis functions of relative time t/L, so δ has K x R "
+                   "parameters per layer and works at any length; default %(default)s")
 
 
 def _optimisation_options(p):
@@ -246,7 +258,8 @@ def _resumed(parser, argv, args, saved: dict):
     given = given_options(parser, argv)
     dests = set(vars(args))
     inherit = dests - {"resume", "run_dir", "max_steps", "eval_only"}  # those are this invocation's own
-    merged = {**vars(args), **{k: v for k, v in saved.items() if k in inherit}, **given}
+    legacy = {k: v for k, v in models.LEGACY_DEFAULTS.items() if k not in saved}  # options newer than the run
+    merged = {**vars(args), **legacy, **{k: v for k, v in saved.items() if k in inherit}, **given}
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in given.items()
             if k in saved and k not in RESUME_MAY_CHANGE and k != "enable_auxiliary_state" and saved[k] != v]
     if given.get("enable_auxiliary_state") and saved.get("ssm_type") not in (None, "aux"):
@@ -260,7 +273,7 @@ def _resumed(parser, argv, args, saved: dict):
 
 
 def _check_sizes(args, error):
-    for name in ("bsz", "epochs", "d_model", "n_layers", "ssm_size_base", "blocks", "R"):
+    for name in ("bsz", "epochs", "d_model", "n_layers", "ssm_size_base", "blocks", "R", "delta_basis_size"):
         if getattr(args, name) < 1:
             error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.ssm_size_base % args.blocks:
@@ -279,6 +292,8 @@ def _check_sizes(args, error):
         error(f"--lru_max_phase must be > 0, got {args.lru_max_phase}")
     if not 0 <= args.p_dropout < 1:
         error(f"--p_dropout must be in [0, 1), got {args.p_dropout}")
+    if not args.guard_growth >= 1:
+        error(f"--guard_growth must be at least 1 (1: no step may expand), got {args.guard_growth}")
     if args.dt_min <= 0 or args.dt_max < args.dt_min:
         error("need 0 < --dt_min <= --dt_max")
 
@@ -299,7 +314,7 @@ def _check_task(args, error):
         if args.eval_resolutions != "1":
             error(f"--eval_resolutions applies to the classification datasets, not the diagnostic {args.dataset}: "
                   f"every k-th step would drop the tokens or markers the answer depends on")
-    if task == "per_position" and args.mode != "pool":
+    if task in ("per_position", "per_position_regression") and args.mode != "pool":
         error(f"--dataset {args.dataset} answers at every scored position, with no pooling over time: --mode "
               f"{args.mode} does not apply (leave it at pool)")
     if next_step:

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -199,6 +200,7 @@ class Dataset:
     split_seed: int | None = None  # the seed of the held-out splits, when they were drawn here
     task: str = "classification"  # or "next_step" (task_of)
     onehot_width: int | None = None  # token datasets: the one-hot encoder's width (ONEHOT_WIDTH), >= in_dim
+    reference: dict = field(default_factory=dict)  # reference scores results.json reports beside the model's
 
     @property
     def tokens(self):
@@ -785,19 +787,28 @@ DIAGNOSTIC_OPTIONS = {
     "selective_copying": dict(k=8, vocab=8, length=64, **DIAGNOSTIC_SIZES),
     "associative_recall": dict(n_pairs=8, n_queries=8, n_keys=16, n_values=16, gap=0, **DIAGNOSTIC_SIZES),
     "adding": dict(length=100, **DIAGNOSTIC_SIZES),
+    "varying_gain": dict(length=128, lag=4, periods=2, shape="sine", **DIAGNOSTIC_SIZES),
 }
+# Options that are words, not integers: their allowed values (the first is the default)
+DIAGNOSTIC_CHOICES = {"varying_gain": {"shape": ("sine", "switch", "ramp")}}
 # What each diagnostic asks for and how it is scored
 DIAGNOSTIC_TASKS = {"copying": "per_position", "selective_copying": "per_position",
-                    "associative_recall": "per_position", "adding": "regression"}
+                    "associative_recall": "per_position", "adding": "regression",
+                    "varying_gain": "per_position_regression"}
 
 
 def chance_level(name: str, options: dict | None = None) -> float:
     """The accuracy of the best guess that ignores the inputs: 1/vocab (copying tasks), 1/n_values (recall); for
     the adding problem, always answering 1 (the mode of the sum of two uniform values, whose density is
-    1 - |s - 1|) is within the tolerance t with probability 2t - t² (0.0784 at t = 0.04)."""
+    1 - |s - 1|) is within the tolerance t with probability 2t - t² (0.0784 at t = 0.04); for varying_gain, always
+    answering 0 (the mode of y_t = g(t) u, u ~ N(0, 1)) is within t with probability erf(t / (g(t) √2)), averaged
+    over the scored positions."""
     o = parse_options(name, options)
     if name == "adding":
         return 2 * ADDING_TOLERANCE - ADDING_TOLERANCE ** 2
+    if name == "varying_gain":
+        g = gain_schedule(o["length"], o["periods"], o["shape"])[o["lag"]:]
+        return float(np.mean([1.0 if x == 0 else math.erf(ADDING_TOLERANCE / (abs(x) * math.sqrt(2))) for x in g]))
     return 1.0 / (o["n_values"] if name == "associative_recall" else o["vocab"])
 
 
@@ -819,9 +830,15 @@ def parse_options(name: str, text: str | dict | None) -> dict:
                 raise DataError(f"{name}: data option {item!r} is not KEY=VALUE; allowed (defaults): {allowed}")
             given[key.strip()] = value.strip()
     opts = dict(defaults)
+    choices = DIAGNOSTIC_CHOICES.get(name, {})
     for key, value in given.items():
         if key not in defaults:
             raise DataError(f"{name}: unknown data option {key!r}; allowed (defaults): {allowed}")
+        if key in choices:
+            if value not in choices[key]:
+                raise DataError(f"{name}: data option {key}={value!r} must be one of {', '.join(choices[key])}")
+            opts[key] = value
+            continue
         try:
             number = int(value)
         except (TypeError, ValueError):
@@ -831,7 +848,7 @@ def parse_options(name: str, text: str | dict | None) -> dict:
         opts[key] = number
     low = {k: 0 if k in ("gap", "data_seed", "lag") else 1 for k in opts}
     for key, value in opts.items():
-        if value < low[key]:
+        if key not in choices and value < low[key]:
             raise DataError(f"{name}: data option {key} must be at least {low[key]}, got {value}")
     if name == "selective_copying" and opts["k"] > opts["length"]:
         raise DataError(f"{name}: k={opts['k']} tokens do not fit in a stream of length={opts['length']}")
@@ -842,6 +859,8 @@ def parse_options(name: str, text: str | dict | None) -> dict:
         if opts["n_queries"] > opts["n_pairs"]:
             raise DataError(f"{name}: n_queries={opts['n_queries']} distinct queries need n_pairs >= n_queries "
                             f"(n_pairs={opts['n_pairs']})")
+    if name == "varying_gain" and opts["lag"] >= opts["length"]:
+        raise DataError(f"{name}: lag={opts['lag']} leaves no scored position in a sequence of length={opts['length']}")
     if name == "adding" and opts["length"] < 2:
         raise DataError(f"{name}: length must be at least 2 (one marker in each half), got {opts['length']}")
     return opts
@@ -857,6 +876,8 @@ def diagnostic_shape(name: str, options=None) -> tuple:
     if name == "associative_recall":
         return (2 * o["n_pairs"] + o["gap"] + o["n_queries"], 1 + o["n_keys"] + o["n_values"], True, False,
                 o["n_values"])
+    if name == "varying_gain":
+        return o["length"], 1, False, False, 1  # one value per step, a real-valued output at every step
     return o["length"], 2, False, False, 1  # adding: (value, marker) per step; one real-valued output
 
 
@@ -945,12 +966,76 @@ def make_adding(rng, n, length):
     return np.stack([values, markers], axis=-1), labels.astype(np.float32), None
 
 
+def gain_schedule(length: int, periods: int, shape: str) -> np.ndarray:
+    """g(t) = 1 + φ(periods · t / length) for t = 0..length-1, (length,) float64, with φ of period 1, mean 0 and
+    range [-1, 1]: sine sin(2πs); switch the sign of sin(2πs) (the gain jumps between 0 and 2); ramp the sawtooth
+    2·frac(s) - 1 (it rises, then drops at once)."""
+    s = periods * np.arange(length) / length
+    if shape == "sine":
+        phi = np.sin(2 * np.pi * s)
+    elif shape == "switch":
+        phi = np.where(np.mod(s, 1.0) < 0.5, 1.0, -1.0)
+    elif shape == "ramp":
+        phi = 2 * np.mod(s, 1.0) - 1
+    else:
+        shapes = DIAGNOSTIC_CHOICES["varying_gain"]["shape"]
+        raise DataError(f"unknown gain schedule shape {shape!r}: use one of {shapes}")
+    return 1.0 + phi
+
+
+def make_varying_gain(rng, n, length, lag, periods, shape):
+    """A time-varying linear map, which no time-invariant filter represents: white noise u_t ~ N(0, 1) in, and at
+    every step t ≥ lag the target y_t = g(t) · u_{t-lag}, with the gain schedule g of gain_schedule (a regression
+    at every scored position: squared error, correct within ADDING_TOLERANCE):
+
+        inputs   u_0   u_1  ..  u_lag          u_lag+1          ..
+        labels    -     -   ..  g(lag) u_0     g(lag+1) u_1     ..    scored from position lag on
+
+    The best time-invariant filter of the same length (lti_floor) predicts ḡ · u_{t-lag}, ḡ the mean gain; its
+    error is the variance of g over the scored positions, the part only a time-varying model can remove."""
+    u = rng.normal(size=(n, length)).astype(np.float32)
+    g = gain_schedule(length, periods, shape)
+    y, w = np.zeros((n, length), np.float32), np.zeros((n, length), np.float32)
+    y[:, lag:] = (g[lag:] * u[:, :length - lag]).astype(np.float32)
+    w[:, lag:] = 1.0
+    return u[..., None], y, w
+
+
+def lti_floor(train: "Split", evaluate: dict) -> dict:
+    """The error of the best linear time-invariant filter of the sequence's length on a per-position regression:
+    the causal FIR filter h (L taps), ŷ_t = Σ_{j ≤ t} h_j u_{t-j}, fitted by least squares to the training split's
+    scored positions (normal equations accumulated in float64 over blocks of sequences), then scored on each split
+    of `evaluate` ({name: Split}) as the model is: mean squared error and the fraction within ADDING_TOLERANCE.
+    → {split: {"mse": ..., "acc": ...}} plus "taps": L."""
+    def design(u):  # (n, L) → (n, L, L): X[n, t, j] = u[n, t-j] for j ≤ t, else 0
+        n, L = u.shape
+        padded = np.concatenate([np.zeros((n, L - 1)), u], axis=1)
+        return np.lib.stride_tricks.sliding_window_view(padded, L, axis=1)[:, :, ::-1]
+
+    u, y, w = (np.asarray(a, np.float64) for a in (train.inputs[..., 0], train.labels, train.label_weights))
+    L = u.shape[1]
+    xtx, xty = np.zeros((L, L)), np.zeros(L)
+    for i in range(0, len(u), 256):
+        X = design(u[i:i + 256]) * np.sqrt(w[i:i + 256])[..., None]
+        xtx += np.einsum("ntj,ntk->jk", X, X)
+        xty += np.einsum("ntj,nt->j", X, y[i:i + 256] * np.sqrt(w[i:i + 256]))
+    h = np.linalg.lstsq(xtx, xty, rcond=None)[0]
+    out = {"taps": L}
+    for name, split in evaluate.items():
+        u, y, w = (np.asarray(a, np.float64) for a in (split.inputs[..., 0], split.labels, split.label_weights))
+        err = design(u) @ h - y
+        out[name] = {"mse": float(np.sum(w * err ** 2) / np.sum(w)),
+                     "acc": float(np.sum(w * (np.abs(err) < ADDING_TOLERANCE)) / np.sum(w))}
+    return out
+
+
 def generate_diagnostic(name: str, options=None) -> dict:
     """{split: (inputs, labels, label_weights or None)} of a diagnostic; split s is drawn from
     default_rng([data_seed, s]) with s = 0, 1, 2 for train, val, test."""
     o = parse_options(name, options)
     make = {"copying": make_copying, "selective_copying": make_selective_copying,
-            "associative_recall": make_associative_recall, "adding": make_adding}[name]
+            "associative_recall": make_associative_recall, "adding": make_adding,
+            "varying_gain": make_varying_gain}[name]
     task = {k: v for k, v in o.items() if k not in DIAGNOSTIC_SIZES}
     return {split: make(np.random.default_rng([o["data_seed"], s]), o[f"n_{split}"], **task)
             for s, split in enumerate(("train", "val", "test"))}
@@ -967,21 +1052,23 @@ def load_diagnostic(name: str, options=None) -> Dataset:
             made[split] = Split(x, lengths, y, label_weights=w)
         else:  # real-valued inputs, fed as they are
             made[split] = Split(x, lengths, y, mean=np.zeros(in_dim, np.float32), std=np.ones(in_dim, np.float32),
-                                scale=1.0)
+                                scale=1.0, label_weights=w)
+    reference = ({"lti_floor": lti_floor(made["train"], {s: made[s] for s in ("train", "val", "test")})}
+                 if DIAGNOSTIC_TASKS[name] == "per_position_regression" else {})
     return Dataset(name, made["train"], made["val"], made["test"], n_classes, seq_len, in_dim, padded=False,
                    pair=False, source=f"generated in memory: {name} " + ",".join(f"{k}={v}" for k, v in o.items()),
                    vocab=diagnostic_vocab(name, o), generated=True, generator_seed=o["data_seed"],
                    task=DIAGNOSTIC_TASKS[name],
-                   onehot_width=in_dim if tokens else None)
+                   onehot_width=in_dim if tokens else None, reference=reference)
 
 
 def diagnostic_vocab(name: str, options=None) -> list:
     """The symbol of every input token of a token diagnostic: `.` blank, `|` delimiter, data tokens by their class
-    (copying tasks); `.`, k<key>, v<value> (recall). Empty for the adding problem."""
+    (copying tasks); `.`, k<key>, v<value> (recall). Empty for the real-valued tasks (adding, varying_gain)."""
     o = parse_options(name, options)
     if name == "associative_recall":
         return ["."] + [f"k{i}" for i in range(o["n_keys"])] + [f"v{i}" for i in range(o["n_values"])]
-    if name == "adding":
+    if name in ("adding", "varying_gain"):
         return []
     return [".", "|"] + [str(i) for i in range(o["vocab"])]
 
@@ -989,8 +1076,14 @@ def diagnostic_vocab(name: str, options=None) -> list:
 def describe(ds: Dataset, split: str, i: int) -> str:
     """Sample i of a diagnostic's split ("train", "val", "test") as text, to check by eye: the inputs as symbols
     (diagnostic_vocab), the scored labels under them ('-' where nothing is scored); for the adding problem the
-    marked values and the label."""
+    marked values and the label; for varying_gain the gain and target of the first scored steps."""
     s = getattr(ds, split)
+    if ds.name == "varying_gain":
+        x, y, w = (np.asarray(a[i]) for a in (s.inputs, s.labels, s.label_weights))
+        lag = int(np.argmax(w > 0))
+        steps = "  ".join(f"y[{t}]={y[t]:+.3f}=({y[t] / x[t - lag, 0] if x[t - lag, 0] else 0:.3f})·u[{t - lag}]"
+                          for t in range(lag, min(lag + 4, len(y))))
+        return f"varying_gain {split}[{i}], length {len(y)}, lag {lag}: {steps} ..."
     if ds.name == "adding":
         x = np.asarray(s.inputs[i])
         marked = np.flatnonzero(x[:, 1])
@@ -1061,7 +1154,8 @@ ONEHOT_WIDTH = {"listops-classification": 20, "imdb-classification": 135}
 
 def task_of(name: str) -> str:
     """"next_step" (predict every value from the ones before it), "per_position" (a class at every scored
-    position, the diagnostics' label_weights), "regression" (one real number per sequence) or "classification"."""
+    position, the diagnostics' label_weights), "regression" (one real number per sequence),
+    "per_position_regression" (a real number at every scored position) or "classification"."""
     return "next_step" if name in NEXT_STEP else DIAGNOSTIC_TASKS.get(name, "classification")
 
 

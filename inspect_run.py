@@ -9,13 +9,15 @@ Reads RUN_DIR's checkpoint and config, rebuilds the model without the data, and 
   timescales.png    per layer, histograms of the timescales −1/ln|λ̄| (steps until |λ̄|^k falls to 1/e) and of
                     the learned steps Δ
   aux_modulus.png   (aux) the effective transition modulus |Λ̄ + E Δ(t−1)| over t, quantiles across states, the
-                    clamp at 1 marked
-  extend.png        (extend) δ(t) per rank, and the spectral radius and ∞-norm of Λ_ex(t) over t (exact from the
-                    P×P matrices for up to 128 states, else an upper bound, said which), with the guard's row scale
+                    clamp's bound marked
+  extend.png        (extend) δ(t) per rank, and the spectral radius, 2-norm and ∞-norm of Λ_ex(t) over t (exact
+                    from the P×P matrices for up to 128 states, else estimates and bounds, said which), with the
+                    smallest factor the stability guard applied at each t and the fraction of (t, state) it scaled
   impulse.png       per layer, the SSM part's output (no D term) to a unit impulse on input channel 0 at a few t₀,
                     against t − t₀: for a time-invariant layer the curves coincide; for aux/extend their
                     difference is the time variation
-  curves.png        loss and accuracy per epoch (train/val/test) from results.json
+  curves.png        loss and accuracy per epoch (train/val/test) from results.json; for aux/extend runs also the
+                    guard's activity per epoch and layer (rows scaled, median scale)
   inspect.json      the numbers behind every picture
 
 Everything is computed for the layer as the model runs it (stability guard included), one sequence at a time.
@@ -112,44 +114,48 @@ def timescales(Lambda_bar):
 
 
 def aux_modulus(module, p, L):
-    """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, and the fraction of (t, state) the clamp acted on."""
+    """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, the fraction of (t, state) the clamp acted on, and the clamp's bound."""
 
-    m = module.bind({"params": p})
-    Lambda_bar, _, _ = m.discrete_system()
-    a = ssm_ex.aux_transitions(Lambda_bar, ssm.as_complex(p["E"]), ssm_ex.time_scale(L, module.time_scale_type))
-    raw = np.abs(np.asarray(a))
-    return np.minimum(raw, 1.0), float(np.mean(raw > 1.0))
+    a, scale = module.apply({"params": p}, L, method="transitions")
+    return np.abs(np.asarray(a)), float(np.mean(np.asarray(scale) < 1.0)), \
+        ssm_ex.step_bound(module.guard, module.guard_growth, L)
 
 
 def extend_spectra(module, p, L, n_t=64):
-    """δ(t) (L, R); for a sample of t: spectral radius and ∞-norm of Λ_ex(t) as the model runs it (guarded), or
-    for P > EXACT_MAX_P (or diag mode, which is diagonal) bounds; the guard's row scale (L, P) or None."""
+    """δ(t) (L, R); for a sample of t: spectral radius, 2-norm and ∞-norm of Λ_ex(t) as the model runs it
+    (guarded), exact from the P×P matrices for P ≤ EXACT_MAX_P (or diag mode, which is diagonal), else the
+    2-norm from the spectral guard's power iteration and upper bounds for the others; the guard's factor per
+    (t, state) row (L, P)."""
 
     m = module.bind({"params": p})
     Lambda_bar, _, _ = m.discrete_system()
     delta = m.delta(L)
-    a, s = m.guarded(Lambda_bar, delta)
+    a, s, guard_scale = m.guarded(Lambda_bar, delta, L)
     E, F = np.asarray(ssm.as_complex(p["E"]), np.complex128), np.asarray(ssm.as_complex(p["F"]), np.complex128)
     ts = np.unique(np.linspace(0, L - 1, min(n_t, L)).astype(int))
     d = np.asarray(delta, np.float64)
-    if module.mode == "diag":  # the transition is diagonal: both quantities are max |a_t|
-        mod = np.abs(np.asarray(a))[ts]
-        return dict(t=ts, delta=d, radius=mod.max(1), norm_inf=mod.max(1), how="exact (diagonal)", row_scale=None)
-    lam = np.asarray(a, np.complex128)
-    scale = np.asarray(s, np.float64)
-    P = lam.shape[0]
-    if P <= EXACT_MAX_P:
-        radius, norm = [], []
-        for t in ts:
-            A = np.diag(lam) + (scale[t][:, None] * E) @ np.diag(d[t]) @ F
-            radius.append(np.max(np.abs(np.linalg.eigvals(A))))
-            norm.append(np.max(np.sum(np.abs(A), axis=1)))
+    guard_scale = np.asarray(guard_scale, np.float64)
+    if module.mode == "diag":  # the transition is diagonal: all three are max |a_t|
+        mod = np.abs(np.asarray(a))[ts].max(1)
+        return dict(t=ts, delta=d, radius=mod, norm_2=mod, norm_inf=mod, how="exact (diagonal)",
+                    guard_scale=guard_scale)
+    lam = np.broadcast_to(np.asarray(a, np.complex128), (L, E.shape[0]))  # a_t: Λ̄, or c_t Λ̄ (spectral guard)
+    scale = np.ones((L, E.shape[0])) if s is None else np.asarray(s, np.float64)
+    if E.shape[0] <= EXACT_MAX_P:
+        A = np.stack([np.diag(lam[t]) + (scale[t][:, None] * E) @ np.diag(d[t]) @ F for t in ts])
+        radius = np.abs(np.linalg.eigvals(A)).max(1)
+        norm_2 = np.linalg.svd(A, compute_uv=False)[:, 0]
+        norm = np.abs(A).sum(2).max(1)
         how = "exact (dense P×P matrices)"
-    else:  # ‖·‖∞ ≤ |λ̄_p| + s_p Σ_r |E_pr||δ_r| Σ_q |F_rq| per row; the spectral radius is at most the ∞-norm
-        bound = np.abs(lam)[None, :] + scale[ts] * (np.abs(d[ts]) @ (np.abs(E) * np.abs(F).sum(1)[None, :]).T)
-        norm = radius = bound.max(1)
-        how = "upper bound (row sums of |Λ̄| + |E||δ||F|)"
-    return dict(t=ts, delta=d, radius=np.asarray(radius), norm_inf=np.asarray(norm), how=how, row_scale=scale)
+    else:  # ‖·‖∞ ≤ |a_p| + s_p Σ_r |E_pr||δ_r| Σ_q |F_rq| per row; the spectral radius is at most the 2-norm
+        bound = np.abs(lam[ts]) + scale[ts] * (np.abs(d[ts]) @ (np.abs(E) * np.abs(F).sum(1)[None, :]).T)
+        norm = bound.max(1)
+        corr = E[None] * scale[ts][:, :, None]  # the row-scaled E at each sampled t
+        norm_2 = radius = np.array([float(ssm_ex.spectral_norms(lam[t], corr[i], F, d[t][None])[0])
+                                    for i, t in enumerate(ts)])
+        how = "2-norm by power iteration (a lower bound), ∞-norm an upper bound"
+    return dict(t=ts, delta=d, radius=np.asarray(radius), norm_2=np.asarray(norm_2), norm_inf=np.asarray(norm),
+                how=how, guard_scale=guard_scale)
 
 
 def impulse_responses(module, p, L, H, t0s):
@@ -258,7 +264,7 @@ def plot_aux(path, aux):
         ax.fill_between(t, q[0], q[4], color="tab:blue", alpha=0.15, label="min–max over states")
         ax.fill_between(t, q[1], q[3], color="tab:blue", alpha=0.35, label="25–75%")
         ax.plot(t, q[2], color="tab:blue", label="median")
-        ax.axhline(1.0, color="tab:red", ls="--", label="clamp |a| ≤ 1")
+        ax.axhline(info["bound"], color="tab:red", ls="--", label=f"clamp |a| ≤ {info['bound']:.4g}")
         ax.set_xlabel("t (steps)")
         ax.set_ylabel("|Λ̄ + E Δ(t−1)|")
         ax.set_title(f"{name}: auxiliary state, effective transition modulus "
@@ -280,9 +286,10 @@ def plot_extend(path, ext):
         if d.shape[1] <= 10:
             ax_d.legend(fontsize=7, ncol=2)
         ax_r.plot(info["t"], info["radius"], "o-", ms=3, label="spectral radius")
+        ax_r.plot(info["t"], info["norm_2"], "d-", ms=3, label="2-norm")
         ax_r.plot(info["t"], info["norm_inf"], "s-", ms=3, label="∞-norm")
-        if info.get("row_scale_min") is not None:
-            ax_r.plot(info["t"], info["row_scale_min"], "^-", ms=3, label="guard: min row scale s_t")
+        ax_r.plot(info["t"], info["guard_scale_min"], "^-", ms=3,
+                  label=f"guard: min row scale (scaled {100 * info['guard_scaled']:.0f}% of (t, state))")
         ax_r.axhline(1.0, color="tab:red", ls="--", lw=0.8)
         ax_r.set_xlabel("t (steps)")
         ax_r.set_ylabel("value")
@@ -308,9 +315,25 @@ def plot_impulse(path, impulses, channels=3):
 
 
 def plot_curves(path, epochs):
+    """Loss and accuracy per epoch; for aux/extend runs a third panel: per layer, the fraction of (t, state) rows
+    the stability guard scaled and the median scale (results.json's guard_scaled, guard_median_scale)."""
     plt = _plt()
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
+    guarded = any("guard_scaled" in e for e in epochs)
+    fig, axes = plt.subplots(1, 3 if guarded else 2, figsize=(16.5 if guarded else 11, 3.8))
+    ax_l, ax_a = axes[:2]
     ep = [e["epoch"] for e in epochs]
+    if guarded:
+        ax_g = axes[2]
+        rows = [e for e in epochs if "guard_scaled" in e]
+        for i in range(len(rows[0]["guard_scaled"])):
+            line = ax_g.plot([e["epoch"] for e in rows], [e["guard_scaled"][i] for e in rows], "o-", ms=3,
+                             label=f"layer {i}: rows scaled")[0]
+            ax_g.plot([e["epoch"] for e in rows], [e["guard_median_scale"][i] for e in rows], "--",
+                      color=line.get_color(), label=f"layer {i}: median scale")
+        ax_g.set_ylim(-0.03, 1.03)
+        ax_g.set_xlabel("epoch")
+        ax_g.set_title("stability guard: was the extension allowed to act?")
+        ax_g.legend(fontsize=7)
     for split, style in (("train", "o-"), ("val", "s-"), ("test", "^-")):
         ax_l.plot(ep, [e.get(f"{split}_loss") for e in epochs], style, label=split)
         ax_a.plot(ep, [e.get(f"{split}_acc") for e in epochs], style, label=split)
@@ -349,12 +372,13 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
         if isinstance(module, s6_lru.S6SSM):  # its steps and eigenvalues depend on the input
             eigs[name]["step_note"] = " at the bias softplus(b_Δ) (S6: zero input)"
         if isinstance(module, ssm_ex.S5SSMAux):
-            mod, frac = aux_modulus(module, p, L)
-            aux[name] = dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac)
+            mod, frac, bound = aux_modulus(module, p, L)
+            aux[name] = dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac,
+                             bound=bound)
         if isinstance(module, ssm_ex.S5SSMExtend):
             e = extend_spectra(module, p, L)
-            if e["row_scale"] is not None:
-                e["row_scale_min"] = e["row_scale"][e["t"]].min(axis=1)
+            e["guard_scale_min"] = e["guard_scale"][e["t"]].min(axis=1)
+            e["guard_scaled"] = float(np.mean(e["guard_scale"] < 1.0))
             ext[name] = e
         resp = impulse_responses(module, p, L, H, t0s)
         imp[name] = dict(responses=resp, time_variation=time_variation(resp, L))
@@ -389,10 +413,11 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
             **({"aux_modulus_quantiles": np.asarray(aux[name]["quantiles"]).tolist(),
                 "aux_clamped_fraction": aux[name]["clamped_fraction"]} if name in aux else {}),
             **({"extend_t": real(ext[name]["t"]), "extend_spectral_radius": real(ext[name]["radius"]),
+                "extend_norm_2": real(ext[name]["norm_2"]),
                 "extend_norm_inf": real(ext[name]["norm_inf"]), "extend_how": ext[name]["how"],
                 "extend_delta": np.asarray(ext[name]["delta"]).tolist(),
-                "extend_row_scale_min": None if ext[name].get("row_scale_min") is None
-                else real(ext[name]["row_scale_min"])} if name in ext else {}),
+                "extend_guard_scale_min": real(ext[name]["guard_scale_min"]),
+                "extend_guard_scaled": ext[name]["guard_scaled"]} if name in ext else {}),
         } for name, e in eigs.items()},
         "epochs": epochs,
     }

@@ -352,7 +352,8 @@ def build_model(cfg, ds_meta):
                   bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
                   auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
                   delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
-                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None,
+                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None, guard=cfg.extend_guard,
+                  guard_growth=cfg.guard_growth, basis_size=cfg.delta_basis_size,
                   step_rescale=getattr(cfg, "step_rescale", 1.0),
                   **{k: getattr(cfg, name, MODEL_DEFAULTS[name]) for k, name in S6_LRU_OPTIONS.items()})
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
@@ -368,10 +369,31 @@ def build_model(cfg, ds_meta):
                              tokens, in_dim, layer_kw, cfg.token_encoder)
     if next_step:
         return NextStepModel(encoder, ds_meta["n_classes"])
-    if ds_meta.get("task") == "per_position":
+    if ds_meta.get("task") in ("per_position", "per_position_regression"):  # a class, or a number, per position
         return PerPositionModel(encoder, ds_meta["n_classes"])
     head = RetrievalModel if ds_meta["pair"] else ClassificationModel
     return head(encoder, ds_meta["n_classes"], cfg.mode)
+
+
+def guard_activity(model, L: int):
+    """What the stability guard did, as a jit-compiled function of the parameters, or None when the model's SSM has
+    no guard (S5, the S4 family, S6, LRU). The function gives (n_layers, 2): per layer, the fraction of the (t, state)
+    rows of the transitions at length L that the guard scaled, and the median scale over those rows (1: untouched;
+    each SSM's `guard_scales` says what a row's scale is). The guard does not depend on the sample, so this needs
+    no data, only the parameters: a few operations per evaluation."""
+    cls, kw = model.encoder.ssm
+    if not hasattr(cls, "guard_scales"):
+        return None
+    layer = cls(H=model.encoder.d_model, P=model.encoder.P, **kw)
+
+    def activity(params):
+        rows = []
+        for i in range(model.encoder.n_layers):
+            scale = layer.apply({"params": params["encoder"][f"layer_{i}"]["ssm"]}, L, method="guard_scales")
+            rows.append(jnp.stack([jnp.mean(scale < 1.0), jnp.median(scale)]))
+        return jnp.stack(rows)
+
+    return jax.jit(activity)
 
 
 # ==================================================================================================
@@ -387,9 +409,12 @@ MODEL_DEFAULTS = dict(
     activation_fn="half_glu1", prenorm=True, batchnorm=None, bn_momentum=0.95, p_dropout=0.1, mode="pool",
     token_encoder="onehot", pixel_tokens=False, mask_padding=True,
     time_scale_type="sinusoidal", auxiliary_strength=0.1, R=10, extend_mode="full", delta_type="learned",
-    extend_init_scale=0.05, extend_chunk=0, s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999,
-    lru_max_phase=2 * np.pi,
+    extend_init_scale=0.05, extend_chunk=0, extend_guard="spectral", guard_growth=1.0, delta_basis_size=12,
+    s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999, lru_max_phase=2 * np.pi,
 )
+# What a run directory written before an option existed ran with, where that differs from MODEL_DEFAULTS: its
+# config lacks the option, and resuming, sampling or inspecting it must rebuild the model it trained.
+LEGACY_DEFAULTS = dict(extend_guard=ssm_ex.LEGACY_GUARD)
 # the S6 / LRU module fields and the options that set them
 S6_LRU_OPTIONS = dict(N="s6_state_size", r_min="lru_r_min", r_max="lru_r_max", max_phase="lru_max_phase")
 # The options a checkpoint's parameters depend on: loading it into a model that differs in any is refused.
@@ -423,7 +448,7 @@ def read_run(run_dir, kind="best"):
     if meta is None:
         raise utils.RunError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): rerun or "
                              f"resume the run once to record them", 2)
-    return argparse.Namespace(**{**MODEL_DEFAULTS, **config}), meta, state
+    return argparse.Namespace(**{**MODEL_DEFAULTS, **LEGACY_DEFAULTS, **config}), meta, state
 
 
 def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
@@ -435,12 +460,12 @@ def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
     next_step = task == "next_step"
     x = jnp.zeros((bsz, L), jnp.int32) if meta["tokens"] or next_step else jnp.zeros((bsz, L, meta["in_dim"]))
     lengths = jnp.full((bsz,), L, jnp.int32)
-    per_position = next_step or task == "per_position"
+    per_position = next_step or task in ("per_position", "per_position_regression")
+    real = task in ("regression", "per_position_regression")
     batch = {"inputs": x, "lengths": lengths,
-             "labels": jnp.zeros((bsz, L) if per_position else (bsz,), jnp.float32 if task == "regression" else
-                                 jnp.int32),
+             "labels": jnp.zeros((bsz, L) if per_position else (bsz,), jnp.float32 if real else jnp.int32),
              "weights": jnp.ones((bsz,), jnp.float32)}
-    if task == "per_position":
+    if task in ("per_position", "per_position_regression"):
         batch["label_weights"] = jnp.ones((bsz, L), jnp.float32)
     if meta["pair"]:
         batch.update(inputs2=x, lengths2=lengths)
@@ -541,11 +566,17 @@ def task_loss(logits, batch, task: str = "classification"):
     per_position    logits (B, L, C): the same means over the scored positions only (batch["label_weights"]
                     (B, L), 1 where scored), so a sequence's accuracy is its fraction of scored positions right.
     regression      logits (B, 1): squared error to the real-valued label; hit when within REGRESSION_TOLERANCE.
+    per_position_regression  logits (B, L, 1): the same per position, averaged over the scored positions.
     """
     labels = batch["labels"]
-    if task == "regression":
+    if task in ("regression", "per_position_regression"):
         err = logits[..., 0] - labels
-        return err ** 2, (jnp.abs(err) < REGRESSION_TOLERANCE).astype(jnp.float32)
+        sq, hit = err ** 2, (jnp.abs(err) < REGRESSION_TOLERANCE).astype(jnp.float32)
+        if task == "regression":
+            return sq, hit
+        lw = batch["label_weights"]
+        scored = jnp.maximum(jnp.sum(lw, axis=1), 1.0)
+        return jnp.sum(sq * lw, axis=1) / scored, jnp.sum(hit * lw, axis=1) / scored
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     if task == "per_position":

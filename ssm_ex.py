@@ -221,9 +221,10 @@ def spectral_norms(a, E, F, delta, iterations: int = POWER_ITERATIONS):
     return jnp.sqrt(jnp.maximum(jnp.sum(jnp.abs(A(v, a, E, F, d)) ** 2, axis=-1), 1e-30))
 
 
-def spectral_scale(a, E, F, delta, iterations: int = POWER_ITERATIONS):
-    """c_t = min(1, 1/σ_t) (L,): the factor that brings the whole transition A_t to 2-norm ≤ 1 (spectral_norms)."""
-    return _shrink(spectral_norms(a, E, F, delta, iterations), 1.0)
+def spectral_scale(a, E, F, delta, r_max: float = 1.0, iterations: int = POWER_ITERATIONS):
+    """c_t = min(1, r_max/σ_t) (L,): the factor that brings the whole transition A_t to 2-norm ≤ r_max
+    (spectral_norms)."""
+    return _shrink(spectral_norms(a, E, F, delta, iterations), r_max)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,34 +415,44 @@ def apply_ssm_extend(Lambda_bar, B_bar, C_tilde, E, F, delta, u, conj_sym: bool,
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_guard(guard):
+def _check_guard(guard, growth: float = 1.0):
     if guard not in GUARDS:
         raise ValueError(f"unknown stability guard {guard!r}: use one of {GUARDS}")
+    if not growth >= 1.0:
+        raise ValueError(f"the guard's growth bound must be at least 1 (1: no step may expand), got {growth}")
 
 
-def guard_diagonal(a, guard: str):
+def step_bound(guard: str, growth: float, seq_len: int) -> float:
+    """r, the largest 2-norm a guarded transition may have at one step of a sequence of seq_len steps: growth^(1/L)
+    under the spectral guard (so that r^L = growth bounds the state's growth over the whole sequence), 1 under
+    rows (the earlier guard)."""
+    return float(growth) ** (1.0 / seq_len) if guard == "spectral" else 1.0
+
+
+def guard_diagonal(a, guard: str, r_max: float = 1.0):
     """(guarded diagonal transitions, the factor applied to each) for a diagonal transition a ((P,) or (L, P)):
-    the modulus clamp a · min(1, 1/|a|) under every guard but "none" (for a diagonal matrix the 2-norm and the
-    ∞-norm are both max |a|, so the clamp is the least change that makes it non-expanding)."""
+    the modulus clamp a · min(1, r_max/|a|) under every guard but "none" (for a diagonal matrix the 2-norm and the
+    ∞-norm are both max |a|, so the clamp is the least change that bounds it by r_max)."""
     _check_guard(guard)
     if guard == "none":
         return a, jnp.ones(a.shape, jnp.float32)
-    k = _shrink(jnp.abs(a), 1.0)
+    k = _shrink(jnp.abs(a), r_max)
     return a * k, k
 
 
-def guard_full(Lambda_bar, E, F, delta, guard: str):
+def guard_full(Lambda_bar, E, F, delta, guard: str, r_max: float = 1.0):
     """Full mode's guarded transition A_t = diag(a_t) + diag(s_t) E diag(δ(t)) F as (a, s, scale):
     a (P,) or (L, P), s (L, P) or None, and scale (L, P), the smallest factor the guard applied to an entry of
-    row p of A_t (1 where that row is unchanged). See the top of this file for the three guards."""
-    a, k = guard_diagonal(Lambda_bar, guard)
+    row p of A_t (1 where that row is unchanged). See the top of this file for the three guards; r_max: the
+    spectral guard's bound on each step's 2-norm (step_bound)."""
+    a, k = guard_diagonal(Lambda_bar, guard, r_max)
     L = delta.shape[0]
     if guard == "none":
         return a, None, jnp.ones((L, a.shape[0]), jnp.float32)
     if guard == "rows":
         s = lowrank_row_scale(a, E, F, delta)
         return a, s, jnp.minimum(s, k[None, :])
-    c = spectral_scale(a, E, F, delta)[:, None]  # (L, 1): the whole transition
+    c = spectral_scale(a, E, F, delta, r_max)[:, None]  # (L, 1): the whole transition
     return c * a[None, :], jnp.broadcast_to(c, (L, a.shape[0])), c * k[None, :]
 
 
@@ -452,19 +463,20 @@ class S5SSMAux(ssm.S5SSM):
     time_scale_type: str = "sinusoidal"
     auxiliary_strength: float = 0.1
     guard: str = "spectral"
+    guard_growth: float = 1.0
 
     def setup(self):
         super().setup()
         if self.time_scale_type not in TIME_SCALES:
             raise ValueError(f"unknown time_scale_type {self.time_scale_type!r}: use one of {TIME_SCALES}")
-        _check_guard(self.guard)
+        _check_guard(self.guard, self.guard_growth)
         self.E = self.param("E", ssm.complex_normal_init(self.auxiliary_strength), (self.P_s,))
 
     def transitions(self, L: int):
         """(a_t (L, P) after the guard, the guard's factor per (t, state) (L, P))."""
         Lambda_bar = self.discrete_system()[0]
         a = aux_transitions(Lambda_bar, ssm.as_complex(self.E), time_scale(L, self.time_scale_type, self.step_rescale))
-        return guard_diagonal(a, self.guard)
+        return guard_diagonal(a, self.guard, step_bound(self.guard, self.guard_growth, L))
 
     def guard_scales(self, L: int):
         return self.transitions(L)[1]
@@ -479,7 +491,8 @@ class S5SSMAux(ssm.S5SSM):
         Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         k = self.step_rescale
         delta_prev = jnp.where(t > 0, schedule(k * (t - 1), k * seq_len, self.time_scale_type), 0.0)
-        a = guard_diagonal(Lambda_bar + delta_prev * ssm.as_complex(self.E), self.guard)[0]
+        a = guard_diagonal(Lambda_bar + delta_prev * ssm.as_complex(self.E), self.guard,
+                           step_bound(self.guard, self.guard_growth, seq_len))[0]
         x = a * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, ssm.readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
 
@@ -497,6 +510,7 @@ class S5SSMExtend(ssm.S5SSM):
     init_scale: float = 0.05
     chunk: int | None = None
     guard: str = "spectral"
+    guard_growth: float = 1.0
     basis_size: int = 12
 
     def setup(self):
@@ -507,7 +521,7 @@ class S5SSMExtend(ssm.S5SSM):
             raise ValueError(f"unknown extend mode {self.mode!r}: use one of {EXTEND_MODES}")
         if self.delta_type not in DELTA_TYPES:
             raise ValueError(f"unknown delta_type {self.delta_type!r}: use one of {DELTA_TYPES}")
-        _check_guard(self.guard)
+        _check_guard(self.guard, self.guard_growth)
         self.E = self.param("E", ssm.complex_normal_init(self.init_scale), (self.P_s, self.R))
         self.F = self.param("F", ssm.complex_normal_init(self.init_scale), (self.R, self.P_s))
         if self.delta_type == "learned":
@@ -542,23 +556,25 @@ class S5SSMExtend(ssm.S5SSM):
                 f"({', '.join(DELTA_BASES + TIME_SCALES)})")
         return self.delta_table[:k * (L - 1) + 1:k]
 
-    def guarded(self, Lambda_bar, delta):
-        """(a, s, scale) after the stability guard: diag mode a (L, P) diagonal transitions, s None; full mode as
-        guard_full. scale (L, P): the guard's factor per (t, state) row."""
+    def guarded(self, Lambda_bar, delta, seq_len: int):
+        """(a, s, scale) after the stability guard, for δ at some steps of a sequence of seq_len steps: diag mode
+        a (L, P) diagonal transitions, s None; full mode as guard_full. scale (L, P): the guard's factor per
+        (t, state) row."""
         E, F = ssm.as_complex(self.E), ssm.as_complex(self.F)
+        r_max = step_bound(self.guard, self.guard_growth, seq_len)
         if self.mode == "diag":
-            a, scale = guard_diagonal(extend_diag_transitions(Lambda_bar, E, F, delta), self.guard)
+            a, scale = guard_diagonal(extend_diag_transitions(Lambda_bar, E, F, delta), self.guard, r_max)
             return a, None, scale
-        return guard_full(Lambda_bar, E, F, delta, self.guard)
+        return guard_full(Lambda_bar, E, F, delta, self.guard, r_max)
 
     def guard_scales(self, L: int):
-        return self.guarded(self.discrete_system()[0], self.delta(L))[2]
+        return self.guarded(self.discrete_system()[0], self.delta(L), L)[2]
 
     def __call__(self, u):
         L = u.shape[0]
         Lambda_bar, B_bar, C_tilde = self.discrete_system()
         delta = self.delta(L)
-        a, s, _ = self.guarded(Lambda_bar, delta)
+        a, s, _ = self.guarded(Lambda_bar, delta, L)
         if self.mode == "diag":
             y = ssm.apply_ssm(a, B_bar, C_tilde, u, self.conj_sym, self.bidirectional)
         else:
@@ -575,7 +591,7 @@ class S5SSMExtend(ssm.S5SSM):
         """(x_{t-1}, u_t) at time t of a sequence of length seq_len → (x_t, y_t); `system` as in S5SSM.step."""
         (Lambda_bar, B_bar, C_tilde), delta = self.recurrent_system(seq_len) if system is None else system
         delta_t = jax.lax.dynamic_slice_in_dim(delta, t, 1)  # (1, R)
-        a, s, _ = self.guarded(Lambda_bar, delta_t)
+        a, s, _ = self.guarded(Lambda_bar, delta_t, seq_len)
         a = a.reshape(-1)  # (P,): Λ̄ (rows, none), c_t Λ̄ (spectral) or the diagonal transition (diag mode)
         if self.mode == "diag":
             x = a * x_prev

@@ -8,8 +8,10 @@ setting, seed, exit code) and writes into the root (or --out):
   summary.md       one row per setting: best validation accuracy and the test accuracy at the best validation
                    epoch as mean ± sample std over seeds, the test accuracy's 95% confidence interval (Student
                    t), the paired difference to the group's baseline (same seed; the group's first S5 setting or
-                   --baseline) with its 95% interval, marked * where it excludes 0, parameters, epochs, wall
-                   time, steps/s, status; then one row per run with its difference to the baseline
+                   --baseline) with its 95% interval, marked * where it excludes 0, parameters, the stability
+                   guard's activity (aux/extend), epochs, wall time, steps/s, status; for a time-varying
+                   regression (varying_gain) the test MSE beside the LTI floor; then one row per run with its
+                   difference to the baseline
   summary.csv      the settings table, numbers unformatted (accuracies as fractions)
   runs.csv         one row per run
   val_acc_<group>.png   validation accuracy per epoch, one curve per run
@@ -144,6 +146,17 @@ def load_run(root: Path, d: Path) -> dict:
             val, test, best_epoch = num(e["val_acc"]), num(e.get("test_acc")), e.get("epoch")
 
     note = meta.get("note") or ""
+    # the stability guard at the best epoch (aux/extend runs): the fraction of (t, state) rows it scaled and the
+    # median scale, averaged over the layers; a run whose guard scaled most rows hardly let its extension act
+    at_best = next((e for e in epochs if e.get("epoch") == best_epoch), {})
+    scaled, scale = at_best.get("guard_scaled"), at_best.get("guard_median_scale")
+    guard_scaled = sum(scaled) / len(scaled) if isinstance(scaled, list) and scaled else None
+    guard_scale = sum(scale) / len(scale) if isinstance(scale, list) and scale else None
+    floor = ((res or {}).get("lti_floor") or {}).get("test", {}).get("mse")
+    test_loss = num(best.get("test_loss"))
+    if floor is not None:  # a time-varying regression: its error beside the best time-invariant filter's
+        mse = f"LTI floor {floor:.4f}" if test_loss is None else f"test MSE {test_loss:.4f} vs LTI floor {floor:.4f}"
+        note = f"{mse}; {note}" if note else mse
     val_bpd, test_bpd = num(best.get("val_bpd")), num(best.get("test_bpd"))
     if val_bpd is not None:  # next-step prediction (train_ex --dataset mnist): its accuracies are per pixel
         test_text = "—" if test_bpd is None else f"{test_bpd:.4f}"
@@ -168,7 +181,8 @@ def load_run(root: Path, d: Path) -> dict:
                 epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
                 wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
                 n_params=(res or {}).get("n_params"), device=(res or {}).get("device"), note=note,
-                generated=generated, val_bpd=val_bpd, test_bpd=test_bpd)
+                generated=generated, val_bpd=val_bpd, test_bpd=test_bpd, guard_scaled=guard_scaled,
+                guard_scale=guard_scale, test_loss=test_loss, lti_floor=num(floor))
 
 
 def summarise(runs):
@@ -199,12 +213,18 @@ def summarise(runs):
         done = sorted({r["epochs_done"] for r in rs})
         totals = sorted({r["epochs_total"] for r in rs if r["epochs_total"] is not None})
         params = sorted({r["n_params"] for r in rs if isinstance(r["n_params"], int)})
+        guarded = [r for r in used if r["guard_scaled"] is not None]
+        mse = [r for r in used if r["lti_floor"] is not None and r["test_loss"] is not None]
         rows.append(dict(group=group, setting=setting, seeds=[r["seed"] for r in rs], n=len(used), val_mean=val_m,
                          val_std=val_s, test_mean=test_m, test_std=test_s, test_ci=test_ci, epochs_done=done,
                          epochs_total=totals, used=used, ssm_types=sorted({r["ssm_type"] for r in rs if r["ssm_type"]}),
                          wall_time_s=sum(walls) / len(walls) if walls else None,
                          steps_per_s=sum(sps) / len(sps) if sps else None, n_params=params, status=status,
-                         data=data, runs=rs))
+                         data=data, runs=rs,
+                         guard_scaled=sum(r["guard_scaled"] for r in guarded) / len(guarded) if guarded else None,
+                         guard_scale=sum(r["guard_scale"] for r in guarded) / len(guarded) if guarded else None,
+                         test_mse=sum(r["test_loss"] for r in mse) / len(mse) if mse else None,
+                         lti_floor=sum(r["lti_floor"] for r in mse) / len(mse) if mse else None))
     return rows
 
 
@@ -277,6 +297,13 @@ def fmt_time(s):
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def fmt_guard(r):
+    """'45% ×0.88': the share of rows the guard scaled and the median scale; — for SSMs without a guard."""
+    if r["guard_scaled"] is None:
+        return "—"
+    return f"{100 * r['guard_scaled']:.0f}% ×{r['guard_scale']:.2f}"
+
+
 def fmt_num(v):
     return "—" if v is None else f"{v:.2f}"
 
@@ -303,17 +330,27 @@ def write_markdown(path: Path, root: Path, rows, runs):
          "freedom). *Δ test vs baseline*: the test accuracy minus the group's baseline's (its first S5 setting, "
          "or --baseline) seed by seed, mean and 95% interval over the pairs in percentage points; * marks an "
          "interval that excludes 0 (a difference whose interval includes 0 is not shown to be one). "
-         "Wall time and steps/s: mean per run.", "",
+         "*guard*: for aux/extend, the share of (t, state) rows of the transitions that the stability guard scaled "
+         "at the best epoch and the median scale (means over layers and seeds; a guard that scales most rows "
+         "far below 1 did not let the extension act). Wall time and steps/s: mean per run.", "",
          "| group | setting | seeds | n | best val | test at best val | test 95% CI | Δ test vs baseline | params "
-         "| epochs | wall time | steps/s | status |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| guard | epochs | wall time | steps/s | status |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['group']} | {r['setting']} | {join(r['seeds'])} | {r['n']} "
                  f"| {pct(r['val_mean'], r['val_std'])} | {pct(r['test_mean'], r['test_std'])} "
                  f"| {interval(r['test_mean'], r['test_ci'])} | {fmt_diff(r)} "
-                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} "
+                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {fmt_guard(r)} "
                  f"| {fmt_epochs(r['epochs_done'], r['epochs_total'])} | {fmt_time(r['wall_time_s'])} "
                  f"| {fmt_num(r['steps_per_s'])} | {r['status']} |")
+    floors = [r for r in rows if r["lti_floor"] is not None]
+    if floors:
+        L += ["", "Time-varying regression: the mean test MSE at the best validation epoch beside the *LTI floor*, "
+              "the test MSE of the best linear time-invariant filter of the sequence's length fitted by least "
+              "squares on the training set (below the floor: the model does what no LTI layer can).", "",
+              "| group | setting | test MSE | LTI floor | ratio |", "|---|---|---|---|---|"]
+        L += [f"| {r['group']} | {r['setting']} | {r['test_mse']:.4f} | {r['lti_floor']:.4f} "
+              f"| {r['test_mse'] / r['lti_floor']:.3f} |" for r in floors]
     bases = sorted({f"{r['group']}: {r['baseline']}" for r in rows if r["baseline"] is not None})
     if bases:
         L += ["", "Baselines: " + "; ".join(bases) + "."]
@@ -342,17 +379,20 @@ def write_csvs(out: Path, rows):
         w = csv.writer(f)
         w.writerow(["group", "setting", "seeds", "n", "val_mean", "val_std", "test_mean", "test_std", "epochs_done",
                     "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status", "data", "test_ci95",
-                    "baseline", "diff_n", "diff_mean", "diff_std", "diff_ci95", "diff_excludes_0"])
+                    "baseline", "diff_n", "diff_mean", "diff_std", "diff_ci95", "diff_excludes_0", "guard_scaled",
+                    "guard_scale", "test_mse", "lti_floor"])
         for r in rows:
             w.writerow([r["group"], r["setting"], " ".join(map(str, r["seeds"])), r["n"], r["val_mean"], r["val_std"],
                         r["test_mean"], r["test_std"], " ".join(map(str, r["epochs_done"])),
                         " ".join(map(str, r["epochs_total"])), r["wall_time_s"], r["steps_per_s"],
                         " ".join(map(str, r["n_params"])), r["status"], r["data"], r["test_ci"], r["baseline"],
-                        len(r["diffs"]), r["diff_mean"], r["diff_std"], r["diff_ci"], r["diff_excludes_0"]])
+                        len(r["diffs"]), r["diff_mean"], r["diff_std"], r["diff_ci"], r["diff_excludes_0"],
+                        r["guard_scaled"], r["guard_scale"], r["test_mse"], r["lti_floor"]])
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",
-                "epochs_total", "wall", "steps_per_s", "n_params", "device", "note", "val_bpd", "test_bpd"]
+                "epochs_total", "wall", "steps_per_s", "n_params", "device", "note", "val_bpd", "test_bpd",
+                "guard_scaled", "guard_scale", "test_loss", "lti_floor"]
         w.writerow(cols)
         for row in rows:
             for r in row["runs"]:

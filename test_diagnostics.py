@@ -117,6 +117,68 @@ def test_chance_levels():
     assert np.mean(np.abs(labels - 1.0) < 0.04) == pytest.approx(dl.chance_level("adding"), abs=0.003)
 
 
+def gain_by_hand(t, length, periods, shape):
+    """g(t) of the varying_gain task, one step at a time from its definition."""
+    phase = (periods * t / length) % 1.0
+    if shape == "sine":
+        return 1.0 + np.sin(2 * np.pi * periods * t / length)
+    if shape == "switch":
+        return 2.0 if phase < 0.5 else 0.0
+    return 2.0 * phase  # ramp: 1 + (2·phase − 1)
+
+
+@pytest.mark.parametrize("options", ["", "length=30,lag=0,periods=1,shape=switch",
+                                     "length=20,lag=7,periods=3,shape=ramp"])
+def test_varying_gain_labels(options):
+    ds = load("varying_gain", options)
+    o = dl.parse_options("varying_gain", options)
+    L, lag = o["length"], o["lag"]
+    for name, s in splits(ds).items():
+        for i in range(0, len(s), 7):
+            u, y, w = np.asarray(s.inputs[i][:, 0], np.float64), s.labels[i], s.label_weights[i]
+            assert list(w) == [0.0] * lag + [1.0] * (L - lag), dl.describe(ds, name, i)
+            want = [gain_by_hand(t, L, o["periods"], o["shape"]) * u[t - lag] for t in range(lag, L)]
+            np.testing.assert_allclose(y[lag:], want, rtol=1e-5, atol=1e-6, err_msg=dl.describe(ds, name, i))
+    assert (ds.seq_len, ds.in_dim, ds.n_classes, ds.task) == (L, 1, 1, "per_position_regression")
+
+
+def test_varying_gain_lti_floor_equals_a_plain_least_squares_fit():
+    """The floor's filter against numpy's lstsq on the design matrix written out row by row (one row per scored
+    position of every training sequence, column j = u_{t-j}), scored on the test split by hand."""
+    ds = dl.load("varying_gain", **dl.parse_options("varying_gain", "length=12,lag=2,n_train=40,n_val=5,n_test=30"))
+    rows, target = [], []
+    for u, y, w in zip(ds.train.inputs[..., 0], ds.train.labels, ds.train.label_weights):
+        for t in range(12):
+            if w[t]:
+                rows.append([u[t - j] if j <= t else 0.0 for j in range(12)])
+                target.append(y[t])
+    h = np.linalg.lstsq(np.array(rows, np.float64), np.array(target, np.float64), rcond=None)[0]
+    errs = [sum(h[j] * u[t - j] for j in range(t + 1)) - y[t] for u, y, w in
+            zip(ds.test.inputs[..., 0].astype(np.float64), ds.test.labels, ds.test.label_weights)
+            for t in range(12) if w[t]]
+    floor = ds.reference["lti_floor"]
+    assert floor["taps"] == 12
+    assert floor["test"]["mse"] == pytest.approx(np.mean(np.square(errs)), rel=1e-6)
+    assert floor["test"]["acc"] == pytest.approx(np.mean(np.abs(errs) < dl.ADDING_TOLERANCE), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", ["sine", "switch", "ramp"])
+def test_varying_gain_lti_floor_is_the_gain_variance(shape):
+    """With white unit-variance input the best time-invariant filter is ḡ · u_{t-lag} (ḡ the mean gain over the
+    scored positions), so the floor's test error is the variance of g over them, up to the fit's sampling error."""
+    o = dl.parse_options("varying_gain", f"length=40,lag=3,shape={shape},n_train=3000,n_val=10,n_test=3000")
+    g = np.array([gain_by_hand(t, 40, o["periods"], shape) for t in range(3, 40)])
+    floor = dl.load("varying_gain", **o).reference["lti_floor"]
+    assert floor["test"]["mse"] == pytest.approx(g.var(), rel=0.02)
+
+
+def test_varying_gain_chance_level():
+    ds = load("varying_gain", "n_train=10")
+    s = ds.test
+    hit = (np.abs(s.labels) < dl.ADDING_TOLERANCE) * s.label_weights
+    assert hit.sum() / s.label_weights.sum() == pytest.approx(dl.chance_level("varying_gain"), abs=0.01)
+
+
 # --------------------------------------------------------------------------------------------------
 # determinism, disjoint splits, shapes
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +198,7 @@ def test_deterministic_and_splits_disjoint(name):
 
 @pytest.mark.parametrize("name,options", [("copying", "k=3,lag=5"), ("selective_copying", "length=9"),
                                           ("associative_recall", "n_keys=20,gap=2"), ("adding", "length=11"),
-                                          ("copying", "")])
+                                          ("varying_gain", "length=9,lag=1"), ("copying", ""), ("varying_gain", "")])
 def test_model_meta_matches_the_loaded_dataset(name, options):
     ds = dl.load(name, **dl.parse_options(name, options))
     fields = ("seq_len", "in_dim", "tokens", "pair", "n_classes", "task", "onehot_width")
@@ -161,6 +223,9 @@ def test_model_meta_matches_the_loaded_dataset(name, options):
     (["--dataset", "mnist-classification", "--data_options", "k=4"], "applies to the diagnostic datasets"),
     (["--dataset", "copying", "--mode", "last"], "--mode last does not apply"),
     (["--dataset", "adding", "--eval_resolutions", "1,2"], "--eval_resolutions applies to the classification"),
+    (["--dataset", "varying_gain", "--data_options", "shape=square"], "must be one of sine, switch, ramp"),
+    (["--dataset", "varying_gain", "--data_options", "lag=128"], "leaves no scored position"),
+    (["--dataset", "varying_gain", "--mode", "last"], "--mode last does not apply"),
 ])
 def test_bad_options_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -59,7 +59,8 @@ def test_every_picture_is_a_valid_image(runs, kind):
     assert len(layer["eigenvalues"]) == len(layer["eigenvalues_init"]) == 4  # P = 8 under conj_sym
     if kind == "aux":
         q = np.asarray(layer["aux_modulus_quantiles"])
-        assert q.shape == (5, 49) and np.all(q <= 1.0) and np.all(np.diff(q, axis=0) >= 0)
+        # the moduli as the model runs them: clamped to 1, up to float32 rounding of a · (1/|a|)
+        assert q.shape == (5, 49) and np.all(q <= 1.0 + 2 ** -22) and np.all(np.diff(q, axis=0) >= 0)
     if kind == "s5":
         assert layer["impulse_time_variation"] < 1e-5  # time-invariant: the same response at every t0
 

@@ -350,7 +350,7 @@ def test_summarize_mean_std_partial_and_failed(tmp_path):
     settings, runs = md_tables((root / "summary.md").read_text())
     by = {s[1]: s for s in settings}
     assert by["aux-on"][4] == "70.00 ± 14.14" and by["aux-on"][5] == "60.00 ± 14.14"
-    assert by["linear"][5] == "35.00" and by["linear"][9] == "2/3"
+    assert by["linear"][5] == "35.00" and by["linear"][10] == "2/3" and by["linear"][9] == "—"  # no guard
     assert by["constant"][4] == "—" and by["constant"][-1] == "failed"
     assert len(runs) == 5 and any("bad flag" in r[-1] for r in runs)
     for png in ("val_acc_g1-aux.png", "val_acc_g2-time-scale.png", "test_acc.png"):
@@ -400,6 +400,32 @@ def test_summarize_reports_bits_per_dim_of_next_pixel_runs(tmp_path):
     _, md_runs = md_tables((root / "summary.md").read_text())
     notes = {r[0]: r[-1] for r in md_runs}
     assert "best val 1.2500 bits/dim, test 1.5000" in notes["g/gen/seed0"] and "bits/dim" not in notes["g/cls/seed0"]
+
+
+def test_summarize_reports_the_guards_activity_and_the_lti_floor(tmp_path):
+    """The guard column: the share of rows scaled and the median scale at each run's best epoch, averaged over layers,
+    then over seeds; the time-varying task's table: mean test MSE beside the mean LTI floor."""
+    root = tmp_path / "series"
+    for seed, (scaled, scale) in enumerate([([0.9, 1.0], [0.2, 0.1]), ([1.0, 1.0], [0.3, 0.2])]):
+        write_run(root, f"g/rows/seed{seed}", "finished", (0.6, 0.5), [(0.1, 0.1), (0.6, 0.5)])
+        res = json.loads((root / f"g/rows/seed{seed}/results.json").read_text())
+        res["best"]["epoch"] = 2
+        res["epochs"][0].update(guard_scaled=[0.0, 0.0], guard_median_scale=[1.0, 1.0])  # not the best epoch
+        res["epochs"][1].update(guard_scaled=scaled, guard_median_scale=scale)
+        res["best"]["test_loss"], res["lti_floor"] = 0.1 * (seed + 1), {"test": {"mse": 0.5}, "taps": 8}
+        (root / f"g/rows/seed{seed}/results.json").write_text(json.dumps(res))
+    write_run(root, "g/s5/seed0", "finished", (0.6, 0.5), [(0.6, 0.5)], ssm_type="s5")
+    assert summarize.main([str(root), "--no-plots"]) == 0
+    rows = {r["setting"]: r for r in read_csv(root / "summary.csv")}
+    assert math.isclose(float(rows["rows"]["guard_scaled"]), (0.95 + 1.0) / 2)
+    assert math.isclose(float(rows["rows"]["guard_scale"]), (0.15 + 0.25) / 2)
+    assert rows["s5"]["guard_scaled"] == "" and rows["s5"]["lti_floor"] == ""
+    assert math.isclose(float(rows["rows"]["test_mse"]), 0.15) and math.isclose(float(rows["rows"]["lti_floor"]), 0.5)
+    text = (root / "summary.md").read_text()
+    settings, runs = md_tables(text)
+    assert {s[1]: s[9] for s in settings if len(s) == 14} == {"rows": "98% ×0.20", "s5": "—"}
+    assert "| g | rows | 0.1500 | 0.5000 | 0.300 |" in text
+    assert any("test MSE 0.1000 vs LTI floor 0.5000" in r[-1] for r in runs)
 
 
 def test_summarize_picks_a_next_pixel_runs_best_epoch_by_bits(tmp_path):

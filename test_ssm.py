@@ -558,16 +558,18 @@ def dense_power_iteration(Lambda_bar, E, F, delta, iterations=ssm_ex.POWER_ITERA
     return np.stack(out)
 
 
-@pytest.mark.parametrize("guard,bidirectional", [("rows", False), ("rows", True), ("spectral", False),
-                                                 ("spectral", True), ("none", False)])
-def test_guarded_full_module_equals_float64_reference(guard, bidirectional):
+@pytest.mark.parametrize("guard,bidirectional,growth", [("rows", False, 1.0), ("rows", True, 1.0),
+                                                        ("spectral", False, 1.0), ("spectral", True, 1.0),
+                                                        ("spectral", False, 30.0), ("none", False, 1.0)])
+def test_guarded_full_module_equals_float64_reference(guard, bidirectional, growth):
     """The module (discretisation, modulus clamp, guard, chunked scan) against the same layer written out in float64
     from its raw parameters, with the guard active; outputs and every parameter's gradient. The spectral guard's
     reference forms every A_t as a dense float64 matrix and runs the power iteration on it (dense_power_iteration),
-    then σ_t = ‖A_t v_t‖ with v_t held."""
+    then σ_t = ‖A_t v_t‖ with v_t held; each step's bound is r = growth^(1/L)."""
     L, H, P, R = 33, 3, 8, 5
     model = ssm_ex.S5SSMExtend(H=H, P=P, R=R, l_max=40, mode="full", bidirectional=bidirectional, chunk=6,
-                               guard=guard)
+                               guard=guard, guard_growth=growth)
+    r = growth ** (1 / L)
     params = dict(model.init(jax.random.PRNGKey(1), method="initial_state")["params"])
     params["E"], params["F"] = params["E"] * 20, params["F"] * 20  # large enough that the guard scales rows
     if guard != "none":
@@ -582,7 +584,7 @@ def test_guarded_full_module_equals_float64_reference(guard, bidirectional):
         Lb = jnp.exp(Lambda * jnp.exp(p["log_step"]))
         B_bar = ((Lb - 1) / Lambda)[:, None] * cplx(p["B"])
         if guard != "none":
-            Lb = Lb * jnp.minimum(1.0, 1.0 / jnp.abs(Lb))
+            Lb = Lb * jnp.minimum(1.0, r / jnp.abs(Lb))
         return Lb, B_bar, cplx(p["E"]), cplx(p["F"]), p["delta_table"][:L]
 
     def reference(p, u, v):
@@ -594,7 +596,7 @@ def test_guarded_full_module_equals_float64_reference(guard, bidirectional):
         elif guard == "spectral":
             A = jnp.diag(Lb)[None] + jnp.einsum("pr,lr,rq->lpq", E, delta.astype(E.dtype), F)
             sigma = jnp.linalg.norm(jnp.einsum("lpq,lq->lp", A, v), axis=1)
-            c = jnp.minimum(1.0, 1.0 / sigma)[:, None]
+            c = jnp.minimum(1.0, r / sigma)[:, None]
             Lb, s = c * Lb[None, :], jnp.broadcast_to(c, (L, P // 2))
         y = x64_dense_loop_output(Lb, B_bar, cplx(p["C"]), E, F, delta, s, u, True, bidirectional)
         return y + p["D"] * u, (jnp.ones((L, 1)) if s is None else s)
@@ -711,6 +713,8 @@ EXT_MODULES = [
     ("extend", dict(mode="full", delta_type="legendre")),
     ("extend", dict(mode="diag", delta_type="fourier", guard="none")),
     ("aux", dict(time_scale_type="linear", guard="none")),
+    ("extend", dict(mode="full", delta_type="fourier", guard_growth=100.0)),
+    ("aux", dict(time_scale_type="sinusoidal", guard_growth=100.0)),
 ]
 
 
@@ -765,7 +769,8 @@ def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw, s
     """Path-X's length with the extension's parameters at `scale` × their initial size and an unstable base
     eigenvalue: the guarded module's output stays within the bound of non-expanding transitions (diagonal clamps
     and the rows guard: ‖x_t‖_∞ ≤ Σ_{s≤t} ‖B̄ u_s‖_∞, exactly; the spectral guard: ‖x_t‖₂ ≤ Σ_{s≤t} ‖B̄ u_s‖₂, up to
-    its power iteration's error, so at most twice that bound), while the same parameters unguarded explode."""
+    its power iteration's error, so at most twice that bound; both times guard_growth, the growth a sequence is
+    allowed), while the same parameters unguarded explode."""
     L, H, P = 16384, 2, 8
     u = jax.random.normal(jax.random.PRNGKey(0), (L, H))
     model = make_module(name, H, P, l_max=L, **kw)
@@ -784,7 +789,8 @@ def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw, s
         x_bound, C_norm, slack = np.cumsum(np.linalg.norm(Bu, axis=1)), np.linalg.norm(C_abs, axis=1), 2.0
     else:
         x_bound, C_norm, slack = np.cumsum(Bu.max(axis=1)), C_abs.sum(axis=1), 1 + 1e-4
-    y_bound = 2 * C_norm[None, :] * x_bound[:, None] + np.abs(np.asarray(params["D"] * u))
+    growth = kw.get("guard_growth", 1.0)
+    y_bound = 2 * C_norm[None, :] * x_bound[:, None] * growth + np.abs(np.asarray(params["D"] * u))
     assert np.all(np.abs(y) <= y_bound * slack + 1e-4)
     # ... and the same parameters without the guard do explode: the test exercises the guard.
     y_raw = np.asarray(jax.jit(make_module(name, H, P, l_max=L, **{**kw, "guard": "none"}).apply)(
@@ -932,7 +938,8 @@ def test_delta_basis_equals_its_closed_form(kind, L, K):
     phi = ssm_ex.delta_basis(L, kind, K)
     tau = np.arange(L) / L
     if kind == "legendre":
-        ref = np.stack([np.sqrt(2 * k + 1) * np.polynomial.legendre.Legendre.basis(k)(2 * tau - 1) for k in range(K)], 1)
+        legendre = np.polynomial.legendre.Legendre.basis
+        ref = np.stack([np.sqrt(2 * k + 1) * legendre(k)(2 * tau - 1) for k in range(K)], 1)
     else:
         cols = [np.ones(L)] + [f(2 * np.pi * (k // 2 + 1) * tau) * np.sqrt(2) for k, f in
                                zip(range(K - 1), itertools.cycle([np.cos, np.sin]))]

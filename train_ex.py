@@ -160,7 +160,8 @@ class Report:
             "best": {k: best[k] for k in F if k in best} if best else {k: None for k in F[:3]},
             "wall_time_s": progress["wall_time_s"],
             "steps_per_s": progress["step"] / max(progress["wall_time_s"], 1e-9),
-            "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status}
+            "n_params": self.n_params, "device": self.rt.describe(), "data": self.ds.provenance(), "status": status,
+            **self.ds.reference}  # e.g. lti_floor: what the best time-invariant filter scores on this task
         if error:
             results["error"] = error
         try:
@@ -171,9 +172,13 @@ class Report:
         return True
 
     def epoch(self, row, progress):
-        if self.wandb:
-            self.wandb.log(row, step=row["epoch"])
+        if self.wandb:  # per-layer lists (the guard's activity) as one scalar per layer
+            flat = {k: v for k, v in row.items() if not isinstance(v, list)}
+            flat.update({f"{k}/layer{i}": x for k, v in row.items() if isinstance(v, list) for i, x in enumerate(v)})
+            self.wandb.log(flat, step=row["epoch"])
         best = progress["best"]
+        guard = (f" | guard scaled {np.mean(row['guard_scaled']):.0%} of rows, median scale "
+                 f"{np.median(row['guard_median_scale']):.3g}" if "guard_scaled" in row else "")
         if "val_bpd" in row:  # next-step prediction: nats per value and bits per dimension
             self.say(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats {row['train_bpd']:.4f} bits/dim | "
                      f"val {row['val_loss']:.4f} nats {row['val_bpd']:.4f} bits/dim | test {row['test_bpd']:.4f} "
@@ -184,7 +189,7 @@ class Report:
                         for k in self.cfg.resolutions[1:])
         self.say(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
                  f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f}{rates} | best val "
-                 f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}) | {row['seconds']:.1f}s, "
+                 f"{best['val_acc']:.4f} (test {best['test_acc']:.4f}){guard} | {row['seconds']:.1f}s, "
                  f"{row['steps_per_s']:.1f} steps/s")
 
     def image(self, path, epoch, caption):
@@ -292,6 +297,7 @@ class Loop:
     eval_steps: dict  # rate k → jit-compiled eval_step of the model with steps × k
     ckpts: Checkpoints
     next_step: bool  # next-step prediction (best epoch by loss, bits/dim) or classification
+    guard_activity: Callable | None  # params → (n_layers, 2): what the stability guard did (models.guard_activity)
 
     def evaluate(self, state, split, k=1):
         """(loss, accuracy) over a split at rate k; every process runs the same batches of the same shapes."""
@@ -361,7 +367,7 @@ def setup(cfg, rt, run_dir):
         eval_steps[k] = jax.jit(make_steps(model_k, tx, dropout_key, ds.task)[1], out_shardings=rt.replicated)
     loop = Loop(cfg, rt, (train, val, test), buckets, steps_per_epoch,
                 jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated), eval_steps, ckpts,
-                ds.task == "next_step")
+                ds.task == "next_step", models.guard_activity(model, ds.seq_len))
     return loop, model, state, progress, ds, n_params, config
 
 
@@ -491,6 +497,9 @@ def end_epoch(loop: Loop, state, progress, t0):
                test_acc=test_acc, seconds=seconds, steps_per_s=loop.steps_per_epoch / seconds)
     for k in cfg.resolutions[1:]:  # zero-shot at another sampling rate: x[::k], steps × k
         row[f"val_acc@{k}"], row[f"test_acc@{k}"] = loop.evaluate(state, val, k)[1], loop.evaluate(state, test, k)[1]
+    if loop.guard_activity is not None:  # per layer: the fraction of (t, state) rows scaled, the median scale
+        activity = rt.host(loop.guard_activity(state["params"])).astype(float)
+        row["guard_scaled"], row["guard_median_scale"] = activity[:, 0].tolist(), activity[:, 1].tolist()
     if loop.next_step:  # nats per value → bits per dimension
         row.update({f"{s}_bpd": row[f"{s}_loss"] / np.log(2.0) for s in ("train", "val", "test")})
     progress["history"].append(row)

@@ -540,11 +540,13 @@ def test_eval_resolutions_must_include_1(bad, capsys):
     assert "--eval_resolutions" in capsys.readouterr().err
 
 
-def test_a_run_directory_written_before_the_library_split_resumes_samples_and_inspects(tmp_path, mnist_root):
+@pytest.mark.parametrize("name", ["run_format1", "run_format2_extend"])
+def test_a_run_directory_written_by_earlier_code_resumes_samples_and_inspects(tmp_path, mnist_root, name):
     """testdata/run_format1 was written by the train_ex.py that kept the optimiser, steps and run-directory code in
-    itself (a next-pixel aux model stopped by --max_steps at step 6 of 8; its state's totals under the key "acc").
-    Today's code resumes it to the epochs the same command gave uninterrupted, and sample.py and inspect_run.py
-    read it."""
+    itself (a next-pixel aux model stopped by --max_steps at step 6 of 8; its state's totals under the key "acc");
+    run_format2_extend by the code before the choice of stability guard (a next-pixel extend full model, the same
+    stop; its config has no extend_guard, so it must resume with the guard it trained with, "rows"). Today's code
+    resumes each to the epochs the same command gave uninterrupted, and sample.py and inspect_run.py read it."""
     import shlex
     import shutil
 
@@ -552,7 +554,7 @@ def test_a_run_directory_written_before_the_library_split_resumes_samples_and_in
     import sample
 
     run = tmp_path / "run"
-    shutil.copytree(HERE / "testdata" / "run_format1", run)
+    shutil.copytree(HERE / "testdata" / name, run)
     reference = json.loads((run / "uninterrupted.json").read_text())
     argv = shlex.split(reference["command"].split(" (")[0])[1:]
     assert train_ex.main([*argv, "--dir_name", str(mnist_root), "--run_dir", str(run), "--resume"]) == 0

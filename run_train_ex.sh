@@ -392,7 +392,7 @@ lock_run() {
     flock -n -E 75 "$LOCK_FD" 2>/dev/null && rc=0 || rc=$?
     [[ $rc == 0 ]] && break
     if [[ $rc != 75 ]]; then
-      echo "warning: $dir: its file system does not support locks (flock): run without the one-writer guard" >&2
+      echo "warning: $dir cannot be locked (flock exit $rc: no lock support on its file system?): run without the one-writer guard" >&2
       return 0
     fi
     HOLDER="$(holder_of "$dir")"
@@ -405,8 +405,10 @@ lock_run() {
     sleep 1
   done
   LOCK_TOKEN="series-$BASHPID-$RANDOM$RANDOM$RANDOM"
+  # written by a child process (tee): on NFS, flock is a POSIX lock, which any close of the file by this
+  # process itself would drop
   printf '{"host": %s, "pid": %s, "started": %s, "by": "run_train_ex.sh", "token": %s}\n' "$(json_str "$(hostname)")" \
-    "$BASHPID" "$(json_str "$(date '+%Y-%m-%d %H:%M:%S %z')")" "$(json_str "$LOCK_TOKEN")" >"$dir/run.lock"
+    "$BASHPID" "$(json_str "$(date '+%Y-%m-%d %H:%M:%S %z')")" "$(json_str "$LOCK_TOKEN")" | tee "$dir/run.lock" >/dev/null
   return 0
 }
 

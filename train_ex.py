@@ -290,14 +290,16 @@ def check_memory(cfg, rt, model, tx, train_step, first_batch):
     known = [f for f in free if f[0] is not None]
     available, source = min(known) if known else (None, free[0][1])
     n_dev = len(rt.devices)
+    shared = len(jax.local_devices()) if rt.devices[0].platform == "cpu" else 1  # CPU devices share the RAM
 
     def estimate(bsz):
         batch = models.abstract_batch(first_batch, bsz, rt.data_sharding)
         state = models.abstract_state(model, batch, tx, rt.replicated)
-        return models.memory_estimate(train_step.lower(state, batch, 0).compile())
+        est = models.memory_estimate(train_step.lower(state, batch, 0).compile())
+        return dict(est, need=est["total"] * shared)
 
     est = estimate(cfg.bsz)
-    fits = available is None or est["total"] <= available
+    fits = available is None or est["need"] <= available
     (misfit,) = rt.agree([not fits])
     if available is None and rt.main:
         print(f"memory check skipped: {source} (XLA's estimate of a training step: {utils.gigabytes(est['total'])} "
@@ -311,16 +313,17 @@ def check_memory(cfg, rt, model, tx, train_step, first_batch):
     b2 = cfg.bsz // 2 // n_dev * n_dev
     b2 = b2 if b2 >= n_dev else 2 * cfg.bsz
     est2 = estimate(b2)
-    best = models.largest_fitting_batch([(cfg.bsz, est["total"]), (b2, est2["total"])], available, n_dev)
+    best = models.largest_fitting_batch([(cfg.bsz, est["need"]), (b2, est2["need"])], available, n_dev)
     G = utils.gigabytes
-    where = f"{'the ' + rt.devices[0].platform.upper()} ({source})"
-    line = (f"from XLA's estimates at --bsz {cfg.bsz} and {b2} ({G(est2['total'])}), linear in the batch")
+    where = f"the {rt.devices[0].platform.upper()} ({source})"
+    line = f"from XLA's estimates at --bsz {cfg.bsz} and {b2} ({G(est2['need'])}), linear in the batch"
     advice = (f"the largest --bsz that fits is about {best} ({line}): run with --bsz {best} or less"
               if best is not None else
               f"no --bsz fits ({line}): the model itself is too large; lower --d_model, --ssm_size_base or "
               f"--n_layers")
+    times = f", × {shared} CPU devices sharing the machine's memory: {G(est['need'])}" if shared > 1 else ""
     raise RunError(f"does not fit: XLA estimates {G(est['total'])} per device for one training step at --bsz "
-                   f"{cfg.bsz} (arguments {G(est['argument'])}: parameters, optimiser state, batch; temporaries "
+                   f"{cfg.bsz}{times} (arguments {G(est['argument'])}: parameters, optimiser state, batch; temporaries "
                    f"{G(est['temp'])}), but {where} has {G(available)} free. Nothing was trained; {advice} "
                    f"(or skip this check with --no-check_memory)", utils.DOES_NOT_FIT)
 

@@ -184,19 +184,6 @@ VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
             "s6": ["--ssm_type", "s6"], "lru": ["--ssm_type", "lru"]}  # the modern baselines at S5's width
 
 
-def compiled_step(cfg, meta, batch):
-    """(the training step lowered and compiled for `batch`'s shapes, its state, compile seconds). `batch` may hold
-    jax.ShapeDtypeStruct leaves: then the state is abstract too and nothing is allocated."""
-    model = models.build_model(cfg, meta)
-    variables = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)
-    tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
-    state = jax.eval_shape(lambda v: models.new_state(v["params"], v.get("batch_stats", {}), tx), variables)
-    train_step, _ = models.make_steps(model, tx, jax.random.PRNGKey(1))
-    t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile()
-    return compiled, model, state, time.perf_counter() - t0
-
-
 def bench_train(recipes, repeats, variants=VARIANTS):
     """Steps/s of a training step per variant. All variants are compiled first, then timed in interleaved rounds
     (one step of each in turn), so a slow spell of a noisy machine hits every variant alike; the ratio to S5
@@ -212,7 +199,7 @@ def bench_train(recipes, repeats, variants=VARIANTS):
             x = rng.integers(3, 18, (cfg.bsz, L)) if tokens else rng.normal(size=(cfg.bsz, L, 1))
             batch.update(inputs=jnp.asarray(x, batch["inputs"].dtype),
                          labels=jnp.asarray(rng.integers(0, 10, cfg.bsz), jnp.int32))
-            compiled, model, _, compile_s = compiled_step(cfg, meta, batch)
+            compiled, model, _, compile_s = models.compiled_step(cfg, meta, batch)
             variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
             tx, _ = models.make_optimizer(variables["params"], cfg, steps_per_epoch=100)
             state = models.new_state(variables["params"], variables.get("batch_stats", {}), tx)
@@ -239,13 +226,11 @@ def bench_train(recipes, repeats, variants=VARIANTS):
 
 
 def step_memory(argv, meta):
-    """XLA's compiled memory estimate of one training step (abstract shapes: nothing is allocated)."""
-    cfg = config.parse_args(argv)
-    batch = jax.eval_shape(lambda: models.example_batch(meta, cfg.bsz))
-    compiled, _, _, compile_s = compiled_step(cfg, meta, batch)
-    mem = compiled.memory_analysis()
-    return dict(temp_GB=mem.temp_size_in_bytes / 1e9, argument_GB=mem.argument_size_in_bytes / 1e9,
-                output_GB=mem.output_size_in_bytes / 1e9, compile_s=compile_s)
+    """XLA's compiled memory estimate of one training step (abstract shapes: nothing is allocated), in GB: the
+    same estimate (models.step_memory) that train_ex.py checks before its first step."""
+    mem = models.step_memory(config.parse_args(argv), meta)
+    return dict(temp_GB=mem["temp"] / 1e9, argument_GB=mem["argument"] / 1e9, output_GB=mem["output"] / 1e9,
+                total_GB=mem["total"] / 1e9, compile_s=mem["compile_s"])
 
 
 def s5_recipes() -> dict:

@@ -169,6 +169,12 @@ def _run_options(p):
     g.add_argument("--max_steps", type=int, default=None, help="stop (resumably) after this many steps")
     g.add_argument("--ckpt_every_min", type=float, default=30.0, help="also write ckpt_latest inside an epoch every "
                    "this many minutes (0: only at epoch ends), so a killed job loses at most about that much")
+    g.add_argument("--lock_wait", type=float, default=None, help="seconds to wait for a run directory that another "
+                   "process holds (its run.lock) before exiting with code 6 (default: 0, at once; 300 in a requeued "
+                   "SLURM job, SLURM_RESTART_COUNT > 0, whose predecessor may still be saving)")
+    g.add_argument("--check_memory", action=Flag, default=True, help="before the first step, compare XLA's estimate "
+                   "of a training step with the device's free memory and exit with code 5 when it does not fit, "
+                   "naming the largest --bsz that does (default: on)")
     g.add_argument("--distributed", action="store_true", help="several processes (hosts) with jax.distributed: "
                    "alone under SLURM / Open MPI (peers found from the environment), elsewhere with the next three")
     g.add_argument("--coordinator", default=None, help="--distributed: HOST:PORT of process 0")
@@ -201,7 +207,8 @@ def _logging_options(p):
 
 # options that may differ from the run's own when it is resumed: how long it goes on, where its data and
 # processes are, how it logs; every other option given with --resume must equal the run directory's
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "early_stop_patience", "ckpt_every_min", "dir_name", "run_dir", "resume",
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "early_stop_patience", "ckpt_every_min", "lock_wait", "check_memory",
+                     "dir_name", "run_dir", "resume",
                      "eval_only", "distributed", "coordinator", "num_processes", "process_id", "use_wandb",
                      "wandb_project", "wandb_entity", "wandb_run_name", "log_every", "sample_every", "n_samples",
                      "sample_prefix", "temperature")
@@ -357,6 +364,8 @@ def _check_run(args, error):
         error(f"--process_id must be in 0..{args.num_processes - 1}, got {args.process_id}")
     if args.distributed and not args.run_dir and not args.eval_only:
         error("--distributed needs --run_dir (every process must name the same run)")
+    if args.lock_wait is not None and not 0 <= args.lock_wait < float("inf"):
+        error(f"--lock_wait must be a number of seconds >= 0, got {args.lock_wait}")
     if args.ckpt_every_min < 0:
         error(f"--ckpt_every_min must be >= 0, got {args.ckpt_every_min}")
 

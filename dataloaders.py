@@ -40,6 +40,8 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,8 +290,50 @@ class _InProcess:
         return map(fn, items)
 
 
+class _Workers:
+    """The part of multiprocessing.Pool used here (imap, in order) over spawned processes (no fork: JAX may run
+    threads), failing instead of hanging: concurrent.futures reports a worker that dies (BrokenProcessPool) where
+    Pool starts a new one, forever. A spawned worker imports the caller's main script again; when that script
+    calls dataloaders at its top level (no `if __name__ == "__main__":` guard), or a worker crashes on import,
+    every worker dies at start-up. Then the pool is given up with a warning that says what to add, and the rest
+    of the work is done in this process."""
+
+    def __init__(self, workers: int):
+        self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        self.broken = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.executor.shutdown(wait=not self.broken, cancel_futures=True)
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        items, done = list(items), 0
+        if not self.broken:
+            try:
+                for result in self.executor.map(fn, items, chunksize=chunksize):
+                    yield result
+                    done += 1
+                return
+            except BrokenProcessPool:
+                self.broken = True
+                when = "at start-up, before returning anything" if done == 0 else f"after {done} results"
+                print(f"warning: dataloaders' worker processes died {when}. A spawned worker imports the script "
+                      f"that started it again (here {_main_script()}): if that script calls dataloaders at its top "
+                      f"level, put that code under `if __name__ == \"__main__\":` (or pass workers=1). Loading in "
+                      f"this process instead (slower).", file=sys.stderr, flush=True)
+        yield from map(fn, items[done:])
+
+
+def _main_script() -> str:
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None) or "the interactive session"
+
+
 def _pool(workers: int):
-    return _InProcess() if workers <= 1 else mp.get_context("spawn").Pool(workers)  # no fork: JAX may run threads
+    return _InProcess() if workers <= 1 else _Workers(workers)
 
 
 def _smallest_int(vocab_size: int):

@@ -18,7 +18,8 @@ Reads RUN_DIR's checkpoint and config, rebuilds the model without the data, and 
                     difference is the time variation
   curves.png        loss and accuracy per epoch (train/val/test) from results.json; for aux/extend runs also the
                     guard's activity per epoch and layer (rows scaled, median scale)
-  inspect.json      the numbers behind every picture
+  inspect.json      the numbers behind every picture (--memory: also XLA's estimate of one training step at the
+                    run's --bsz, models.step_memory, the estimate train_ex.py checks before its first step)
 
 Everything is computed for the layer as the model runs it (stability guard included), one sequence at a time.
 """
@@ -353,8 +354,9 @@ def plot_curves(path, epochs):
 # --------------------------------------------------------------------------------------------------
 
 
-def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None) -> dict:
-    """Write the pictures and inspect.json; return the report (the same numbers)."""
+def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None, memory: bool = False) -> dict:
+    """Write the pictures and inspect.json; return the report (the same numbers). `memory`: add XLA's estimate of
+    one training step at the run's --bsz (bytes; compiled on shapes, nothing allocated)."""
 
     cfg, meta, params = load_run(run_dir, kind)
     L, H = meta["seq_len"], cfg.d_model
@@ -421,6 +423,10 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
         } for name, e in eigs.items()},
         "epochs": epochs,
     }
+    if memory:
+        est = models.step_memory(cfg, meta)
+        report["memory"] = {"bsz": cfg.bsz, "platform": jax.devices()[0].platform,
+                            **{k: v for k, v in est.items() if k != "compile_s"}}
     (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -430,17 +436,23 @@ def main(argv=None):
     p.add_argument("run_dir", help="a run directory written by train_ex.py")
     p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
     p.add_argument("--t0", default=None, help="impulse times, comma-separated (default 0, L/4, L/2)")
+    p.add_argument("--memory", action="store_true", help="also XLA's estimate of one training step at the run's "
+                   "--bsz on this backend, in inspect.json (default: off; it compiles the step)")
     args = p.parse_args(argv)
     try:
         t0s = [int(t) for t in args.t0.split(",")] if args.t0 else None
     except ValueError:
         p.error(f"--t0 takes integers separated by commas, got {args.t0!r}")
     try:
-        report = inspect(Path(args.run_dir), args.checkpoint, t0s)
+        report = inspect(Path(args.run_dir), args.checkpoint, t0s, memory=args.memory)
     except InspectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(report['pictures'])} and inspect.json into {Path(args.run_dir) / 'inspect'}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"memory: XLA estimates {utils.gigabytes(m['total'])} per device for one training step at --bsz "
+              f"{m['bsz']} on {m['platform']} (temporaries {utils.gigabytes(m['temp'])})")
     return 0
 
 

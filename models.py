@@ -472,9 +472,14 @@ def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
     return batch
 
 
+def init_keys(cfg):
+    """(the key that initialises the parameters, the dropout key), both from cfg.jax_seed."""
+    return jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+
+
 def init_variables(cfg, model, batch):
     """(the model's initial variables, the dropout key), both from cfg.jax_seed; only the batch's shapes matter."""
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(cfg.jax_seed))
+    init_key, dropout_key = init_keys(cfg)
     init = jax.jit(lambda k, b: model.init({"params": k, "dropout": k}, b, training=False))
     return init(init_key, batch), dropout_key
 
@@ -628,6 +633,77 @@ def make_steps(model, tx, dropout_key, task: str = "classification"):
         return jnp.array([loss * n, correct, n])
 
     return train_step, eval_step
+
+
+# ==================================================================================================
+# Memory: XLA's estimate of a training step (train_ex.py checks it before the first step; bench.py reports it)
+# ==================================================================================================
+
+
+def memory_estimate(compiled) -> dict:
+    """XLA's estimate of the bytes one call of a compiled step needs per device (compiled.memory_analysis()):
+    arguments, outputs not aliased to donated arguments, temporaries and code. → {argument, output, alias,
+    temp, code, total} in bytes."""
+    m = compiled.memory_analysis()
+    get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
+    out = dict(argument=get("argument_size_in_bytes"), output=get("output_size_in_bytes"),
+               alias=get("alias_size_in_bytes"), temp=get("temp_size_in_bytes"),
+               code=get("generated_code_size_in_bytes"))
+    out["total"] = out["argument"] + max(out["output"] - out["alias"], 0) + out["temp"] + out["code"]
+    return out
+
+
+def abstract_batch(batch: dict, bsz: int, sharding=None) -> dict:
+    """jax.ShapeDtypeStruct leaves with `batch`'s shapes and dtypes (as JAX stores them) at `bsz` rows."""
+    return {k: jax.ShapeDtypeStruct((bsz, *np.shape(v)[1:]), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype),
+                                    sharding=sharding) for k, v in batch.items()}
+
+
+def abstract_state(model, batch, tx, sharding=None):
+    """The training state's shapes for a model, a batch (arrays or ShapeDtypeStructs) and an optimiser, without
+    allocating anything."""
+    key = jax.random.PRNGKey(0)
+    variables = jax.eval_shape(lambda b: model.init({"params": key, "dropout": key}, b, training=False), batch)
+    state = jax.eval_shape(lambda v: new_state(v["params"], v.get("batch_stats", {}), tx), variables)
+    if sharding is None:
+        return state
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def compiled_step(cfg, meta, batch):
+    """(the training step lowered and compiled for `batch`'s shapes, its model, its abstract state, compile
+    seconds). `batch` may hold jax.ShapeDtypeStruct leaves: nothing is allocated."""
+    model = build_model(cfg, meta)
+    variables = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)
+    tx, _ = make_optimizer(variables["params"], cfg, steps_per_epoch=100)
+    state = abstract_state(model, batch, tx)
+    train_step, _ = make_steps(model, tx, jax.random.PRNGKey(1), meta.get("task") or "classification")
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, 0).compile()
+    return compiled, model, state, time.perf_counter() - t0
+
+
+def step_memory(cfg, meta, bsz: int | None = None) -> dict:
+    """XLA's estimate (memory_estimate, bytes) of one training step of `cfg`'s model on full-length batches of
+    `bsz` (default cfg.bsz) sequences of a dataset's shapes (`meta`), compiled on abstract shapes; with the
+    compile time ("compile_s")."""
+    batch = jax.eval_shape(lambda: example_batch(meta, cfg.bsz if bsz is None else bsz))
+    compiled, _, _, compile_s = compiled_step(cfg, meta, batch)
+    return dict(memory_estimate(compiled), compile_s=compile_s)
+
+
+def largest_fitting_batch(points, available: int, multiple: int = 1) -> int | None:
+    """The largest batch size (a multiple of `multiple`) whose estimate fits in `available` bytes, from the line
+    through two (batch size, estimated bytes) points; None when none fits (the part that does not grow with the
+    batch alone is too large) or the estimate does not grow with the batch."""
+    (b1, e1), (b2, e2) = points
+    if b1 == b2 or e1 == e2:
+        return None
+    slope = (e1 - e2) / (b1 - b2)
+    if slope <= 0:
+        return None
+    best = int((available - (e1 - slope * b1)) // slope) // multiple * multiple
+    return best if best >= multiple else None
 
 
 def load_weights(path, cfg, params, batch_stats):

@@ -42,10 +42,17 @@ behaviour pass EXTRA="--no-mask_padding --no-buckets". Held-out splits are the r
 Each run writes OUT_ROOT/<group>/<setting>/seed<k>/ (results.json, checkpoints, train.log, series_run.json).
 A run whose results.json says "finished" is skipped; one left "running"/"interrupted" with a checkpoint is
 continued with --resume; any other is (re)started from scratch. A failed run is logged (train.log keeps every
-attempt) and the series goes on. At the end summarize.py writes OUT_ROOT/summary.{md,csv}, runs.csv and PNG
-plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
+attempt) and the series goes on; a run that does not fit in memory (train_ex.py exit 5, checked before its first
+step) is recorded as "does not fit", not as a crash. At the end summarize.py writes OUT_ROOT/summary.{md,csv},
+runs.csv and PNG plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
 interrupted: Ctrl-C (130) or SIGTERM (143), to the series or to one of its runs; every running run then saves
 ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, README.)
+
+One writer per run: each run's directory is locked (run.lock, flock) from before its state is read until the run
+ends. A run whose directory another process holds (another series on the same OUT_ROOT, a train_ex.py started by
+hand) is "running elsewhere": skipped, nothing in it touched; once its own runs are done the series waits for
+those and counts them, so two series started on one OUT_ROOT share its runs, each trained once, and print the
+same summary.
 
 Several runs at once (LAUNCHER=local): DEVICES="0 1 2 3" runs one run per device, each seeing only its device
 (CUDA_VISIBLE_DEVICES); PARALLEL=N runs N at once (CPU). The console shows each run as it starts and one line as
@@ -91,6 +98,8 @@ Variables (default in brackets):
   MAX_REQUEUES  slurm: requeues of an interrupted task before it is left interrupted [3]
   SIGNAL_SECS   slurm: seconds before the time limit at which the run is told to save and stop [120]
   WAIT          slurm: 1: wait for the summary job, print summary.md, exit like a local series [0]
+  LOCK_WAIT     seconds to wait for a run directory another process holds before skipping it as running
+                elsewhere [0; 300 in a requeued SLURM task, SLURM_RESTART_COUNT > 0]
 Each run logs to wandb with group SERIES (WANDB_RUN_GROUP), job type = its group (WANDB_JOB_TYPE) and name
 SERIES/<group>/<setting>/seed<k>.
 EOF
@@ -163,6 +172,7 @@ TASKS_PER_RUN="${TASKS_PER_RUN:-1}"
 MAX_REQUEUES="${MAX_REQUEUES:-3}"
 SIGNAL_SECS="${SIGNAL_SECS:-120}"
 WAIT="${WAIT:-0}"
+LOCK_WAIT="${LOCK_WAIT:-}"; LOCK_WAIT_GIVEN=$LOCK_WAIT
 [[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "LAUNCHER must be local or slurm, got '$LAUNCHER'"
 read -r -a DEVICE_LIST <<<"$DEVICES"
 if [[ ${#DEVICE_LIST[@]} -gt 0 ]]; then
@@ -179,6 +189,10 @@ PARALLEL="${PARALLEL:-1}"
 [[ "$MAX_REQUEUES" =~ ^[0-9]+$ ]] || die "MAX_REQUEUES must be a non-negative integer, got '$MAX_REQUEUES'"
 [[ "$SIGNAL_SECS" =~ ^[0-9]+$ ]] || die "SIGNAL_SECS must be a non-negative integer, got '$SIGNAL_SECS'"
 [[ "$WAIT" == 0 || "$WAIT" == 1 ]] || die "WAIT must be 0 or 1, got '$WAIT'"
+[[ -z "$LOCK_WAIT" || "$LOCK_WAIT" =~ ^[0-9]+$ ]] || die "LOCK_WAIT must be a non-negative integer, got '$LOCK_WAIT'"
+if [[ -z "$LOCK_WAIT" ]]; then  # a requeued SLURM task: its predecessor may still be saving on another node
+  if [[ "${SLURM_RESTART_COUNT:-0}" =~ ^[0-9]+$ && "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then LOCK_WAIT=300; else LOCK_WAIT=0; fi
+fi
 if [[ "$LAUNCHER" == slurm && -z "${_SERIES_TASK:-}" ]]; then
   command -v sbatch >/dev/null 2>&1 || die "LAUNCHER=slurm: no sbatch on PATH (run this on a SLURM login node)"
 fi
@@ -230,8 +244,12 @@ PY
   die "train_ex.py rejects DATASET/EXTRA ('$DATASET' / '$EXTRA'):"$'\n'"$(echo "$err" | tail -n 2)"
 fi
 # the exit codes of a run stopped by a signal, resumable (utils.INTERRUPTED_CODES: the one table of exit codes)
-INTERRUPTED_CODES=" $("$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); import utils
-print(*sorted(utils.INTERRUPTED_CODES))" "$HERE") " || die "PYTHON: cannot import utils.py from $HERE"
+# and those of a run that does not fit in memory and of a run directory another process holds
+CODES="$("$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); import utils
+print(*sorted(utils.INTERRUPTED_CODES)); print(utils.DOES_NOT_FIT, utils.LOCKED)" "$HERE")" \
+  || die "PYTHON: cannot import utils.py from $HERE"
+INTERRUPTED_CODES=" $(head -n 1 <<<"$CODES") "
+read -r NOFIT_CODE LOCKED_CODE <<<"$(tail -n 1 <<<"$CODES")"
 
 # ---------------------------------------------------------------------------------------------------------------
 # the series: group|setting|flags, in order
@@ -349,13 +367,60 @@ build_args() {
   return 0
 }
 
+# The run directory's lock: run.lock, the flock that train_ex.py takes (utils.RunLock). This shell takes it before
+# it reads the run's state and holds it until the run has ended; its train_ex.py inherits the descriptor (so the
+# lock outlives this shell if only the shell is killed) and is told through RUN_LOCK_TOKEN that the lock is its
+# own. lock_run DIR WAIT: 0 when this shell holds it (or the file system has no locks: a warning), 1 when another
+# process holds it (HOLDER names it) after waiting up to WAIT seconds (-1: until it is free, or a signal).
+LOCK_FD=""; LOCK_TOKEN=""; HOLDER=""
+holder_of() {
+  "$PYTHON" - "$1/run.lock" <<'PY' 2>/dev/null || echo "a process that has not yet written its name"
+import json, sys
+try:
+    i = json.load(open(sys.argv[1]))
+except Exception:
+    i = {}
+print(f"pid {i.get('pid', '?')} on host {i.get('host', '?')}, started {i.get('started', '?')}"
+      + (f" ({i['by']})" if i.get("by") else "") if i else "a process that has not yet written its name")
+PY
+}
+lock_run() {
+  local dir=$1 wait=$2 t0=$SECONDS rc said=""
+  LOCK_TOKEN=""
+  exec {LOCK_FD}<>"$dir/run.lock"
+  while :; do
+    flock -n -E 75 "$LOCK_FD" 2>/dev/null && rc=0 || rc=$?
+    [[ $rc == 0 ]] && break
+    if [[ $rc != 75 ]]; then
+      echo "warning: $dir cannot be locked (flock exit $rc: no lock support on its file system?): run without the one-writer guard" >&2
+      return 0
+    fi
+    HOLDER="$(holder_of "$dir")"
+    if [[ -n "$STOPPING" ]] || [[ "$wait" -ge 0 && $((SECONDS - t0)) -ge "$wait" ]]; then
+      exec {LOCK_FD}>&-; LOCK_FD=""; return 1
+    fi
+    if [[ -z "$said" ]]; then
+      echo "$dir: waiting$([[ "$wait" -ge 0 ]] && echo " up to ${wait}s") for $HOLDER to end"; said=1
+    fi
+    sleep 1
+  done
+  LOCK_TOKEN="series-$BASHPID-$RANDOM$RANDOM$RANDOM"
+  # written by a child process (tee): on NFS, flock is a POSIX lock, which any close of the file by this
+  # process itself would drop
+  printf '{"host": %s, "pid": %s, "started": %s, "by": "run_train_ex.sh", "token": %s}\n' "$(json_str "$(hostname)")" \
+    "$BASHPID" "$(json_str "$(date '+%Y-%m-%d %H:%M:%S %z')")" "$(json_str "$LOCK_TOKEN")" | tee "$dir/run.lock" >/dev/null
+  return 0
+}
+
 # forward a signal to the training process of this shell (CHILD), or remember it when none is running yet
 CHILD=""; STOPPING=""
 forward() { STOPPING=${STOPPING:-$1}; if [[ -n "$CHILD" ]]; then kill -s "$1" "$CHILD" 2>/dev/null || true; fi; }
 
 # One attempt at one run: TAG order g setting seed [launcher words...], with ARGS set by build_args. Prints a line
 # as it starts and one as it ends (the run's own output goes to its train.log), writes series_run.json. Sets
-# OUTCOME (trained, stopped, skipped, failed, interrupted), RC (train_ex.py's exit code) and CMD (its command).
+# OUTCOME (trained, stopped, skipped, failed, interrupted, nofit, elsewhere: another process holds the run
+# directory, nothing touched), RC (train_ex.py's exit code) and CMD (its command). The run directory's lock is
+# taken first (waiting up to LOCK_WAIT_NOW, else LOCK_WAIT seconds) and held until the shell exits.
 run_one() {
   local tag=$1 order=$2 g=$3 setting=$4 seed=$5
   local launch=("${@:6}")
@@ -364,6 +429,9 @@ run_one() {
   local head="$tag ${GROUP_NAMES[$g]} $setting seed $seed → $dir"
   mkdir -p "$dir"
   RC=0
+  if ! lock_run "$dir" "${LOCK_WAIT_NOW:-$LOCK_WAIT}"; then
+    echo "$head: running elsewhere (held by $HOLDER), skipped"; OUTCOME=elsewhere; return 0
+  fi
   read -r status _ _ < <(run_info "$dir")
   if [[ "$status" == finished ]]; then
     grep -q '"status": "finished"' "$dir/series_run.json" 2>/dev/null \
@@ -397,7 +465,7 @@ run_one() {
   write_meta "$dir" "$order" "$g" "$setting" "$seed" running null "" "$cmd"
   echo "=== $(date '+%Y-%m-%d %H:%M:%S') attempt ($mode): $cmd" >>"$dir/train.log"
   local t0=$SECONDS
-  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${GROUP_NAMES[$g]}" \
+  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${GROUP_NAMES[$g]}" RUN_LOCK_TOKEN="$LOCK_TOKEN" \
     "${launch[@]}" "$PYTHON" "$TRAIN" "${args[@]}" >>"$dir/train.log" 2>&1 </dev/null &
   CHILD=$!
   [[ -n "$STOPPING" ]] && kill -s "$STOPPING" "$CHILD" 2>/dev/null
@@ -417,6 +485,16 @@ run_one() {
   elif [[ $RC == 0 && "$status" == finished ]]; then
     write_meta "$dir" "$order" "$g" "$setting" "$seed" finished 0 "" "$cmd"
     echo "$tag $id: finished in ${dt}s: best val $bval, test at best val $btest"; OUTCOME=trained
+  elif [[ $RC == "$NOFIT_CODE" ]]; then  # XLA's estimate exceeds the device's memory: not a crash
+    local msg
+    msg="$(grep -a 'does not fit' "$dir/train.log" | tail -n 1 | cut -c 1-600)"
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" "does not fit" "$RC" "${msg//|//}" "$cmd"
+    echo "$tag $id: DOES NOT FIT in memory (exit $RC) after ${dt}s; log: $dir/train.log"
+    echo "      | $msg"
+    OUTCOME=nofit
+  elif [[ $RC == "$LOCKED_CODE" ]]; then  # another process took the directory (a file system without locks?)
+    write_meta "$dir" "$order" "$g" "$setting" "$seed" "running elsewhere" "$RC" "$(tail -n 1 "$dir/train.log")" "$cmd"
+    echo "$tag $id: running elsewhere (exit $RC), skipped"; OUTCOME=elsewhere
   elif [[ $RC == 0 ]]; then  # e.g. --max_steps in EXTRA: stopped resumably
     write_meta "$dir" "$order" "$g" "$setting" "$seed" "${status/none/interrupted}" 0 "stopped before the last epoch" "$cmd"
     echo "$tag $id: stopped after ${dt}s with status '$status' (resumed on the next invocation)"; OUTCOME=stopped
@@ -514,6 +592,9 @@ esac
 # ---------------------------------------------------------------------------------------------------------------
 # data for SMOKE and STUDY=cpu
 # ---------------------------------------------------------------------------------------------------------------
+# (one series at a time: another started on the same OUT_ROOT waits here, then finds the data made)
+exec {DATA_LOCK}<>"$OUT_ROOT/.data.lock"
+flock "$DATA_LOCK" 2>/dev/null || true
 if [[ "$SMOKE_DATA" == 1 && ! -f "$DATA/listops_generated/basic_test.tsv" && ! -d "$DATA/lra_release/listops-1000" ]]; then
   echo "SMOKE: generating a tiny ListOps set in $DATA/listops_generated"
   rm -rf "$DATA/listops_generated.tmp"
@@ -529,6 +610,7 @@ if [[ -n "$STUDY" && " ${GROUP_ARGS[*]} " == *" 5 "* ]] && ! compgen -G "$DATA/M
   "$PYTHON" "$HERE/dataloaders.py" split-mnist --source "$MNIST_SOURCE" --out "$DATA" --n_test 2000 \
     >"$OUT_ROOT/split_mnist.log" 2>&1 || die "could not make the psMNIST data: $(tail -n 1 "$OUT_ROOT/split_mnist.log")"
 fi
+exec {DATA_LOCK}>&-
 
 if [[ -n "$STUDY" ]]; then
   echo "study '$STUDY' ($SERIES): $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; ${EPOCHS:-per-task} epochs) → $OUT_ROOT"
@@ -593,6 +675,7 @@ if [[ "$LAUNCHER" == slurm ]]; then
 #!/usr/bin/env bash
 # A task of the series in $OUT_ROOT (run_train_ex.sh --help): its line of plan.tsv, requeued when interrupted.
 $(for v in OUT_ROOT PYTHON TRAIN SERIES MAX_REQUEUES TASKS_PER_RUN RETRY_FAILED USE_WANDB LAUNCHER; do printf 'export %s=%q\n' "$v" "${!v}"; done)
+export LOCK_WAIT=$(printf '%q' "$LOCK_WAIT_GIVEN")
 export _SERIES_PLAN=$(printf '%q' "$PLAN")
 exec bash $(printf '%q' "$HERE/run_train_ex.sh")
 EOF
@@ -643,7 +726,7 @@ fi
 declare -A RUN_OF=() SLOT_OF=()
 STATE=(); for ((i = 0; i < N; i++)); do STATE[i]=pending; done
 FREE=(); for ((s = 0; s < PARALLEL; s++)); do FREE+=("$s"); done
-STOP=""; n_done=0; n_skipped=0; n_failed=0; n_stopped=0; STOP_RC=0
+STOP=""; n_done=0; n_skipped=0; n_failed=0; n_stopped=0; n_elsewhere=0; n_nofit=0; STOP_RC=0; AWAIT=()
 stop_all() {  # a signal to the series, or a run stopped by one: stop starting runs, pass it to the running ones
   STOP=${STOP:-$1}
   local pid
@@ -670,31 +753,43 @@ start_run() {  # i slot
   (
     trap 'forward TERM' TERM
     trap 'forward INT' INT
+    if [[ -n "${AWAIT[$i]:-}" ]]; then LOCK_WAIT_NOW=-1; RETRY_FAILED=0; fi  # ran elsewhere: wait for its end
     [[ ${#DEVICE_LIST[@]} -gt 0 ]] && export CUDA_VISIBLE_DEVICES="${DEVICE_LIST[$slot]}"
     run_one "[$((i + 1))/$N]" "${R_ORDER[$i]}" "${R_GROUP[$i]}" "${R_SETTING[$i]}" "${R_SEED[$i]}"
     case "$OUTCOME" in
-      trained) exit 0 ;; skipped) exit 10 ;; failed) exit 11 ;; stopped) exit 12 ;; *) exit "$RC" ;;
+      trained) exit 0 ;; skipped) exit 10 ;; failed) exit 11 ;; stopped) exit 12 ;; elsewhere) exit 13 ;;
+      nofit) exit 14 ;; *) exit "$RC" ;;
     esac
   ) &
   RUN_OF[$!]=$i; SLOT_OF[$!]=$slot; STATE[i]=running
 }
 
+# a run another process holds (another series on the same OUT_ROOT) is skipped at first; once every other run
+# has ended, the series waits for those (their lock) and counts their outcome, so that its summary is complete
 while :; do
-  while [[ -z "$STOP" && ${#RUN_OF[@]} -lt $PARALLEL ]]; do
-    i="$(next_ready)" || break
-    start_run "$i" "${FREE[0]}"; FREE=("${FREE[@]:1}")
+  while :; do
+    while [[ -z "$STOP" && ${#RUN_OF[@]} -lt $PARALLEL ]]; do
+      i="$(next_ready)" || break
+      start_run "$i" "${FREE[0]}"; FREE=("${FREE[@]:1}")
+    done
+    [[ ${#RUN_OF[@]} -gt 0 ]] || break
+    DONE=""
+    wait -n -p DONE "${!RUN_OF[@]}" && rc=0 || rc=$?
+    [[ -n "${DONE:-}" ]] || continue  # a signal to the series: its trap has passed it on
+    i=${RUN_OF[$DONE]}; FREE+=("${SLOT_OF[$DONE]}"); unset "RUN_OF[$DONE]" "SLOT_OF[$DONE]"; STATE[i]=done
+    case $rc in
+      0) n_done=$((n_done + 1)) ;; 11) n_failed=$((n_failed + 1)) ;; 12) n_stopped=$((n_stopped + 1)) ;;
+      10) if [[ -n "${AWAIT[$i]:-}" ]]; then n_elsewhere=$((n_elsewhere + 1)); else n_skipped=$((n_skipped + 1)); fi ;;
+      13) STATE[i]=elsewhere ;; 14) n_nofit=$((n_nofit + 1)) ;;
+      *) if [[ $STOP_RC == 0 ]]; then STOP_RC=$rc; fi  # a run stopped by a signal: the series stops like on Ctrl-C
+         if [[ $rc == 130 ]]; then stop_all INT; else stop_all TERM; fi ;;
+    esac
   done
-  [[ ${#RUN_OF[@]} -gt 0 ]] || break
-  DONE=""
-  wait -n -p DONE "${!RUN_OF[@]}" && rc=0 || rc=$?
-  [[ -n "${DONE:-}" ]] || continue  # a signal to the series: its trap has passed it on
-  i=${RUN_OF[$DONE]}; FREE+=("${SLOT_OF[$DONE]}"); unset "RUN_OF[$DONE]" "SLOT_OF[$DONE]"; STATE[i]=done
-  case $rc in
-    0) n_done=$((n_done + 1)) ;; 10) n_skipped=$((n_skipped + 1)) ;; 11) n_failed=$((n_failed + 1)) ;;
-    12) n_stopped=$((n_stopped + 1)) ;;
-    *) if [[ $STOP_RC == 0 ]]; then STOP_RC=$rc; fi  # a run stopped by a signal: the series stops like on Ctrl-C
-       if [[ $rc == 130 ]]; then stop_all INT; else stop_all TERM; fi ;;
-  esac
+  [[ -z "$STOP" ]] || break
+  elsewhere=(); for ((i = 0; i < N; i++)); do [[ "${STATE[$i]}" == elsewhere ]] && elsewhere+=("$i"); done
+  [[ ${#elsewhere[@]} -gt 0 ]] || break
+  echo "waiting for ${#elsewhere[@]} run(s) that another process is training, to summarise them too"
+  for i in "${elsewhere[@]}"; do STATE[i]=pending; AWAIT[i]=1; done
 done
 
 if [[ -n "$STOP" ]]; then
@@ -702,6 +797,6 @@ if [[ -n "$STOP" ]]; then
   echo "series '$SERIES' interrupted (exit $STOP_RC): the running runs saved ckpt_latest; run this script again to continue them and the $left not started" >&2
   exit "$STOP_RC"
 fi
-echo "series '$SERIES': $n_done run(s) trained, $n_skipped skipped (finished before), $n_failed failed, of $N"
+echo "series '$SERIES': $n_done run(s) trained, $n_skipped skipped (finished before),$( ((n_elsewhere)) && echo " $n_elsewhere trained elsewhere (another process),") $n_failed failed,$( ((n_nofit)) && echo " $n_nofit did not fit in memory,") of $N"
 summarize_and_print
 exit 0

@@ -124,6 +124,8 @@ def load_run(root: Path, d: Path) -> dict:
             status = "failed"  # the process died without writing its final status
         elif status in PARTIAL and utils.exit_status(code) == "interrupted":
             status = "interrupted"  # stopped by a signal (utils.INTERRUPTED_CODES): resumable
+        elif status in PARTIAL and utils.exit_status(code) == "does not fit":
+            status = "does not fit"  # a resumed run whose step no longer fits the device (utils.DOES_NOT_FIT)
     elif meta:
         status = "failed" if crashed else (meta.get("status") or "unknown")
     else:

@@ -10,6 +10,7 @@ import pytest
 
 import dataloaders
 import train_ex
+import utils
 from test_train import EVERY_TYPE, HERE, SUBPROCESS_ENV, TINY, mnist_args, results
 
 pytestmark = pytest.mark.xdist_group("cluster")  # its module fixtures are built once, on one worker
@@ -181,7 +182,8 @@ def test_two_processes_equal_one_process_and_stop_together(mnist_root, tmp_path)
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     files = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert files == ["ckpt_best.json", "ckpt_best.msgpack", "ckpt_latest.json", "ckpt_latest.msgpack",
-                     "results.json"], files  # one set, from process 0 only
+                     "results.json", "run.lock"], files  # one set, from process 0 only (it alone holds the lock)
+    assert utils.read_lock_holder(tmp_path / "two")["pid"] == two_procs[0].pid
     assert "epoch   1 |" in outs[0] and "epoch   1 |" not in outs[1]  # the console summary: process 0
     # SIGTERM to process 1 alone, once it is training: both stop at the same step, and process 0 saves it
     port = free_port()

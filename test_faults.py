@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import models
 import summarize
 import train_ex
 import utils
@@ -103,3 +104,173 @@ def test_summarize_lists_and_counts_a_truncated_results_json(tmp_path, capsys):
     assert "**1 results.json cannot be read**" in md and "`g/s5/seed1/results.json`" in md
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| g/s5/")}
     assert "unreadable" in rows["g/s5/seed1"] and "finished" in rows["g/s5/seed0"]
+
+
+# --------------------------------------------------------------------------------------------------
+# one writer per run directory (run.lock), memory checked before the first step, workers that die
+# --------------------------------------------------------------------------------------------------
+
+
+def start_training(argv):
+    return subprocess.Popen([sys.executable, str(HERE / "train_ex.py"), *argv], env={**os.environ, **SUBPROCESS_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_holder(run, proc, timeout=120):
+    """Wait until `proc` holds run/run.lock (its pid written there after taking the lock)."""
+    end = time.monotonic() + timeout
+    while utils.read_lock_holder(run).get("pid") != proc.pid:
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+        time.sleep(0.05)
+
+
+def snapshot(folder):
+    """Every file under `folder`: its bytes and mtime; and the folder's own mtime."""
+    files = {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    return files, folder.stat().st_mtime_ns
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_run_dir_exits_6_naming_the_first_and_the_first_finishes_as_alone(mnist_root,
+                                                                                                  tmp_path):
+    import signal
+    import socket
+
+    args = lambda d: mnist_args(mnist_root, tmp_path / d, "--epochs", "2")  # noqa: E731
+    run = tmp_path / "shared"
+    first = start_training(args("shared"))
+    wait_for_holder(run, first)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen while holding the lock: nothing in the folder changes meanwhile
+    try:
+        before = snapshot(run)
+        t0 = time.perf_counter()
+        second = subprocess.run([sys.executable, str(HERE / "train_ex.py"), *args("shared")],
+                                env={**os.environ, **SUBPROCESS_ENV}, capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - t0
+        after = snapshot(run)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == utils.LOCKED == 6, second.stderr[-2000:]
+    assert f"pid {first.pid} on host {socket.gethostname()}, started " in second.stderr, second.stderr
+    assert "in use" in second.stderr and "Traceback" not in second.stderr
+    assert took < 30, took  # at once: the process's start-up, no data read, nothing compiled
+    assert after == before
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+
+    assert train_ex.main(args("alone")) == 0  # the same run with the directory to itself
+    shared, alone = results(run), results(tmp_path / "alone")
+    assert shared["status"] == alone["status"] == "finished" and len(shared["epochs"]) == len(alone["epochs"]) == 2
+    for a, b in zip(alone["epochs"], shared["epochs"]):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_stale_lock(mnist_root, tmp_path):
+    import signal
+
+    run = tmp_path / "r"
+    proc = start_training(mnist_args(mnist_root, run, "--epochs", "50"))
+    wait_for_holder(run, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert utils.read_lock_holder(run)["pid"] == proc.pid  # its name is still in the file, its lock is not
+    t0 = time.perf_counter()
+    with utils.RunLock(run):  # at once, without waiting
+        assert time.perf_counter() - t0 < 1
+    assert train_ex.main(mnist_args(mnist_root, run, "--epochs", "1")) == 0
+    assert results(run)["status"] == "finished"
+
+
+def test_a_held_lock_is_waited_for_up_to_lock_wait(tmp_path):
+    """A requeued job whose predecessor still holds the directory: --lock_wait waits for it, then goes on; a
+    shorter wait gives up with exit 6 (RunError); the launcher's token makes a held lock the run's own."""
+    run = tmp_path / "r"
+    run.mkdir()
+    hold = ("import fcntl, json, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.truncate(0); f.write(json.dumps(dict(pid=os.getpid(), host='h', token='tok'))); f.flush(); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run / utils.LOCK_FILE), "3"], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(utils.RunError) as e:
+        utils.RunLock(run, wait_s=0.5)
+    assert e.value.code == 6 and f"pid {holder.pid} on host h" in str(e.value)
+    utils.RunLock(run, token="tok").release()  # held for it by its launcher
+    t0 = time.perf_counter()
+    with utils.RunLock(run, wait_s=60):
+        waited = time.perf_counter() - t0
+        assert holder.poll() is not None and utils.read_lock_holder(run)["pid"] == os.getpid()
+    assert 0.5 < waited < 30
+    assert utils.default_lock_wait({"SLURM_RESTART_COUNT": "1"}) == 300
+    assert utils.default_lock_wait({"SLURM_RESTART_COUNT": "0"}) == utils.default_lock_wait({}) == 0
+
+
+def test_largest_fitting_batch_from_two_estimates():
+    line = lambda b: 1000 + 30 * b  # noqa: E731
+    assert models.largest_fitting_batch([(400, line(400)), (200, line(200))], 7000, 1) == 200
+    assert models.largest_fitting_batch([(400, line(400)), (200, line(200))], 7000, 8) == 200
+    assert models.largest_fitting_batch([(400, line(400)), (200, line(200))], 6999, 8) == 192
+    assert models.largest_fitting_batch([(400, line(400)), (200, line(200))], 1000, 1) is None  # no batch fits
+    assert models.largest_fitting_batch([(400, 5000), (200, 5000)], 7000, 1) is None  # no slope
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_fit_exits_5_before_the_first_step_with_a_batch_size_that_fits(mnist_root, tmp_path):
+    import re
+
+    import config
+    import dataloaders
+
+    run = tmp_path / "big"
+    model = ["--d_model", "512", "--ssm_size_base", "512", "--n_layers", "1"]
+    argv = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--run_dir", str(run),
+            "--max_train_samples", "4000", "--max_eval_samples", "16", "--bsz", "4000", *model]
+    r = subprocess.run([sys.executable, str(HERE / "train_ex.py"), *argv], env={**os.environ, **SUBPROCESS_ENV},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == utils.DOES_NOT_FIT == 5, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "does not fit" in r.stderr
+    m = re.search(r"XLA estimates ([\d.]+) GB per device for one training step at --bsz 4000 .* has ([\d.]+) GB "
+                  r"free\. Nothing was trained; the largest --bsz that fits is about (\d+)", r.stderr)
+    assert m, r.stderr
+    estimate, free, best = float(m.group(1)), float(m.group(2)), int(m.group(3))
+    assert estimate > free and 0 < best < 4000
+    assert sorted(p.name for p in run.iterdir()) == [utils.LOCK_FILE]  # no step, no checkpoint, no results
+    # the suggestion against XLA's estimate, compiled here on its own: it fits, and twice that batch does not
+    cfg = config.parse_args(argv)
+    meta = dataloaders.model_meta("mnist-classification")
+    assert models.step_memory(cfg, meta, best)["total"] / 1e9 <= free + 0.01
+    assert models.step_memory(cfg, meta, 2 * best)["total"] / 1e9 > free
+
+
+NO_MAIN_GUARD = '''
+import hashlib, sys
+sys.path.insert(0, {here!r})
+import dataloaders
+
+ds = dataloaders.load("pathfinder-classification", {root!r}, workers=2)  # at the top level: no main guard
+print("loaded", len(ds.train), hashlib.sha256(ds.train.inputs.tobytes() + ds.train.labels.tobytes()).hexdigest())
+'''
+
+
+def test_a_script_without_main_guard_loading_with_workers_ends_with_the_data_and_says_what_to_add(tmp_path):
+    import hashlib
+
+    import dataloaders
+    from test_data import make_pathfinder
+
+    for copy in ("a", "b"):  # the same images twice: the script's and the reference's (no shared cache)
+        make_pathfinder(tmp_path / copy, n_per_file=10, n_files=3, empty=())
+    script = tmp_path / "notebook_style.py"
+    script.write_text(NO_MAIN_GUARD.format(here=str(HERE), root=str(tmp_path / "a")))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(script)], env={**os.environ, **SUBPROCESS_ENV}, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert time.perf_counter() - t0 < 60
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in r.stderr and str(script) in r.stderr
+    ref = dataloaders.load("pathfinder-classification", tmp_path / "b", workers=1).train  # in-process
+    digest = hashlib.sha256(ref.inputs.tobytes() + ref.labels.tobytes()).hexdigest()
+    assert f"loaded {len(ref)} {digest}" in r.stdout, r.stdout

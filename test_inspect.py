@@ -111,3 +111,15 @@ def test_extension_with_zero_E_is_time_invariant(runs, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert inspect_run.main([str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_memory_is_xla_estimate_of_the_runs_training_step(runs, capsys):
+    """--memory: the estimate train_ex.py checks before its first step (models.step_memory), at the run's --bsz;
+    its arguments hold at least the parameters and Adam's two moments (float32)."""
+    run = runs["s5"]
+    assert inspect_run.main([str(run), "--memory"]) == 0
+    assert "memory: XLA estimates" in capsys.readouterr().out
+    m = json.loads((run / "inspect" / "inspect.json").read_text())["memory"]
+    n_params = json.loads((run / "results.json").read_text())["n_params"]
+    assert m["bsz"] == 8 and m["argument"] >= 3 * 4 * n_params
+    assert m["total"] == m["argument"] + max(m["output"] - m["alias"], 0) + m["temp"] + m["code"] > m["argument"]

@@ -601,6 +601,9 @@ def test_readme_exit_codes_are_utils_table():
     assert utils.exit_code_table() in (HERE / "README.md").read_text()
     assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
     assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES
+    readme = (HERE / "README.md").read_text()
+    assert "| 5 | does not fit | does not fit: XLA's estimate" in readme and "| 6 | locked | locked: " in readme
+    assert utils.exit_status(utils.DOES_NOT_FIT) == "does not fit" and utils.exit_status(utils.LOCKED) == "locked"
 
 
 DEVICE_FAKE = r'''
@@ -638,3 +641,111 @@ def test_devices_give_each_running_run_its_own_device(tmp_path):
         else:
             del running[run]
     assert {e[2] for e in events[:2]} == {"0", "1"} and [e[0] for e in events[:2]] == ["start", "start"]
+
+
+SHARING = r'''
+import json, os, sys, time
+from pathlib import Path
+argv = sys.argv[1:]
+run_dir = Path(argv[argv.index("--run_dir") + 1])
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps([os.environ["FAKE_SERIES"], str(run_dir), os.environ.get("RUN_LOCK_TOKEN")]) + "\n")
+assert json.loads((run_dir / "run.lock").read_text())["token"] == os.environ["RUN_LOCK_TOKEN"]
+time.sleep(1.0)  # long enough for the other series to meet this run while it runs
+row = dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, test_loss=1.0, test_acc=0.4,
+           seconds=1.0, steps_per_s=2.0)
+(run_dir / "results.json").write_text(json.dumps(dict(
+    config={"epochs": 1, "jax_seed": 0}, epochs=[row], best=dict(epoch=1, val_acc=0.5, test_acc=0.4),
+    wall_time_s=1.0, steps_per_s=2.0, n_params=10, device="fake", status="finished")))
+'''
+
+
+def test_two_series_on_one_out_root_share_the_runs_each_trained_once(tmp_path):
+    env, calls = fake_env(tmp_path, SHARING, RUN_GROUPS="2 3", PARALLEL="1")
+    procs = {name: subprocess.Popen(["bash", str(SCRIPT)], env={**env, "FAKE_SERIES": name}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, cwd=HERE) for name in ("A", "B")}
+    outs = {name: p.communicate(timeout=240)[0] for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, outs[name]
+    runs = [json.loads(ln) for ln in calls.read_text().splitlines()]
+    dirs = [r[1] for r in runs]
+    out_root = tmp_path / "out"
+    expected = sorted(str(d.parent) for d in out_root.glob("g*/*/seed0/results.json"))
+    assert len(expected) == 7 and sorted(dirs) == expected  # every run trained, and only once
+    by = {name: sum(r[0] == name for r in runs) for name in ("A", "B")}
+    assert by["A"] > 0 and by["B"] > 0, by  # shared between them
+    for name, other in (("A", "B"), ("B", "A")):
+        out = outs[name]
+        assert f"{by[name]} run(s) trained, 0 skipped (finished before), {by[other]} trained elsewhere" in out, out
+        assert "running elsewhere (held by pid " in out
+    for d in expected:
+        log = (Path(d) / "train.log").read_text()
+        assert log.count("attempt (fresh)") == 1, log
+        assert json.loads((Path(d) / "series_run.json").read_text())["status"] == "finished"
+    summaries = {name: out[out.index("# Series summary"):] for name, out in outs.items()}
+    assert summaries["A"] == summaries["B"]
+    settings, rows = md_tables(summaries["A"])
+    assert len(rows) == 7 and all(r[2] == "finished" for r in rows)
+
+
+HOLDER = r'''
+import fcntl, json, os, sys, time
+from pathlib import Path
+held, other = Path(sys.argv[1]), Path(sys.argv[2])
+f = open(held / "run.lock", "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.truncate(0); f.write(json.dumps(dict(pid=os.getpid(), host="elsewhere", started="then"))); f.flush()
+before = sorted(os.listdir(held))
+print("held", flush=True)
+end = time.monotonic() + 120
+while not (other / "results.json").exists() and time.monotonic() < end:  # the series has passed the held run
+    time.sleep(0.05)
+time.sleep(1)
+print(json.dumps([before, sorted(os.listdir(held))]), flush=True)
+'''
+
+
+def test_a_run_held_by_another_process_is_skipped_untouched_then_waited_for(tmp_path):
+    """A run directory held by another process (here a stand-in that holds run.lock until the series has trained
+    the next run): skipped without a file touched, waited for at the end, then trained by the series (its holder
+    left it unfinished)."""
+    env, calls = fake_env(tmp_path, RUN_GROUPS="1")
+    held, other = tmp_path / "out/g1-aux/aux-off/seed0", tmp_path / "out/g1-aux/aux-on/seed0"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held), str(other)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    r, out = run_series(env, timeout=180)
+    before, during = json.loads(holder.stdout.readline())
+    holder.wait(timeout=30)
+    assert r.returncode == 0, out
+    assert before == during == ["run.lock"]  # nothing written beside the lock while it was held elsewhere
+    assert "aux-off seed 0 → " + str(held) + ": running elsewhere (held by pid " + str(holder.pid) in out
+    assert "on host elsewhere" in out and "waiting for 1 run(s) that another process is training" in out
+    assert list(calls_of(calls)) == [str(other), str(held)]  # the held run only after its holder had gone
+    assert "2 run(s) trained, 0 skipped (finished before), 0 failed, of 2" in out
+
+
+NOFIT = r'''
+import runpy, sys
+if "aux-on" in " ".join(sys.argv):  # train_ex.py's exit when XLA's estimate exceeds the free memory
+    print("error: does not fit: XLA estimates 99.00 GB per device for one training step at --bsz 64", file=sys.stderr)
+    sys.exit(5)
+runpy.run_path(sys.argv[0].replace("nofit_train.py", "fake_train.py"), run_name="__main__")
+'''
+
+
+def test_a_run_that_does_not_fit_is_recorded_as_such_not_as_a_crash(tmp_path):
+    import utils
+
+    env, calls = fake_env(tmp_path, RUN_GROUPS="1")
+    nofit = tmp_path / "nofit_train.py"
+    nofit.write_text(NOFIT)
+    r, out = run_series({**env, "TRAIN": str(nofit)}, timeout=120)
+    assert r.returncode == 0, out
+    assert "aux-on/seed0: DOES NOT FIT in memory (exit 5)" in out and "XLA estimates 99.00 GB" in out
+    assert "1 run(s) trained, 0 skipped (finished before), 0 failed, 1 did not fit in memory, of 2" in out
+    meta = json.loads((tmp_path / "out/g1-aux/aux-on/seed0/series_run.json").read_text())
+    assert meta["status"] == "does not fit" and meta["exit_code"] == utils.DOES_NOT_FIT
+    runs = {r["dir"]: r for r in read_csv(tmp_path / "out/runs.csv")}
+    assert runs["g1-aux/aux-on/seed0"]["status"] == "does not fit"

@@ -11,6 +11,7 @@ the jit-compiled steps, the epoch loop, checkpoints, results.json, wandb and the
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import sys
@@ -267,13 +268,13 @@ def load_data(cfg):
     return ds, train, val, test
 
 
-def build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts):
-    """(state on the devices, tx, progress, n_params, dropout key): fresh, warm-started or resumed."""
-    variables, dropout_key = models.init_variables(cfg, model, next(train.batches(cfg.bsz, shard=rt.shard)))
+def build_state(cfg, rt, model, tx, first_batch, run_dir, ckpts):
+    """(state on the devices, progress, n_params): fresh, warm-started or resumed; `tx` is the optimiser (built
+    from the parameters' shapes), `first_batch` the first batch of this process's rows (only its shapes count)."""
+    variables, _ = models.init_variables(cfg, model, first_batch)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if cfg.load_checkpoint and not cfg.resume:
         params, batch_stats = load_weights(cfg.load_checkpoint, cfg, params, batch_stats)
-    tx, _ = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
     state = new_state(params, batch_stats, tx)
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "wall_time_s": 0.0}
     if cfg.resume:
@@ -281,7 +282,55 @@ def build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts):
         if rt.main:
             print(f"resuming {run_dir} at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
-    return jax.device_put(state, rt.replicated), tx, progress, n_params, dropout_key
+    return jax.device_put(state, rt.replicated), progress, n_params
+
+
+def check_memory(cfg, rt, model, tx, train_step, first_batch):
+    """Before the first step: XLA's estimate of one training step at full length (models.memory_estimate of
+    `train_step` lowered on abstract shapes: nothing is allocated, and the compiled step is the one training then
+    runs) against the free memory of this process's devices (utils.device_memory_available). A RunError (exit
+    utils.DOES_NOT_FIT) when it does not fit on some process, with the largest --bsz that would, from the
+    estimate at a second batch size (linear in the batch). A device that reports no memory is not checked."""
+    free = [utils.device_memory_available(d) for d in jax.local_devices()]
+    known = [f for f in free if f[0] is not None]
+    available, source = min(known) if known else (None, free[0][1])
+    n_dev = len(rt.devices)
+    shared = len(jax.local_devices()) if rt.devices[0].platform == "cpu" else 1  # CPU devices share the RAM
+
+    def estimate(bsz):
+        batch = models.abstract_batch(first_batch, bsz, rt.data_sharding)
+        state = models.abstract_state(model, batch, tx, rt.replicated)
+        est = models.memory_estimate(train_step.lower(state, batch, 0).compile())
+        return dict(est, need=est["total"] * shared)
+
+    est = estimate(cfg.bsz)
+    fits = available is None or est["need"] <= available
+    (misfit,) = rt.agree([not fits])
+    if available is None and rt.main:
+        print(f"memory check skipped: {source} (XLA's estimate of a training step: {utils.gigabytes(est['total'])} "
+              f"per device)", flush=True)
+    if not misfit:
+        return est
+    if fits:
+        raise RunError("does not fit: another process's devices have too little free memory for a training step "
+                       "(its message says how much); lower --bsz, or skip the check with --no-check_memory",
+                       utils.DOES_NOT_FIT)
+    b2 = cfg.bsz // 2 // n_dev * n_dev
+    b2 = b2 if b2 >= n_dev else 2 * cfg.bsz
+    est2 = estimate(b2)
+    best = models.largest_fitting_batch([(cfg.bsz, est["need"]), (b2, est2["need"])], available, n_dev)
+    G = utils.gigabytes
+    where = f"the {rt.devices[0].platform.upper()} ({source})"
+    line = f"from XLA's estimates at --bsz {cfg.bsz} and {b2} ({G(est2['need'])}), linear in the batch"
+    advice = (f"the largest --bsz that fits is about {best} ({line}): run with --bsz {best} or less"
+              if best is not None else
+              f"no --bsz fits ({line}): the model itself is too large; lower --d_model, --ssm_size_base or "
+              f"--n_layers")
+    times = f", × {shared} CPU devices sharing the machine's memory: {G(est['need'])}" if shared > 1 else ""
+    raise RunError(f"does not fit: XLA estimates {G(est['total'])} per device for one training step at --bsz "
+                   f"{cfg.bsz}{times} (arguments {G(est['argument'])}: parameters, optimiser state, batch; temporaries "
+                   f"{G(est['temp'])}), but {where} has {G(available)} free. Nothing was trained; {advice} "
+                   f"(or skip this check with --no-check_memory)", utils.DOES_NOT_FIT)
 
 
 @dataclass
@@ -321,12 +370,23 @@ def decimate(batch, k):
     return out
 
 
-def prepare_run_dir(cfg, rt) -> Path:
-    """The run directory (--run_dir, or a new folder under runs/), created and proven writable by process 0
-    before any data is read or anything compiled: a RunError (exit 2) when it cannot be."""
-    if cfg.run_dir is not None:
-        return utils.check_writable(cfg.run_dir) if rt.main else Path(cfg.run_dir)
-    return utils.new_run_dir(utils.check_writable("runs"), cfg.dataset)
+def prepare_run_dir(cfg, rt) -> tuple[Path, utils.RunLock | None]:
+    """(the run directory, process 0's lock on it): --run_dir, or a new folder under runs/. Process 0 first takes
+    the directory's lock (utils.RunLock: a directory another process writes is a RunError, exit 6, before any
+    file is touched; --lock_wait), then proves it writable, before any data is read or anything compiled: a
+    RunError (exit 2) when it cannot be."""
+    if not rt.main:
+        return Path(cfg.run_dir), None
+    run_dir = Path(cfg.run_dir) if cfg.run_dir is not None else utils.new_run_dir(utils.check_writable("runs"),
+                                                                                  cfg.dataset)
+    wait = utils.default_lock_wait() if cfg.lock_wait is None else cfg.lock_wait
+    lock = utils.RunLock(run_dir, wait, os.environ.get(utils.LOCK_TOKEN_VAR))
+    try:
+        utils.check_writable(run_dir)
+    except RunError:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def saved_model_meta(run_dir):
@@ -359,21 +419,36 @@ def setup(cfg, rt, run_dir):
     model = models.build_model(cfg, meta)
     config = dict(vars(cfg), model_meta=meta)  # model_meta: what rebuilds the model without the data
     ckpts = Checkpoints(run_dir, rt, config)
-    state, tx, progress, n_params, dropout_key = build_state(cfg, rt, model, train, steps_per_epoch, run_dir, ckpts)
+    first = next(train.batches(cfg.bsz, shard=rt.shard))  # this process's rows; its shapes build the model
+    init_key, dropout_key = models.init_keys(cfg)
+    params = jax.eval_shape(lambda b: model.init({"params": init_key, "dropout": init_key}, b, training=False),
+                            models.abstract_batch(first, cfg.bsz))["params"]  # shapes only: nothing allocated
+    tx, _ = make_optimizer(params, cfg, steps_per_epoch, frozen=cfg.freeze == "base")
     train_step, eval_step = make_steps(model, tx, dropout_key, ds.task)
+    train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated)
+    if cfg.check_memory and not cfg.eval_only:  # compiled here on shapes; training reuses the compiled step
+        check_memory(cfg, rt, model, tx, train_step, first)
+    state, progress, n_params = build_state(cfg, rt, model, tx, first, run_dir, ckpts)
     eval_steps = {1: jax.jit(eval_step, out_shardings=rt.replicated)}
     for k in cfg.resolutions[1:]:  # the same parameters, every step × k (see ssm_ex.py for the extensions)
         model_k = models.build_model(argparse.Namespace(**{**vars(cfg), "step_rescale": float(k)}), meta)
         eval_steps[k] = jax.jit(make_steps(model_k, tx, dropout_key, ds.task)[1], out_shardings=rt.replicated)
-    loop = Loop(cfg, rt, (train, val, test), buckets, steps_per_epoch,
-                jax.jit(train_step, donate_argnums=(0,), out_shardings=rt.replicated), eval_steps, ckpts,
+    loop = Loop(cfg, rt, (train, val, test), buckets, steps_per_epoch, train_step, eval_steps, ckpts,
                 ds.task == "next_step", models.guard_activity(model, ds.seq_len))
     return loop, model, state, progress, ds, n_params, config
 
 
 def run(cfg):
     rt = Runtime(cfg)
-    run_dir = prepare_run_dir(cfg, rt)
+    run_dir, lock = prepare_run_dir(cfg, rt)
+    try:
+        return run_locked(cfg, rt, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_locked(cfg, rt, run_dir):
     loop, model, state, progress, ds, n_params, config = setup(cfg, rt, run_dir)
     val, test = loop.splits[1:]
     if cfg.eval_only:

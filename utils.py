@@ -6,14 +6,19 @@ A run directory (written by train_ex.py, read by sample.py, inspect_run.py, summ
     ckpt_latest.msgpack      the whole training state (flax msgpack) at the last save, and
     ckpt_latest.json         its config and progress (epoch, batch within it, step, history, best)
     ckpt_best.msgpack/.json  the same at the epoch of the best validation score
+    run.lock                 held (flock) by the one process that writes the directory; it names that process
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -26,21 +31,29 @@ EXIT_CODES = {
     2: "bad input: options, data, checkpoint, run directory or SLURM environment (the message says what to do)",
     3: "non-finite loss: stopped; ckpt_latest holds the last good state",
     4: "could not write the run directory (disk full, quota, permissions): the files written before are intact",
+    5: "does not fit: XLA's estimate of a training step exceeds the device's free memory (the message gives both "
+       "and the largest --bsz that fits); checked before the first step, nothing trained",
+    6: "locked: another process writes the run directory (the message names its host, pid and start time); no "
+       "file was touched",
     130: "interrupted by SIGINT (Ctrl-C): ckpt_latest saved, resumable with --resume",
     138: "interrupted by SIGUSR1 (SLURM's warning before a time limit): ckpt_latest saved, resumable with --resume",
     143: "interrupted by SIGTERM (preemption, time limit): ckpt_latest saved, resumable with --resume",
 }
 # 128 + the signal's number, as a shell reports a killed job
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGUSR1": 138, "SIGTERM": 143}
+DOES_NOT_FIT, LOCKED = 5, 6
 INTERRUPTED_CODES = frozenset(SIGNAL_EXIT_CODES.values())  # to be resumed: the series continues them
 FINAL_CODES = frozenset(EXIT_CODES) - INTERRUPTED_CODES  # the run is over (finished, or failed for good)
 
 
 def exit_status(code) -> str | None:
     """What a run's exit code says of its state: 'finished' (0 — results.json tells whether it stopped early),
-    'interrupted' (a signal: resumable), 'failed' (anything else), None (no code recorded)."""
+    'interrupted' (a signal: resumable), 'does not fit' (DOES_NOT_FIT: not a crash), 'locked' (LOCKED: another
+    process runs it), 'failed' (anything else), None (no code recorded)."""
     if code is None:
         return None
+    if code in (DOES_NOT_FIT, LOCKED):
+        return "does not fit" if code == DOES_NOT_FIT else "locked"
     return "finished" if code == 0 else "interrupted" if code in INTERRUPTED_CODES else "failed"
 
 
@@ -147,6 +160,175 @@ def check_writable(folder) -> Path:
         raise RunError(f"--run_dir {folder} cannot be created or written ({e.strerror or e}): choose a folder you can "
                        f"write to", 2) from None
     return folder
+
+
+# ---- one writer per run directory ----
+LOCK_FILE = "run.lock"
+LOCK_TOKEN_VAR = "RUN_LOCK_TOKEN"  # set by a launcher (run_train_ex.sh) that holds the lock for its child
+NO_LOCK_SUPPORT = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not supported there
+
+
+def read_lock_holder(run_dir) -> dict:
+    """What the holder of RUN_DIR/run.lock wrote into it (host, pid, started, command), {} when nothing."""
+    try:
+        info = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def describe_holder(info: dict) -> str:
+    if not info:
+        return "a process that has not yet written its name into the lock"
+    by = f" ({info['by']})" if info.get("by") else ""
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}{by}"
+            + (f": {info['command']}" if info.get("command") else ""))
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/run.lock, held for the run's whole life. The OS releases it when the process
+    ends in any way (kill -9 included), so it never goes stale. Only after taking it does the holder write its
+    host, pid and start time into the file; a process that finds it held touches nothing and gets a RunError
+    (exit LOCKED) naming the holder.
+
+    `wait_s`: how long to wait for a held lock (a requeued job whose predecessor is still shutting down) before
+    giving up. `token`: the value of RUN_LOCK_TOKEN given by a launcher that took the lock for this process
+    (run_train_ex.sh): a lock held under that token is this run's own. On a file system without flock support
+    (ENOLCK, EOPNOTSUPP) the run goes on unlocked, with a warning."""
+
+    def __init__(self, run_dir, wait_s: float = 0.0, token: str | None = None, say=None):
+        self.dir, self.path, self.fd, self.note = Path(run_dir), Path(run_dir) / LOCK_FILE, None, None
+        say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # an existing lock file is not changed
+        except OSError as e:
+            raise RunError(f"--run_dir {self.dir} cannot be created or written ({e.strerror or e}): choose a folder "
+                           f"you can write to", 2) from None
+        deadline, waiting = time.monotonic() + max(wait_s, 0.0), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno in NO_LOCK_SUPPORT:
+                    os.close(fd)
+                    self.note = (f"warning: the file system of {self.dir} does not support locks ({e.strerror}): "
+                                 f"running without the one-writer guard; make sure no other process uses this "
+                                 f"run directory")
+                    say(self.note)
+                    return
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise RunError(f"cannot lock {self.path}: {e.strerror or e}", 2) from None
+            holder = read_lock_holder(self.dir)
+            if token and holder.get("token") == token:  # our launcher holds it for us
+                os.close(fd)
+                self.note = f"{self.path} is held for this run by {describe_holder(holder)}"
+                return
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise RunError(f"{self.dir} is in use: another process writes it: {describe_holder(holder)}. "
+                               f"Nothing was changed. Wait for it to end (or stop it), or choose another --run_dir"
+                               + (f" (waited {wait_s:g} s, --lock_wait)" if wait_s > 0 else ""), LOCKED)
+            if not waiting:
+                say(f"waiting up to {wait_s:g} s (--lock_wait) for {self.dir}, held by {describe_holder(holder)}")
+                waiting = True
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
+        self.fd = fd
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "by": "train_ex.py", "command": " ".join(sys.argv)[:300]}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError:
+            pass  # the lock holds without its description
+
+    def release(self):
+        """Give the lock up (a run ended inside a longer-lived process, e.g. a test calling main twice)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def default_lock_wait(environ=None) -> float:
+    """--lock_wait's default: 300 s in a requeued SLURM job (SLURM_RESTART_COUNT > 0), whose predecessor may
+    still be saving its checkpoint on another node; 0 otherwise."""
+    environ = os.environ if environ is None else environ
+    try:
+        return 300.0 if int(environ.get("SLURM_RESTART_COUNT") or 0) > 0 else 0.0
+    except ValueError:
+        return 0.0
+
+
+# ---- memory: what a device offers ----
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """The room left under this process's cgroup (v2) memory limit, None when there is no limit."""
+    try:
+        rel = next(ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                   if ln.startswith("0::"))
+        base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((base / "memory.current").read_text())
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _address_space_available() -> int | None:
+    """The room left under RLIMIT_AS (ulimit -v), None when unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        vm = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/self/status").read_text().splitlines()
+                  if ln.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration):
+        vm = 0
+    return soft - vm
+
+
+def device_memory_available(device) -> tuple[int | None, str]:
+    """(bytes a new computation can still use on `device`, where the number comes from); (None, why) when the
+    device does not say. GPU/TPU: the allocator's limit less what is in use (device.memory_stats()); CPU: the
+    machine's MemAvailable, or less under a cgroup limit or RLIMIT_AS."""
+    if device.platform == "cpu":
+        found = [(v, what) for v, what in ((_meminfo_available(), "MemAvailable of /proc/meminfo"),
+                                          (_cgroup_available(), "the cgroup's memory.max less memory.current"),
+                                          (_address_space_available(), "RLIMIT_AS (ulimit -v) less VmSize"))
+                 if v is not None]
+        return min(found) if found else (None, "no /proc/meminfo")
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends do not implement it
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return None, f"{device.device_kind} reports no memory statistics"
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind}'s free memory"
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 def write_json(path, obj):

@@ -409,8 +409,8 @@ MODEL_DEFAULTS = dict(
     activation_fn="half_glu1", prenorm=True, batchnorm=None, bn_momentum=0.95, p_dropout=0.1, mode="pool",
     token_encoder="onehot", pixel_tokens=False, mask_padding=True,
     time_scale_type="sinusoidal", auxiliary_strength=0.1, R=10, extend_mode="full", delta_type="learned",
-    extend_init_scale=0.05, extend_chunk=0, extend_guard="spectral", guard_growth=1.0, delta_basis_size=12,
-    s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999, lru_max_phase=2 * np.pi,
+    extend_init_scale=0.05, extend_chunk=0, extend_guard="spectral", guard_growth=ssm_ex.GUARD_GROWTH,
+    delta_basis_size=12, s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999, lru_max_phase=2 * np.pi,
 )
 # What a run directory written before an option existed ran with, where that differs from MODEL_DEFAULTS: its
 # config lacks the option, and resuming, sampling or inspecting it must rebuild the model it trained.

@@ -98,6 +98,7 @@ EXTENSION_PARAMS = ("E", "F", "delta_table", "delta_amp", "delta_weights")  # le
 GUARDS = ("spectral", "rows", "none")  # the stability guard (see the top of this file)
 LEGACY_GUARD = "rows"  # the guard of every run written before there was a choice
 POWER_ITERATIONS = 24  # the spectral guard's power iterations per step
+GUARD_GROWTH = 1e4  # the spectral guard's default bound on a sequence's growth (chosen on copying's validation set)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,7 +464,7 @@ class S5SSMAux(ssm.S5SSM):
     time_scale_type: str = "sinusoidal"
     auxiliary_strength: float = 0.1
     guard: str = "spectral"
-    guard_growth: float = 1.0
+    guard_growth: float = GUARD_GROWTH
 
     def setup(self):
         super().setup()
@@ -510,7 +511,7 @@ class S5SSMExtend(ssm.S5SSM):
     init_scale: float = 0.05
     chunk: int | None = None
     guard: str = "spectral"
-    guard_growth: float = 1.0
+    guard_growth: float = GUARD_GROWTH
     basis_size: int = 12
 
     def setup(self):

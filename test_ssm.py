@@ -759,6 +759,7 @@ def test_module_without_active_guard_equals_pure_function(name, kw):
 
 BOUNDED_CASES = [(n, k, 1e3) for n, k in EXT_MODULES if k.get("guard") != "none"] + [
     ("extend", dict(mode="full", delta_type="learned"), 10.0),  # the spectral guard at 10× the initial scale
+    ("extend", dict(mode="full", delta_type="learned", guard_growth=1.0), 10.0),  # ... with no growth allowed
     ("extend", dict(mode="full", delta_type="legendre"), 10.0),
     ("extend", dict(mode="full", delta_type="fourier"), 1e3),
 ]
@@ -789,7 +790,7 @@ def test_module_stays_bounded_over_16k_steps_with_extreme_parameters(name, kw, s
         x_bound, C_norm, slack = np.cumsum(np.linalg.norm(Bu, axis=1)), np.linalg.norm(C_abs, axis=1), 2.0
     else:
         x_bound, C_norm, slack = np.cumsum(Bu.max(axis=1)), C_abs.sum(axis=1), 1 + 1e-4
-    growth = kw.get("guard_growth", 1.0)
+    growth = kw.get("guard_growth", ssm_ex.GUARD_GROWTH if kw.get("guard") != "rows" else 1.0)
     y_bound = 2 * C_norm[None, :] * x_bound[:, None] * growth + np.abs(np.asarray(params["D"] * u))
     assert np.all(np.abs(y) <= y_bound * slack + 1e-4)
     # ... and the same parameters without the guard do explode: the test exercises the guard.

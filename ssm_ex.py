@@ -54,14 +54,17 @@ exactly to S5 at rate k.
 Bidirectional: the backward direction is the same recurrence run on the reversed sequence with its own
 time index (t counts from the sequence end), its states reversed back and concatenated as in S5.
 
-Stability guard (modules only, `guard`; the pure `apply_*` functions implement the equations exactly). A
-transition of 2-norm at most 1 cannot make the state grow: ‖x_t‖₂ ≤ ‖x_{t-1}‖₂ + ‖B̄ u_t‖₂, so with bounded input
-the state grows at most linearly in L. Three guards:
-  * "spectral" (the default): the whole transition is scaled, A_t ← c_t A_t with c_t = min(1, 1/σ_t) and σ_t its
-    largest singular value, estimated by power iteration on A_tᴴA_t (POWER_ITERATIONS steps of O(P R) each,
-    all t at once, shared by the batch; `spectral_norms`). A correction that rotates the state changes ‖A_t‖₂
-    only to second order, so it is charged only to second order: a slow state (|λ̄| near 1) may still vary in
-    time. The estimate approaches σ_t from below, so after scaling ‖A_t‖₂ can exceed 1 by the iteration's
+Stability guard (modules only, `guard`; the pure `apply_*` functions implement the equations exactly). If every
+transition of a sequence of L steps has 2-norm at most r, then ‖x_t‖₂ ≤ r ‖x_{t-1}‖₂ + ‖B̄ u_t‖₂, so the state is at
+most r^L · Σ_s ‖B̄ u_s‖₂: bounded at every length for r = 1, and for r = G^{1/L} at most G times that sum over the
+whole sequence. Three guards:
+  * "spectral" (the default): the whole transition is scaled, A_t ← c_t A_t with c_t = min(1, r/σ_t), σ_t its
+    largest singular value and r = guard_growth^{1/L} (`step_bound`; guard_growth G = GUARD_GROWTH = 1e4 by
+    default: a step may expand a little, a sequence by at most 10⁴, which copying's validation accuracy chose over
+    G = 1 and 100, see RESULTS.md). σ_t is estimated by power iteration on A_tᴴA_t (POWER_ITERATIONS steps of
+    O(P R) each, all t at once, shared by the batch; `spectral_norms`). A correction that rotates the state
+    changes ‖A_t‖₂ only to second order, so it is charged only to second order: a slow state (|λ̄| near 1) may
+    still vary in time. The estimate approaches σ_t from below, so after scaling ‖A_t‖₂ can exceed 1 by the iteration's
     error; the tests bound the state over 16,384 steps with the extension's parameters at 10× and 1000× their
     initial scale, but this is measured, not proved. The estimate is least accurate where the top singular
     values cluster (a small correction on many states that decay alike: up to about 3 % low, test_ssm.py).
@@ -71,8 +74,8 @@ the state grows at most linearly in L. Three guards:
     initialisation: the correction is pinned near zero, and full mode near S5.
   * "none": the equations as they are; a state may explode (a non-finite loss stops the run).
 Diagonal transitions (the auxiliary state, diag mode, and Λ̄ in full mode) are clamped in modulus under "spectral"
-and "rows", a ← a · min(1, 1/|a|): for a diagonal matrix that is the smallest change to 2-norm ≤ 1; a clamped
-entry keeps its phase and its gradient along the phase. Where a model sits inside the bound (e.g. E = 0 and
+(to r) and "rows" (to 1), a ← a · min(1, r/|a|): for a diagonal matrix that is the smallest change to 2-norm ≤ r;
+a clamped entry keeps its phase and its gradient along the phase. Where a model sits inside the bound (e.g. E = 0 and
 |Λ̄| < 1) every guard is the identity, so a warm-started extension computes exactly the S5 function it started
 from. `guard_scales(L)` of a module gives the factor each guard applied to each (t, state) row: the evidence of
 whether a run's extension was allowed to act.

@@ -250,7 +250,7 @@ def test_misuse_exits_2(tmp_path, bad, message):
     assert not calls.exists()
 
 
-SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+MNIST_SUBSET = HERE / "testdata" / "mnist"  # real MNIST test images (conftest.py), as MNIST_SOURCE
 STUDY_TASKS = {"copying": "copying", "selective-copying": "selective_copying",
                "associative-recall": "associative_recall", "adding": "adding", "psmnist": "pmnist-classification"}
 STUDY_SETTINGS = ["s5", "aux-linear", "aux-exponential", "aux-sinusoidal", "aux-constant", "extend-diag",
@@ -261,11 +261,10 @@ def last(argv, flag):
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag][-1]
 
 
-@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="../shared/data/mnist is not beside the checkout")
 def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_splits(tmp_path):
     import dataloaders
 
-    env, calls = fake_env(tmp_path, STUDY="cpu", SMOKE="0", SEEDS="0", PARALLEL="2", MNIST_SOURCE=SHARED_MNIST)
+    env, calls = fake_env(tmp_path, STUDY="cpu", SMOKE="0", SEEDS="0", PARALLEL="2", MNIST_SOURCE=MNIST_SUBSET)
     env.pop("DATA")  # the study makes its own psMNIST data
     r, out = run_series(env, timeout=300)
     assert r.returncode == 0, out
@@ -285,8 +284,9 @@ def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_spl
     train = dataloaders.read_idx(raw / "train-images-idx3-ubyte.gz")
     test = dataloaders.read_idx(raw / "t10k-images-idx3-ubyte.gz")
     labels = dataloaders.read_idx(raw / "train-labels-idx1-ubyte.gz")
-    source = dataloaders.read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
-    assert train.shape == (8000, 28, 28) and test.shape == (2000, 28, 28) and labels.shape == (8000,)
+    source = dataloaders.read_idx(MNIST_SUBSET / "t10k-images-idx3-ubyte.gz")
+    n_train = len(source) - 2000  # the study's split-mnist --n_test 2000: the source's last 2,000 images are test
+    assert train.shape == (n_train, 28, 28) and test.shape == (2000, 28, 28) and labels.shape == (n_train,)
     np.testing.assert_array_equal(np.concatenate([train, test]), source)  # a split of the source, nothing lost
     assert not {t.tobytes() for t in test} & {t.tobytes() for t in train}  # no test image among the training ones
     assert "psmnist" in (out_root / "summary.md").read_text()

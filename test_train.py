@@ -232,15 +232,17 @@ def test_freeze_trains_only_the_extension(mnist_root, tmp_path):
 
 
 def test_real_mnist_learns(mnist_root, tmp_path):
-    """A small S5 on the real MNIST test images (8,000 for training, 1,000 held out, 14×14 pixels)."""
+    """A small S5 on real MNIST test images (conftest.mnist_root: 2,700 for training, 300 held out, 14×14 pixels),
+    for about 250 optimiser steps of 64 images (6 epochs here; the bar was set for 2 epochs of 8,000 images)."""
     args = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--downsample", "2", "--run_dir",
-            str(tmp_path / "m"), "--epochs", "2", "--bsz", "64", "--d_model", "32", "--n_layers", "2",
-            "--ssm_size_base", "16", "--blocks", "2", "--max_train_samples", "8000", "--max_eval_samples", "1000",
+            str(tmp_path / "m"), "--epochs", "6", "--bsz", "64", "--d_model", "32", "--n_layers", "2",
+            "--ssm_size_base", "16", "--blocks", "2", "--max_eval_samples", "300",
             "--lr", "4e-3", "--p_dropout", "0", "--warmup_end", "0"]
     assert train_ex.main(args) == 0
     res = results(tmp_path / "m")
     val_acc = res["epochs"][-1]["val_acc"]
-    print(f"real MNIST (14x14, 8,000 train / 1,000 held out, 2 epochs): val accuracy {val_acc:.3f}")
+    assert res["data"]["sizes"]["train"] * 6 >= 250 * 64  # what the 0.6 bar was set for: ~250 steps of 64 images
+    print(f"real MNIST (14x14, sizes {res['data']['sizes']}, 6 epochs): val accuracy {val_acc:.3f}")
     assert val_acc > 0.6, f"chance is 0.1; reached {val_acc}"
 
 

@@ -1,6 +1,7 @@
 """models.py and train_ex.py in one process: learning, the release's equations, padding, resume, NaN, freeze, the
 CLI and the README's recipes, real MNIST. Subprocess, multi-device and multi-process runs: test_cluster.py."""
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
+import config
 import dataloaders
 import models
 import train_ex
@@ -145,6 +147,27 @@ def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_ex.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_gives_every_option_a_help_line_and_its_default():
+    """`train_ex.py --help` lists every option with what it does and its default: an option without a help line
+    (argparse then prints neither) or whose default is not shown fails here."""
+    parser = config.make_parser()
+    parser.formatter_class = functools.partial(config.HelpFormatter, width=10**6)  # no line wrapped
+    text = " ".join(parser.format_help().split())
+    checked = 0
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        name = action.option_strings[0]
+        assert action.help and action.help.strip(), f"{name} has no help line"
+        line = " ".join(action.help.split())
+        if "default" not in line:  # else the help line says its default itself (one that depends on other options)
+            line += f" (default: {action.default})"
+        assert line in text, f"{name}: --help does not show {line!r}"
+        checked += 1
+    assert checked == len(parser._actions) - 1 > 70
+    assert f"(default: {models.MODEL_DEFAULTS['d_model']})" in text  # the model's defaults come from models.py
 
 
 def test_enable_auxiliary_state_is_aux():

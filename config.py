@@ -59,8 +59,10 @@ def _data_options(p):
                                for name, d in dataloaders.DIAGNOSTIC_OPTIONS.items()))
     g.add_argument("--dir_name", default="./data", help="data root (see download_lra.sh)")
     g.add_argument("--bsz", type=int, default=32, help="batch size (global, over all devices)")
-    g.add_argument("--max_train_samples", type=int, default=None, help="use only this many training samples (default: all)")
-    g.add_argument("--max_eval_samples", type=int, default=None, help="use only this many val/test samples (default: all)")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="use only this many training samples (default: all)")
+    g.add_argument("--max_eval_samples", type=int, default=None,
+                   help="use only this many val/test samples (default: all)")
     g.add_argument("--downsample", type=int, default=1, help="MNIST only: k×k average pooling (28/k)² steps")
     g.add_argument("--eval_resolutions", default="1", help="also evaluate val and test on every k-th sample "
                    "(x[::k]) with the model's steps × k, for each k listed (e.g. 1,2: the S5 Speech recipe's "
@@ -171,7 +173,8 @@ def _run_options(p):
     g.add_argument("--freeze", default=None, choices=("base",), help="with --load_checkpoint: train only the "
                    "extension on top of a loaded S5 model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --load_checkpoint and exit")
-    g.add_argument("--max_steps", type=int, default=None, help="stop (resumably) after this many steps (default: no limit)")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop (resumably) after this many steps (default: no limit)")
     g.add_argument("--ckpt_every_min", type=float, default=30.0, help="also write ckpt_latest inside an epoch every "
                    "this many minutes (0: only at epoch ends), so a killed job loses at most about that much")
     g.add_argument("--distributed", action="store_true", help="several processes (hosts) with jax.distributed: "

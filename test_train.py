@@ -4,7 +4,9 @@ CLI and the README's recipes, real MNIST. Subprocess, multi-device and multi-pro
 import functools
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -174,8 +176,25 @@ def test_enable_auxiliary_state_is_aux():
     assert train_ex.parse_args(["--enable_auxiliary_state", "--time_scale_type", "sinusoidal"]).ssm_type == "aux"
 
 
-def test_run_writes_results_and_checkpoints(mnist_root, tmp_path):
+def test_run_progress_is_the_whole_runs_time_and_time_left(monkeypatch):
+    loop = SimpleNamespace(cfg=SimpleNamespace(epochs=50, max_steps=None), steps_per_epoch=3000)
+    monkeypatch.setattr(train_ex.time, "perf_counter", lambda: 100.0)
+    # a resumed run: 2 h in earlier sessions, 100 s of this epoch, 1,500 of 150,000 steps done
+    line = train_ex.run_progress(loop, {"wall_time_s": 7100.0, "step": 1500}, t0=0.0)
+    assert line == "run 2:00:00 elapsed, ~8d 6:00:00 left for 148,500 of 150,000 steps", line
+    assert train_ex.run_progress(loop, {"wall_time_s": 0.0, "step": 0}, t0=100.0).startswith("run 0:00:00 elapsed, ? ")
+    loop.cfg.max_steps = 3000
+    assert train_ex.run_progress(loop, {"wall_time_s": 0.0, "step": 1000}, t0=0.0).endswith(
+        "~0:03:20 left for 2,000 of 3,000 steps")
+
+
+def test_run_writes_results_and_checkpoints(mnist_root, tmp_path, capsys):
     assert train_ex.main(mnist_args(mnist_root, tmp_path / "r", "--epochs", "2")) == 0
+    steps = 2 * (64 // 8)  # 2 epochs of 64 training samples in batches of 8
+    err = capsys.readouterr().err  # each epoch's bar starts with the whole run's line: at epoch 2, half is left
+    assert f"epoch 1/2 | run 0:00:00 elapsed, ? left for {steps} of {steps} steps" in err
+    clock = r"\d+:\d\d:\d\d"
+    assert re.search(rf"epoch 2/2 \| run {clock} elapsed, ~{clock} left for {steps // 2} of {steps} steps", err)
     res = results(tmp_path / "r")
     assert res["status"] == "finished" and len(res["epochs"]) == 2 and res["n_params"] > 0
     assert set(res["epochs"][0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",

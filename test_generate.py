@@ -252,6 +252,7 @@ class WandbRecorder:
         pass
 
 
+@pytest.mark.slow
 def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, capsys, monkeypatch):
     import wandb
 

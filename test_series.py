@@ -77,6 +77,7 @@ def smoke(tmp_path_factory):
     return root, env, out
 
 
+@pytest.mark.slow
 def test_smoke_series_runs_and_summarises(smoke):
     root, _, out = smoke
     for k, rid in enumerate(RUN_IDS, 1):
@@ -119,6 +120,7 @@ def test_smoke_series_runs_and_summarises(smoke):
         assert (root / png).read_bytes()[:8] == PNG, png
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_runs(smoke):
     root, env, _ = smoke
     before = results_state(root)
@@ -261,6 +263,7 @@ def last(argv, flag):
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag][-1]
 
 
+@pytest.mark.slow
 def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_splits(tmp_path):
     import dataloaders
 
@@ -498,6 +501,7 @@ def test_summarize_baseline_option(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_2_gives_the_serial_series_results(smoke, tmp_path):
     root, _, _ = smoke
     env = series_env(tmp_path / "par", GROUPS="1 6", FAIL_RUNS="g1-aux/aux-on/*", PARALLEL="2")
@@ -541,6 +545,7 @@ sys.exit(143)
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocation_finishes_them(tmp_path):
     import signal
     import time
@@ -569,10 +574,10 @@ def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocati
         assert json.loads((d / "results.json").read_text())["status"] == "finished"
 
 
-def test_readme_exit_codes_are_utils_table():
+def test_cluster_md_exit_codes_are_utils_table():
     import utils
 
-    assert utils.exit_code_table() in (HERE / "README.md").read_text()
+    assert utils.exit_code_table() in (HERE / "CLUSTER.md").read_text()
     assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
     assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES
 
@@ -595,6 +600,7 @@ event("end")
 '''
 
 
+@pytest.mark.slow
 def test_devices_give_each_running_run_its_own_device(tmp_path):
     """DEVICES="0 1": two runs at once, each with CUDA_VISIBLE_DEVICES set to a device no other running run has;
     the third run gets the device its predecessor freed."""

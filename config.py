@@ -1,4 +1,4 @@
-"""The training run's options: the command line of train_ex.py, its checks, and the S5 recipes of the README.
+"""The training run's options: the command line of train_ex.py, its checks, and the S5 recipes of TRAINING.md.
 
     cfg = config.parse_args(["--dataset", "mnist-classification", "--ssm_type", "aux"])
 
@@ -19,7 +19,7 @@ import ssm_ex
 import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
-README = Path(__file__).resolve().parent / "README.md"
+RECIPES = Path(__file__).resolve().parent / "TRAINING.md"  # the one written copy of the S5 recipes
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -44,7 +44,7 @@ DESCRIPTION = """Train S5 and its time-varying extensions on the LRA tasks and s
     python train_ex.py --enable_auxiliary_state --time_scale_type sinusoidal
     python train_ex.py --dataset listops-classification --ssm_type extend --R 10 --extend_mode full
 
-The S5 recipes of each task are in the README. Every run writes `results.json`, `ckpt_latest.msgpack` and
+The S5 recipes of each task are in TRAINING.md. Every run writes `results.json`, `ckpt_latest.msgpack` and
 `ckpt_best.msgpack` (plus their .json metadata) into its run directory."""
 
 
@@ -69,7 +69,7 @@ def _data_options(p):
                    "zero-shot 8 kHz evaluation); results carry val_acc@k and test_acc@k")
     g.add_argument("--speech_norm", default="global", choices=dataloaders.SPEECH_NORMS,
                    help="speech35-classification: standardise the audio with one training mean and std (global) or "
-                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; README)")
+                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; TRAINING.md)")
     g.add_argument("--buckets", action=Flag, default=True,
                    help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
                    "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
@@ -381,9 +381,9 @@ def _derive(args, error):
         args.ssm_lr, args.global_lr = args.lr / args.lr_factor, args.lr
 
 
-def readme_recipes(path=README) -> dict:
-    """The S5 recipes of the README: {dataset: the words of its `python train_ex.py $S5 ...` command after
-    train_ex.py, with $S5 expanded}. The README is their one written copy (the tests check them against the
+def s5_recipes(path=RECIPES) -> dict:
+    """The S5 recipes of TRAINING.md: {dataset: the words of its `python train_ex.py $S5 ...` command after
+    train_ex.py, with $S5 expanded}. TRAINING.md is their one written copy (the tests check them against the
     release's settings; bench.py measures them)."""
     lines = Path(path).read_text().splitlines()
     s5 = next((line for line in lines if line.startswith('S5="')), None)

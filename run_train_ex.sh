@@ -45,7 +45,7 @@ continued with --resume; any other is (re)started from scratch. A failed run is 
 attempt) and the series goes on. At the end summarize.py writes OUT_ROOT/summary.{md,csv}, runs.csv and PNG
 plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
 interrupted: Ctrl-C (130) or SIGTERM (143), to the series or to one of its runs; every running run then saves
-ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, README.)
+ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, CLUSTER.md.)
 
 Several runs at once (LAUNCHER=local): DEVICES="0 1 2 3" runs one run per device, each seeing only its device
 (CUDA_VISIBLE_DEVICES); PARALLEL=N runs N at once (CPU). The console shows each run as it starts and one line as

@@ -1,5 +1,5 @@
 """models.py and train_ex.py in one process: learning, the release's equations, padding, resume, NaN, freeze, the
-CLI and the README's recipes, real MNIST. Subprocess, multi-device and multi-process runs: test_cluster.py."""
+CLI and TRAINING.md's S5 recipes, real MNIST. Subprocess, multi-device and multi-process runs: test_cluster.py."""
 
 import functools
 import json
@@ -172,6 +172,20 @@ def test_help_gives_every_option_a_help_line_and_its_default():
     assert f"(default: {models.MODEL_DEFAULTS['d_model']})" in text  # the model's defaults come from models.py
 
 
+def test_readme_lists_every_ssm_type():
+    """The README's --ssm_type table names exactly the types the command line accepts."""
+    text = (HERE / "README.md").read_text()
+    table = text.split("| `--ssm_type` |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    assert sorted(rows) == sorted(models.SSM_TYPES) and len(rows) == len(set(rows))
+
+
+def test_training_md_lists_the_options_that_may_change_on_resume():
+    text = " ".join((HERE / "TRAINING.md").read_text().split())
+    listed = text.split("(`config.RESUME_MAY_CHANGE`):", 1)[1].split(".", 1)[0]
+    assert re.findall(r"`--(\w+)`", listed) == list(config.RESUME_MAY_CHANGE)
+
+
 def test_enable_auxiliary_state_is_aux():
     assert train_ex.parse_args(["--enable_auxiliary_state", "--time_scale_type", "sinusoidal"]).ssm_type == "aux"
 
@@ -273,6 +287,7 @@ def test_freeze_trains_only_the_extension(mnist_root, tmp_path):
         assert np.abs(leaf).max() > 0, "E started at zero and must have been trained"
 
 
+@pytest.mark.slow
 def test_real_mnist_learns(mnist_root, tmp_path):
     """A small S5 on real MNIST test images (conftest.mnist_root: 2,700 for training, 300 held out, 14×14 pixels),
     for about 250 optimiser steps of 64 images (6 epochs here; the bar was set for 2 epochs of 8,000 images)."""
@@ -537,10 +552,10 @@ RELEASE_COMMON = dict(prenorm=True, batchnorm=True, bidirectional=True, conj_sym
                       bn_momentum=0.95, dt_min=0.001, lr_min=0.0, cosine_anneal=True, resolutions=[1])
 
 
-def test_readme_s5_recipes_parse_to_the_release_settings():
+def test_s5_recipes_parse_to_the_release_settings():
     import config
 
-    recipes = config.readme_recipes(HERE / "README.md")
+    recipes = config.s5_recipes(HERE / "TRAINING.md")
     assert len(recipes) == 7
     seen = set()
     for argv in recipes.values():

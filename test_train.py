@@ -222,6 +222,7 @@ def test_run_writes_results_and_checkpoints(mnist_root, tmp_path, capsys):
                                     str(tmp_path / "r" / "ckpt_latest.msgpack"))) == 0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(mnist_root, tmp_path):
     args = lambda d, *x: mnist_args(mnist_root, tmp_path / d, "--epochs", "2", *x)  # noqa: E731
     assert train_ex.main(args("full")) == 0
@@ -236,6 +237,7 @@ def test_resume_reproduces_the_uninterrupted_run(mnist_root, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_and_extends_by_epochs(mnist_root, tmp_path, capsys):
     assert train_ex.main(mnist_args(mnist_root, tmp_path / "a", "--epochs", "1")) == 0
     with pytest.raises(SystemExit) as e:  # every difference listed, before any data is read
@@ -257,6 +259,7 @@ def test_non_finite_loss_stops_the_run(mnist_root, tmp_path, capsys):
     assert results(tmp_path / "nan")["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_freeze_trains_only_the_extension(mnist_root, tmp_path):
     assert train_ex.main(mnist_args(mnist_root, tmp_path / "s5", "--epochs", "1")) == 0
     ckpt = tmp_path / "s5" / "ckpt_latest.msgpack"
@@ -571,6 +574,7 @@ def test_s5_recipes_parse_to_the_release_settings():
     assert seen == set(RELEASE_RECIPES)
 
 
+@pytest.mark.slow
 def test_speech_run_evaluates_at_two_rates(tmp_path):
     """A short run on a Speech Commands tree written by the tests: --eval_resolutions 1,2 writes the accuracy at
     16 kHz and, zero-shot, at 8 kHz (x[::2], steps × 2)."""
@@ -599,19 +603,27 @@ def test_eval_resolutions_must_include_1(bad, capsys):
     assert "--eval_resolutions" in capsys.readouterr().err
 
 
-def test_a_run_directory_written_before_the_library_split_resumes_samples_and_inspects(tmp_path, mnist_root):
+def test_a_run_directory_written_before_the_library_split_resumes_samples_and_inspects(tmp_path):
     """testdata/run_format1 was written by the train_ex.py that kept the optimiser, steps and run-directory code in
     itself (a next-pixel aux model stopped by --max_steps at step 6 of 8; its state's totals under the key "acc").
     Today's code resumes it to the epochs the same command gave uninterrupted, and sample.py and inspect_run.py
-    read it."""
+    read it. Its data: the 10,000 MNIST test images as both train and test files, as then; run_format1/mnist keeps
+    the 96 of them this run reads (its 64 training, 32 validation and 32 test images) and zeros in the others, so
+    the splits, drawn over all 10,000, are the ones it had."""
     import shlex
     import shutil
 
     import inspect_run
     import sample
 
+    mnist_root = tmp_path / "data"
+    (mnist_root / "MNIST" / "raw").mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        for prefix in ("train", "t10k"):
+            os.symlink(HERE / "testdata" / "run_format1" / "mnist" / f"t10k-{kind}-ubyte.gz",
+                       mnist_root / "MNIST" / "raw" / f"{prefix}-{kind}-ubyte.gz")
     run = tmp_path / "run"
-    shutil.copytree(HERE / "testdata" / "run_format1", run)
+    shutil.copytree(HERE / "testdata" / "run_format1", run, ignore=shutil.ignore_patterns("mnist"))
     reference = json.loads((run / "uninterrupted.json").read_text())
     argv = shlex.split(reference["command"].split(" (")[0])[1:]
     assert train_ex.main([*argv, "--dir_name", str(mnist_root), "--run_dir", str(run), "--resume"]) == 0

@@ -234,6 +234,7 @@ def test_distributed_in_a_partly_set_slurm_environment_exits_2(mnist_root, tmp_p
     assert utils.slurm_env_problem({"SLURM_JOB_ID": "1", **{v: "0" for v in utils.SLURM_STEP_VARS}}) is None
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run(mnist_root, tmp_path, monkeypatch):
     """The wandb id is drawn once, kept in the run directory, and given to wandb.init again on --resume (with
     resume="allow"), so a requeued run logs into the same wandb run; another run directory gets another id."""

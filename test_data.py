@@ -93,6 +93,7 @@ def test_listops_source_format():
     assert evaluate_listops(dl.listops_source(nested)) == dl.listops_value(nested) == (3 + 7) % 10
 
 
+@pytest.mark.slow
 def test_listops_generator_is_deterministic(tmp_path):
     a = dl.make_listops(tmp_path / "a", 20, 2, 2, seed=5, workers=1, progress=False)
     b = dl.make_listops(tmp_path / "b", 20, 2, 2, seed=5, workers=1, progress=False)

@@ -193,6 +193,7 @@ def put_results(d, status, ckpt=False):
         (d / "ckpt_latest.msgpack").write_bytes(b"old")
 
 
+@pytest.mark.slow
 def test_resume_rerun_and_warm_start_dependency(tmp_path):
     env, calls = fake_env(tmp_path, GROUPS="1 6", SEEDS="0 1", FAIL_RUNS="g6-warm-start/s5-base/seed1")
     out_root = tmp_path / "out"

@@ -2,9 +2,10 @@
 training step needs at every S5 recipe's size; every scan's sequential depth; and the time to draw 16 MNIST
 digits in the recurrent mode.
 
-    python bench.py --quick                  # CPU-sized shapes, a few minutes
+    python bench.py --quick                  # CPU-sized shapes, under 3 minutes on 2 cores (memory not included)
     python bench.py --out bench.json         # the full shapes (a GPU)
-    python bench.py --sections memory        # XLA's memory estimate at the S5 recipes (compile only, any backend)
+    python bench.py --sections memory        # XLA's memory estimate at the S5 recipes (compile only, any backend;
+                                             # 6 variants × 7 recipes: 42 compiles, minutes on a CPU)
     python bench.py --quick --sections sample   # drawing 16 MNIST digits in the recurrent mode, per ssm_type
 
 Times are medians over --repeats calls after a warm-up call, each ended by block_until_ready. Every scan
@@ -234,11 +235,11 @@ def step_memory(argv, meta):
 
 
 def s5_recipes() -> dict:
-    """{short name: (the README's S5 command for the task, the task's dataset)}, the LRA tasks and Speech."""
+    """{short name: (TRAINING.md's S5 command for the task, the task's dataset)}, the LRA tasks and Speech."""
     short = {"listops-classification": "listops", "imdb-classification": "text", "aan-classification": "retrieval",
              "lra-cifar-classification": "image", "pathfinder-classification": "pathfinder",
              "pathx-classification": "path-x", "speech35-classification": "speech"}
-    return {short[name]: (argv, name) for name, argv in config.readme_recipes().items()}
+    return {short[name]: (argv, name) for name, argv in config.s5_recipes().items()}
 
 
 def bench_memory(recipes, variants=VARIANTS):
@@ -292,12 +293,13 @@ def bench_data(data_dir, bsz, n_batches):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and models (CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", default="scans,train,data,memory,sample",
-                   help="comma-separated subset of scans,train,data,memory,sample")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (the median is reported)")
+    p.add_argument("--sections", default="scans,train,data,sample",
+                   help="comma-separated subset of scans,train,data,memory,sample; memory (a compile of every "
+                   "variant at every S5 recipe, minutes each on a CPU) only when named")
     p.add_argument("--recipes", default=",".join(s5_recipes()),
                    help=f"memory section: which S5 recipes (of {','.join(s5_recipes())})")
     p.add_argument("--variants", default=",".join(VARIANTS),

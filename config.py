@@ -1,4 +1,4 @@
-"""The training run's options: the command line of train_ex.py, its checks, and the S5 recipes of the README.
+"""The training run's options: the command line of train_ex.py, its checks, and the S5 recipes of TRAINING.md.
 
     cfg = config.parse_args(["--dataset", "mnist-classification", "--ssm_type", "aux"])
 
@@ -19,12 +19,19 @@ import ssm_ex
 import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
-README = Path(__file__).resolve().parent / "README.md"
+RECIPES = Path(__file__).resolve().parent / "TRAINING.md"  # the one written copy of the S5 recipes
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every option's default after its help line, unless the line says its default itself (a default that
+    depends on other options); the description's lines as written."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog="train_ex.py", description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="train_ex.py", description=DESCRIPTION, formatter_class=HelpFormatter)
     for add in (_data_options, _model_options, _extension_options, _optimisation_options, _run_options,
                 _generation_options, _logging_options):
         add(p)
@@ -37,7 +44,7 @@ DESCRIPTION = """Train S5 and its time-varying extensions on the LRA tasks and s
     python train_ex.py --enable_auxiliary_state --time_scale_type sinusoidal
     python train_ex.py --dataset listops-classification --ssm_type extend --R 10 --extend_mode full
 
-The S5 recipes of each task are in the README. Every run writes `results.json`, `ckpt_latest.msgpack` and
+The S5 recipes of each task are in TRAINING.md. Every run writes `results.json`, `ckpt_latest.msgpack` and
 `ckpt_best.msgpack` (plus their .json metadata) into its run directory."""
 
 
@@ -52,15 +59,17 @@ def _data_options(p):
                                for name, d in dataloaders.DIAGNOSTIC_OPTIONS.items()))
     g.add_argument("--dir_name", default="./data", help="data root (see download_lra.sh)")
     g.add_argument("--bsz", type=int, default=32, help="batch size (global, over all devices)")
-    g.add_argument("--max_train_samples", type=int, default=None, help="use only this many training samples")
-    g.add_argument("--max_eval_samples", type=int, default=None, help="use only this many val/test samples")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="use only this many training samples (default: all)")
+    g.add_argument("--max_eval_samples", type=int, default=None,
+                   help="use only this many val/test samples (default: all)")
     g.add_argument("--downsample", type=int, default=1, help="MNIST only: k×k average pooling (28/k)² steps")
     g.add_argument("--eval_resolutions", default="1", help="also evaluate val and test on every k-th sample "
                    "(x[::k]) with the model's steps × k, for each k listed (e.g. 1,2: the S5 Speech recipe's "
                    "zero-shot 8 kHz evaluation); results carry val_acc@k and test_acc@k")
     g.add_argument("--speech_norm", default="global", choices=dataloaders.SPEECH_NORMS,
                    help="speech35-classification: standardise the audio with one training mean and std (global) or "
-                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; README)")
+                   "as the S5 release, every time step by its own training mean and std + 0.328 (release; TRAINING.md)")
     g.add_argument("--buckets", action=Flag, default=True,
                    help="length buckets (L/4, L/2, 3L/4, L) for padded datasets: fewer padded steps, 4 shapes "
                    "(the S5 release: --no-buckets, every batch padded to L, uniform random batches)")
@@ -72,27 +81,30 @@ def _data_options(p):
 def _model_options(p):
     """The network: SSM type and size, layer layout, encoders (defaults: models.MODEL_DEFAULTS)."""
     g = p.add_argument_group("model")
-    g.add_argument("--ssm_type", choices=models.SSM_TYPES)
+    g.add_argument("--ssm_type", choices=models.SSM_TYPES,
+                   help="the sequence layer: s5; the lab's extensions aux (auxiliary state) and extend (Lambda "
+                   "extension); the baselines s4, s4d, dss (s4.py), s6 and lru (s6_lru.py)")
     g.add_argument("--enable_auxiliary_state", action="store_true", help="the lab's spelling of --ssm_type aux")
-    g.add_argument("--d_model", type=int)
-    g.add_argument("--n_layers", type=int)
+    g.add_argument("--d_model", type=int, help="model width H (features per step)")
+    g.add_argument("--n_layers", type=int, help="number of sequence layers")
     g.add_argument("--ssm_size_base", type=int, help="state size P (N per feature for s4/s4d/dss)")
     g.add_argument("--s4d_init", choices=("legs", "lin"), help="S4D eigenvalues: S4D-LegS or S4D-Lin")
     g.add_argument("--blocks", type=int, help="HiPPO blocks in the initialisation")
-    g.add_argument("--C_init", choices=ssm.C_INITS)
-    g.add_argument("--discretization", choices=("zoh", "bilinear"))
-    g.add_argument("--dt_min", type=float)
-    g.add_argument("--dt_max", type=float)
-    g.add_argument("--conj_sym", action=Flag)
-    g.add_argument("--clip_eigs", action=Flag)
-    g.add_argument("--bidirectional", action=Flag)
-    g.add_argument("--activation_fn", choices=models.ACTIVATIONS)
-    g.add_argument("--prenorm", action=Flag)
+    g.add_argument("--C_init", choices=ssm.C_INITS, help="initialisation of the output matrix C (the S5 release's)")
+    g.add_argument("--discretization", choices=("zoh", "bilinear"), help="zero-order hold or bilinear")
+    g.add_argument("--dt_min", type=float, help="smallest initial step Δ (log-uniform in [dt_min, dt_max])")
+    g.add_argument("--dt_max", type=float, help="largest initial step Δ")
+    g.add_argument("--conj_sym", action=Flag, help="keep one of each conjugate pair of eigenvalues (half the "
+                   "states, output 2·Re)")
+    g.add_argument("--clip_eigs", action=Flag, help="keep the real parts of the eigenvalues below -1e-4")
+    g.add_argument("--bidirectional", action=Flag, help="a forward and a backward scan per layer, concatenated")
+    g.add_argument("--activation_fn", choices=models.ACTIVATIONS, help="after the SSM: a GLU variant or GELU")
+    g.add_argument("--prenorm", action=Flag, help="normalise before the SSM (else after the residual)")
     g.add_argument("--batchnorm", action=Flag,
                    help="BatchNorm (else LayerNorm); default: on, except for next-step datasets (mnist), which refuse "
                    "it: its batch statistics in training would mix later positions into every position")
-    g.add_argument("--bn_momentum", type=float)
-    g.add_argument("--p_dropout", type=float)
+    g.add_argument("--bn_momentum", type=float, help="BatchNorm running-statistics momentum")
+    g.add_argument("--p_dropout", type=float, help="dropout rate")
     g.add_argument("--mode", choices=("pool", "last"), help="pooling over time")
     g.add_argument("--token_encoder", choices=models.TOKEN_ENCODERS,
                    help="token datasets: onehot = the S5 release's Dense with bias on one-hot tokens; embed = "
@@ -111,12 +123,15 @@ def _model_options(p):
 def _extension_options(p):
     """The time-varying extensions (ssm_ex.py): the auxiliary state and the Lambda extension."""
     g = p.add_argument_group("extensions")
-    g.add_argument("--time_scale_type", choices=ssm_ex.TIME_SCALES)
-    g.add_argument("--auxiliary_strength", type=float)
+    g.add_argument("--time_scale_type", choices=ssm_ex.TIME_SCALES, help="aux: the schedule Δ(t) of the "
+                   "auxiliary state (formulas at the top of ssm_ex.py)")
+    g.add_argument("--auxiliary_strength", type=float, help="aux: std of the initial coupling E")
     g.add_argument("--R", type=int, help="rank of the Lambda extension")
-    g.add_argument("--extend_mode", choices=ssm_ex.EXTEND_MODES)
-    g.add_argument("--delta_type", choices=ssm_ex.DELTA_TYPES)
-    g.add_argument("--extend_init_scale", type=float)
+    g.add_argument("--extend_mode", choices=ssm_ex.EXTEND_MODES, help="extend: full = the dense rank-R "
+                   "correction (exact, chunked scan); diag = its diagonal only (parallel scan)")
+    g.add_argument("--delta_type", choices=ssm_ex.DELTA_TYPES, help="extend: δ(t) learned per step and rank, "
+                   "or one of the fixed schedules")
+    g.add_argument("--extend_init_scale", type=float, help="extend: std of the initial E, F and learned δ table")
     g.add_argument("--extend_chunk", type=int, help="full mode: steps per chunk of the chunked scan "
                    "(0: about sqrt(L/2), the smallest sequential depth; >= L: one chunk, the plain recurrence)")
     g.add_argument("--extend_guard", choices=ssm_ex.GUARDS,
@@ -136,22 +151,26 @@ def _extension_options(p):
 def _optimisation_options(p):
     """Optimiser groups, learning-rate schedule, stopping, seeds."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--epochs", type=int, default=50, help="passes over the training set")
     g.add_argument("--lr", type=float, default=1e-3,
                    help="global learning rate (the SSM group gets lr/lr_factor) unless --ssm_lr_base is given")
     g.add_argument("--ssm_lr_base", type=float, default=None,
-                   help="S5's spelling: SSM learning rate; the global one is then lr_factor × ssm_lr_base")
-    g.add_argument("--lr_factor", type=float, default=1.0)
-    g.add_argument("--weight_decay", type=float, default=1e-4)
+                   help="S5's spelling: SSM learning rate; the global one is then lr_factor × ssm_lr_base (default: "
+                   "unset, --lr sets the rates)")
+    g.add_argument("--lr_factor", type=float, default=1.0, help="ratio of the global to the SSM learning rate")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay of the regular group")
     g.add_argument("--opt_config", default="standard", choices=("standard", "BandCdecay", "BfastandCdecay",
-                                                                "noBCdecay"))
+                                                                "noBCdecay"),
+                   help="the S5 release's groups for B, C, D (Λ and E, F are always in the SSM group, at the SSM rate "
+                   "without decay): standard = B in the SSM group; BandCdecay = B at the SSM rate with decay; "
+                   "BfastandCdecay = B and C regular; noBCdecay = B, C and D in the SSM group")
     g.add_argument("--dt_global", action="store_true", help="log_step in the regular group")
     g.add_argument("--warmup_end", type=int, default=1, help="epochs of linear warm-up")
-    g.add_argument("--lr_min", type=float, default=0.0)
-    g.add_argument("--cosine_anneal", action=Flag, default=True)
+    g.add_argument("--lr_min", type=float, default=0.0, help="the cosine schedule's final learning rate")
+    g.add_argument("--cosine_anneal", action=Flag, default=True, help="cosine decay after the warm-up (else constant)")
     g.add_argument("--grad_clip", type=float, default=None, help="clip the global gradient norm (off by default)")
     g.add_argument("--early_stop_patience", type=int, default=None, help="stop after this many epochs without "
-                   "a better validation accuracy")
+                   "a better validation accuracy (default: never)")
     g.add_argument("--jax_seed", type=int, default=1919, help="initialisation, dropout and shuffling")
     g.add_argument("--split_seed", type=int, default=42, help="the held-out splits (val; Pathfinder/Path-X val and "
                    "test): fixed at the S5 release's 42 so that every run is tested on the same images")
@@ -162,11 +181,12 @@ def _run_options(p):
     g = p.add_argument_group("runs, checkpoints, logging")
     g.add_argument("--run_dir", default=None, help="default: a new folder under runs/")
     g.add_argument("--resume", action="store_true", help="continue the run in --run_dir from ckpt_latest")
-    g.add_argument("--load_checkpoint", default=None, help="initialise from this checkpoint file")
+    g.add_argument("--load_checkpoint", default=None, help="initialise from this checkpoint file (default: none)")
     g.add_argument("--freeze", default=None, choices=("base",), help="with --load_checkpoint: train only the "
                    "extension on top of a loaded S5 model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --load_checkpoint and exit")
-    g.add_argument("--max_steps", type=int, default=None, help="stop (resumably) after this many steps")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop (resumably) after this many steps (default: no limit)")
     g.add_argument("--ckpt_every_min", type=float, default=30.0, help="also write ckpt_latest inside an epoch every "
                    "this many minutes (0: only at epoch ends), so a killed job loses at most about that much")
     g.add_argument("--lock_wait", type=float, default=None, help="seconds to wait for a run directory that another "
@@ -182,9 +202,9 @@ def _run_options(p):
     g.add_argument("--process_id", type=int, default=None, help="--distributed: this process's index, 0..N-1")
     g.add_argument("--use_wandb", action="store_true", help="log to wandb online (default: offline; WANDB_MODE "
                    "wins when set)")
-    g.add_argument("--wandb_project", default="s5-ex")
-    g.add_argument("--wandb_entity", default=None)
-    g.add_argument("--wandb_run_name", default=None)
+    g.add_argument("--wandb_project", default="s5-ex", help="wandb project")
+    g.add_argument("--wandb_entity", default=None, help="wandb entity (user or team)")
+    g.add_argument("--wandb_run_name", default=None, help="wandb run name (default: wandb's)")
 
 
 def _generation_options(p):
@@ -385,9 +405,9 @@ def _derive(args, error):
         args.ssm_lr, args.global_lr = args.lr / args.lr_factor, args.lr
 
 
-def readme_recipes(path=README) -> dict:
-    """The S5 recipes of the README: {dataset: the words of its `python train_ex.py $S5 ...` command after
-    train_ex.py, with $S5 expanded}. The README is their one written copy (the tests check them against the
+def s5_recipes(path=RECIPES) -> dict:
+    """The S5 recipes of TRAINING.md: {dataset: the words of its `python train_ex.py $S5 ...` command after
+    train_ex.py, with $S5 expanded}. TRAINING.md is their one written copy (the tests check them against the
     release's settings; bench.py measures them)."""
     lines = Path(path).read_text().splitlines()
     s5 = next((line for line in lines if line.startswith('S5="')), None)

@@ -493,7 +493,7 @@ EIGENVALUE_PARAMS = ("A_log", "nu_log", "theta_log", "gamma_log")  # S6's A; the
 
 
 def param_label(path, cfg, frozen: bool) -> str:
-    """The optimiser group of a parameter, from its leaf name (see the README's optimiser recipe)."""
+    """The optimiser group of a parameter, from its leaf name (the groups: --opt_config's help in config.py)."""
     names = [getattr(k, "key", str(k)) for k in path]
     leaf, in_ssm = names[-1], "ssm" in names
     if frozen and not (in_ssm and leaf in ssm_ex.EXTENSION_PARAMS):

@@ -46,7 +46,7 @@ attempt) and the series goes on; a run that does not fit in memory (train_ex.py 
 step) is recorded as "does not fit", not as a crash. At the end summarize.py writes OUT_ROOT/summary.{md,csv},
 runs.csv and PNG plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
 interrupted: Ctrl-C (130) or SIGTERM (143), to the series or to one of its runs; every running run then saves
-ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, README.)
+ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, CLUSTER.md.)
 
 One writer per run: each run's directory is locked (run.lock, flock) from before its state is read until the run
 ends. A run whose directory another process holds (another series on the same OUT_ROOT, a train_ex.py started by

@@ -16,6 +16,7 @@ from test_train import EVERY_TYPE, HERE, SUBPROCESS_ENV, TINY, mnist_args, resul
 pytestmark = pytest.mark.xdist_group("cluster")  # its module fixtures are built once, on one worker
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="forced host devices")
 def test_one_and_two_devices_give_the_same_losses(mnist_root, tmp_path):
     def run(n, d):
@@ -34,6 +35,7 @@ def test_one_and_two_devices_give_the_same_losses(mnist_root, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_real_training_steps_of_every_type_finish(mnist_root, tmp_path):
     """A few real training steps and an evaluation of every ssm_type, in one subprocess with a time limit: a
     hang fails here, naming the type, in minutes rather than in CI's time limit."""
@@ -105,6 +107,7 @@ def uninterrupted(mnist_root, tmp_path_factory):
     return results(d)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_matches(mnist_root, tmp_path, uninterrupted):
     import signal
 
@@ -123,6 +126,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches(mnist_root, tmp_path, uninte
     assert_same_epochs(results(d), uninterrupted)
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_mid_epoch_checkpoint_loses_little(mnist_root, tmp_path, uninterrupted):
     import time
 
@@ -158,6 +162,7 @@ def run_processes(argvs, n_devices, timeout=120):
     return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="local CPU processes with gloo collectives")
 def test_two_processes_equal_one_process_and_stop_together(mnist_root, tmp_path):
     import re
@@ -231,6 +236,7 @@ def test_distributed_in_a_partly_set_slurm_environment_exits_2(mnist_root, tmp_p
     assert utils.slurm_env_problem({"SLURM_JOB_ID": "1", **{v: "0" for v in utils.SLURM_STEP_VARS}}) is None
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run(mnist_root, tmp_path, monkeypatch):
     """The wandb id is drawn once, kept in the run directory, and given to wandb.init again on --resume (with
     resume="allow"), so a requeued run logs into the same wandb run; another run directory gets another id."""

@@ -275,6 +275,7 @@ EASIEST = {  # (data options, what test accuracy counts as clearly above chance)
 TINY = ["--d_model", "16", "--n_layers", "1", "--ssm_size_base", "8", "--bsz", "32", "--p_dropout", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EASIEST))
 def test_s5_beats_chance(name, tmp_path):
     options, bar = EASIEST[name]

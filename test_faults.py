@@ -22,6 +22,7 @@ def damage(path, keep=100):
     path.write_bytes(path.read_bytes()[:keep])
 
 
+@pytest.mark.slow
 def test_resume_from_a_damaged_latest_continues_from_the_previous_checkpoint(mnist_root, tmp_path, capsys):
     args = lambda d, *x: mnist_args(mnist_root, tmp_path / d, "--epochs", "2", *x)  # noqa: E731
     assert train_ex.main(args("full")) == 0
@@ -56,6 +57,7 @@ def test_with_no_readable_checkpoint_resume_exits_2_naming_the_files(mnist_root,
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_exits_4_without_traceback_or_temporaries(mnist_root, tmp_path):
     """The run's second epoch cannot write its checkpoint (a file-size limit below the checkpoint's size, set in
     the child as a full disk or quota would act): exit 4, a message, no temporary files, the first epoch's

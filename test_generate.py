@@ -202,18 +202,20 @@ def write_idx(path, array):
         f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
+N_TRAIN_FILE = 2000  # of the 3,000 committed test images: the first 2,000 as the training file, the rest as test
+
+
 @pytest.fixture(scope="module")
 def disjoint_mnist(tmp_path_factory):
-    """The real MNIST test split cut in two: images 0..7999 as the training file, 8000..9999 as the test file,
-    so both the validation split (10% of training) and the test split are images no step trained on."""
-    if not conftest.SHARED_MNIST.exists():
-        pytest.skip("../shared/data/mnist is not beside the checkout")
-    images = dataloaders.read_idx(conftest.SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
-    labels = dataloaders.read_idx(conftest.SHARED_MNIST / "t10k-labels-idx1-ubyte.gz")
+    """The committed real MNIST test images (testdata/mnist) cut in two: images 0..1999 as the training file,
+    2000..2999 as the test file, so both the validation split (10% of training) and the test split are images no
+    step trained on."""
+    images = dataloaders.read_idx(conftest.MNIST_SUBSET / "t10k-images-idx3-ubyte.gz")
+    labels = dataloaders.read_idx(conftest.MNIST_SUBSET / "t10k-labels-idx1-ubyte.gz")
     root = tmp_path_factory.mktemp("mnist-disjoint")
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for prefix, rows in (("train", slice(0, 8000)), ("t10k", slice(8000, 10000))):
+    for prefix, rows in (("train", slice(0, N_TRAIN_FILE)), ("t10k", slice(N_TRAIN_FILE, None))):
         write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[rows])
         write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[rows])
     return root, images
@@ -223,9 +225,9 @@ def test_next_pixel_batches_are_the_images_shifted(disjoint_mnist):
     root, images = disjoint_mnist
     ds = dataloaders.load("mnist", root)
     assert (ds.task, ds.n_classes, ds.seq_len, len(ds.train), len(ds.val), len(ds.test)) == \
-        ("next_step", 256, 784, 7200, 800, 2000)
+        ("next_step", 256, 784, N_TRAIN_FILE - N_TRAIN_FILE // 10, N_TRAIN_FILE // 10, len(images) - N_TRAIN_FILE)
     batch = next(ds.test.batches(4))
-    np.testing.assert_array_equal(batch["labels"], images[8000:8004].reshape(4, 784))
+    np.testing.assert_array_equal(batch["labels"], images[N_TRAIN_FILE:N_TRAIN_FILE + 4].reshape(4, 784))
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["labels"][:, :-1])
     assert (batch["inputs"][:, 0] == 0).all() and batch["inputs"].dtype == np.int32
 
@@ -250,6 +252,7 @@ class WandbRecorder:
         pass
 
 
+@pytest.mark.slow
 def test_short_run_on_real_mnist_learns_and_draws(disjoint_mnist, tmp_path, capsys, monkeypatch):
     import wandb
 

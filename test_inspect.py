@@ -42,6 +42,7 @@ def runs(mnist_root, tmp_path_factory):
             "extend": train(mnist_root, root / "extend", "--ssm_type", "extend", "--R", "3")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["s5", "aux", "extend"])
 def test_every_picture_is_a_valid_image(runs, kind):
     assert inspect_run.main([str(runs[kind])]) == 0
@@ -65,6 +66,7 @@ def test_every_picture_is_a_valid_image(runs, kind):
         assert layer["impulse_time_variation"] < 1e-5  # time-invariant: the same response at every t0
 
 
+@pytest.mark.slow
 def test_hand_set_eigenvalues_are_listed_with_their_timescales(runs, tmp_path):
     import shutil
 
@@ -89,6 +91,7 @@ def test_hand_set_eigenvalues_are_listed_with_their_timescales(runs, tmp_path):
     assert report["layers"]["layer_0"]["eigenvalues"] == layer["eigenvalues"]
 
 
+@pytest.mark.slow
 def test_extension_with_zero_E_is_time_invariant(runs, tmp_path):
     import shutil
 

@@ -347,6 +347,7 @@ MNIST_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssm_type", list(MNIST_RUNS))
 def test_real_mnist_learns(ssm_type, mnist_root, tmp_path):
     """A small model of each type on real MNIST test images (7×7 pixels, 4,000 for training, 1,000 held out)."""

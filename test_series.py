@@ -77,6 +77,7 @@ def smoke(tmp_path_factory):
     return root, env, out
 
 
+@pytest.mark.slow
 def test_smoke_series_runs_and_summarises(smoke):
     root, _, out = smoke
     for k, rid in enumerate(RUN_IDS, 1):
@@ -119,6 +120,7 @@ def test_smoke_series_runs_and_summarises(smoke):
         assert (root / png).read_bytes()[:8] == PNG, png
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_runs(smoke):
     root, env, _ = smoke
     before = results_state(root)
@@ -191,6 +193,7 @@ def put_results(d, status, ckpt=False):
         (d / "ckpt_latest.msgpack").write_bytes(b"old")
 
 
+@pytest.mark.slow
 def test_resume_rerun_and_warm_start_dependency(tmp_path):
     env, calls = fake_env(tmp_path, GROUPS="1 6", SEEDS="0 1", FAIL_RUNS="g6-warm-start/s5-base/seed1")
     out_root = tmp_path / "out"
@@ -250,7 +253,7 @@ def test_misuse_exits_2(tmp_path, bad, message):
     assert not calls.exists()
 
 
-SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+MNIST_SUBSET = HERE / "testdata" / "mnist"  # real MNIST test images (conftest.py), as MNIST_SOURCE
 STUDY_TASKS = {"copying": "copying", "selective-copying": "selective_copying",
                "associative-recall": "associative_recall", "adding": "adding", "psmnist": "pmnist-classification"}
 STUDY_SETTINGS = ["s5", "aux-linear", "aux-exponential", "aux-sinusoidal", "aux-constant", "extend-diag",
@@ -261,11 +264,11 @@ def last(argv, flag):
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag][-1]
 
 
-@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="../shared/data/mnist is not beside the checkout")
+@pytest.mark.slow
 def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_splits(tmp_path):
     import dataloaders
 
-    env, calls = fake_env(tmp_path, STUDY="cpu", SMOKE="0", SEEDS="0", PARALLEL="2", MNIST_SOURCE=SHARED_MNIST)
+    env, calls = fake_env(tmp_path, STUDY="cpu", SMOKE="0", SEEDS="0", PARALLEL="2", MNIST_SOURCE=MNIST_SUBSET)
     env.pop("DATA")  # the study makes its own psMNIST data
     r, out = run_series(env, timeout=300)
     assert r.returncode == 0, out
@@ -285,8 +288,9 @@ def test_cpu_study_runs_every_setting_on_every_task_and_makes_disjoint_mnist_spl
     train = dataloaders.read_idx(raw / "train-images-idx3-ubyte.gz")
     test = dataloaders.read_idx(raw / "t10k-images-idx3-ubyte.gz")
     labels = dataloaders.read_idx(raw / "train-labels-idx1-ubyte.gz")
-    source = dataloaders.read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
-    assert train.shape == (8000, 28, 28) and test.shape == (2000, 28, 28) and labels.shape == (8000,)
+    source = dataloaders.read_idx(MNIST_SUBSET / "t10k-images-idx3-ubyte.gz")
+    n_train = len(source) - 2000  # the study's split-mnist --n_test 2000: the source's last 2,000 images are test
+    assert train.shape == (n_train, 28, 28) and test.shape == (2000, 28, 28) and labels.shape == (n_train,)
     np.testing.assert_array_equal(np.concatenate([train, test]), source)  # a split of the source, nothing lost
     assert not {t.tobytes() for t in test} & {t.tobytes() for t in train}  # no test image among the training ones
     assert "psmnist" in (out_root / "summary.md").read_text()
@@ -524,6 +528,7 @@ def test_summarize_baseline_option(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_2_gives_the_serial_series_results(smoke, tmp_path):
     root, _, _ = smoke
     env = series_env(tmp_path / "par", GROUPS="1 6", FAIL_RUNS="g1-aux/aux-on/*", PARALLEL="2")
@@ -567,6 +572,7 @@ sys.exit(143)
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocation_finishes_them(tmp_path):
     import signal
     import time
@@ -595,10 +601,10 @@ def test_sigterm_to_a_parallel_series_interrupts_every_run_and_the_next_invocati
         assert json.loads((d / "results.json").read_text())["status"] == "finished"
 
 
-def test_readme_exit_codes_are_utils_table():
+def test_cluster_md_exit_codes_are_utils_table():
     import utils
 
-    assert utils.exit_code_table() in (HERE / "README.md").read_text()
+    assert utils.exit_code_table() in (HERE / "CLUSTER.md").read_text()
     assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
     assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES
     readme = (HERE / "README.md").read_text()
@@ -624,6 +630,7 @@ event("end")
 '''
 
 
+@pytest.mark.slow
 def test_devices_give_each_running_run_its_own_device(tmp_path):
     """DEVICES="0 1": two runs at once, each with CUDA_VISIBLE_DEVICES set to a device no other running run has;
     the third run gets the device its predecessor freed."""

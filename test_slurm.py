@@ -341,15 +341,15 @@ sys.exit(1)
 
 
 def readme_single_run_recipe():
-    text = (HERE / "README.md").read_text()
-    section = text.split("## Clusters: several GPUs, several hosts, preemption", 1)
+    text = (HERE / "CLUSTER.md").read_text()
+    section = text.split("**Several hosts**", 1)
     blocks = re.findall(r"```bash\n(#!/usr/bin/env bash\n#SBATCH --nodes=2 .*?)```", section[-1], re.S)
-    assert len(section) == 2 and blocks, "README.md: no SLURM batch script in '## Clusters: ...'"
+    assert len(section) == 2 and blocks, "CLUSTER.md: no SLURM batch script under '**Several hosts**'"
     return blocks[0]
 
 
 def test_readme_single_run_recipe_requeues_and_resumes(slurm, tmp_path):
-    """README's batch script for one run, on one node with a stand-in trainer: SLURM's warning before the time
+    """CLUSTER.md's batch script for one run, on one node with a stand-in trainer: SLURM's warning before the time
     limit (USR1 to the batch shell alone, as `--signal=B:USR1@...` sends it) reaches the trainer through srun, the
     trainer saves ckpt_latest and stops, the script requeues the job, and the next start resumes and finishes."""
     recipe = readme_single_run_recipe()
@@ -362,7 +362,7 @@ def test_readme_single_run_recipe_requeues_and_resumes(slurm, tmp_path):
                      ("RUN=runs/pathx-s5", f"RUN={run}"),
                      ("python train_ex.py", f"{sys.executable} {trainer} {log}"),
                      (" ... &", " &")]:
-        assert old in script, f"README.md's batch script no longer has {old!r}"
+        assert old in script, f"CLUSTER.md's batch script no longer has {old!r}"
         script = script.replace(old, new)
     (tmp_path / "job.sh").write_text(script)
     job = slurm.run("sbatch", "--parsable", f"--output={tmp_path}/job.out", str(tmp_path / "job.sh")).strip()

@@ -514,14 +514,16 @@ def train_one_epoch(loop: Loop, state, progress, signals, t0):
     cfg, rt, epoch = loop.cfg, loop.rt, progress["epoch"]
     sync_every = 1 if rt.count == 1 else cfg.log_every
     last_save = time.monotonic()
-    bar = tqdm(total=loop.steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               unit="step", leave=False, dynamic_ncols=True, disable=not rt.main)
+    desc = lambda: f"epoch {epoch + 1}/{cfg.epochs} | {run_progress(loop, progress, t0)}"  # noqa: E731
+    bar = tqdm(total=loop.steps_per_epoch, initial=progress["batch"], desc=desc(), unit="step", leave=False,
+               dynamic_ncols=True, disable=not rt.main)
     batches = loop.splits[0].batches(cfg.bsz, shuffle=True, seed=cfg.jax_seed, epoch=epoch, drop_last=True,
                                      buckets=loop.buckets, start=progress["batch"], shard=rt.shard)
     for b in dataloaders.prefetch(batches):
         state = loop.train_step(state, rt.global_batch(b), progress["step"])
         progress["batch"] += 1
         progress["step"] += 1
+        bar.set_description_str(desc(), refresh=False)  # host clock and counters only: no device sync
         bar.update(1)
         if progress["batch"] % cfg.log_every == 0 or progress["batch"] == loop.steps_per_epoch:
             check_totals(loop, state, progress, bar, t0)
@@ -545,6 +547,26 @@ def train_one_epoch(loop: Loop, state, progress, signals, t0):
             last_save = time.monotonic()
     bar.close()
     return state, None
+
+
+def run_progress(loop: Loop, progress, t0) -> str:
+    """The whole run at a glance, for the line beside the epoch's bar: its time so far (earlier sessions of a resumed
+    run included) and the time left for the rest of its steps over all epochs (to --max_steps if sooner) at the
+    run's pace so far (compiles and evaluations included). Host-side numbers only."""
+    total = loop.cfg.epochs * loop.steps_per_epoch
+    if loop.cfg.max_steps:
+        total = min(total, loop.cfg.max_steps)
+    elapsed = progress["wall_time_s"] + time.perf_counter() - t0
+    done = progress["step"]
+    left = f"~{duration(elapsed / done * max(total - done, 0))}" if done else "?"
+    return f"run {duration(elapsed)} elapsed, {left} left for {max(total - done, 0):,} of {total:,} steps"
+
+
+def duration(seconds: float) -> str:
+    """A time span as H:MM:SS, with the days in front when there are any (4d 3:12:00)."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    clock = f"{rest // 3600:d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
 
 
 def check_totals(loop: Loop, state, progress, bar, t0):

@@ -58,7 +58,7 @@ def exit_status(code) -> str | None:
 
 
 def exit_code_table() -> str:
-    """EXIT_CODES as a Markdown table (the README's copy is checked against it)."""
+    """EXIT_CODES as a Markdown table (CLUSTER.md's copy is checked against it)."""
     rows = [f"| {code} | {exit_status(code)} | {text} |" for code, text in sorted(EXIT_CODES.items())]
     return "\n".join(["| exit code | status | meaning |", "|---|---|---|", *rows])
 

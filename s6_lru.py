@@ -97,6 +97,24 @@ def selective_scan(u, delta, A, B, C, D, bidirectional: bool = False, block: int
     return y + D * u
 
 
+def selective_scan_ref(u, delta, A, B, C, D, bidirectional: bool = False):
+    """The plain loop `selective_scan` must equal: one step at a time, as the module docstring writes it."""
+    N = A.shape[1]
+
+    def run(inputs, reverse):
+        def step(x, inp):  # x (H, N)
+            u_t, d_t, B_t = inp
+            x = jnp.exp(d_t[:, None] * A) * x + (d_t * u_t)[:, None] * B_t[None, :]
+            return x, x
+
+        return jax.lax.scan(step, jnp.zeros_like(A), inputs, reverse=reverse)[1]  # (L, H, N)
+
+    y = jnp.einsum("lhn,ln->lh", run((u, delta, B), False), C[:, :N])
+    if bidirectional:
+        y = y + jnp.einsum("lhn,ln->lh", run((u, delta, B), True), C[:, N:])
+    return y + D * u
+
+
 def inverse_softplus(y):
     """x with softplus(x) = log(1 + e^x) = y > 0."""
     return y + jnp.log(-jnp.expm1(-y))

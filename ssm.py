@@ -16,6 +16,18 @@ one of each conjugate pair of eigenvalues is kept (P/2 complex states) and the o
 
 Everything here works on ONE sequence: u is (L, H). Callers vmap over the batch.
 Construction helpers run in numpy float64 (they are run once, at initialisation); the recurrences are JAX.
+
+Glossary: every SSM file of the harness (ssm.py, ssm_ex.py, s4.py, s6_lru.py) uses these symbols in one sense.
+    L   sequence length (steps);  t = 0..L-1 the time index;  B the batch size (B̄ is the input matrix)
+    H   features (d_model);  P  states of the real system (--ssm_size_base); P_s the complex states a layer carries
+        (P/2 under conjugate symmetry);  N  S6's real states per channel
+    Λ, Λ̄   continuous and discrete eigenvalues (P_s,);  B̃, B̄  input matrices;  C̃  output matrix (H, P_s);  D  skip
+    Δ(t)    a fixed time schedule;  step  the discretisation timestep (S6: Δ_t, input-dependent)
+    E, F, δ(t), R   the Lambda extension's factors (P_s × R, R × P_s), its time profile (R,) and rank;
+        K  the number of basis functions of a δ basis
+    W, n    the chunked scan's steps per chunk and number of chunks (ssm_ex.lowrank_scan);  Φ_c  a chunk's map
+    a_t, b_t  a diagonal recurrence's transition and input, x_t = a_t ⊙ x_{t-1} + b_t;  x_t  the state
+    s_t, c_t, r, G  the stability guard's row scale, whole-transition scale, bound per step and over a sequence
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Time-varying S5: the auxiliary state and the Lambda extension.
 
-Notation as in ssm.py (one sequence, t = 0..L-1, T = L, x_{-1} = 0, p_{-1} = 0, Λ̄ and B̄ from S5's
+Notation as in ssm.py's glossary (one sequence, t = 0..L-1, x_{-1} = 0, p_{-1} = 0, Λ̄ and B̄ from S5's
 discretisation, y_t = Re(C̃ x_t) (2·Re under conj_sym) + D u_t).
 
 Time schedules Δ(t) (`time_scale`):
-    linear 1 + 0.1 t/T,  exponential exp(-0.01 t),  sinusoidal 1 + 0.1 sin(0.1 t),  constant 1.
+    linear 1 + 0.1 t/L,  exponential exp(-0.01 t),  sinusoidal 1 + 0.1 sin(0.1 t),  constant 1.
 
 Auxiliary state (E ∈ C^P):
     x_t = Λ̄ ⊙ x_{t-1} + B̄ u_t + E ⊙ p_{t-1},   p_t = Δ(t) x_t
@@ -19,16 +19,16 @@ Lambda extension (E ∈ C^{P×R}, F ∈ C^{R×P}, δ(t) ∈ R^R):   Λ_ex(t) = d
 
 Full mode: a time-varying linear system shared by the batch. Λ̄, E, F, δ(t) and the guard's scales do not
 depend on the sample; only b_t = B̄u_t does. So every P×P operator is built once per step of training, for the
-whole batch, and the per-sample work is P-vectors only. `lowrank_scan` splits the sequence into n = ⌈L/C⌉
-chunks of C steps (C ≈ √(L/2) by default) and makes three passes:
+whole batch, and the per-sample work is P-vectors only. `lowrank_scan` splits the sequence into n = ⌈L/W⌉
+chunks of W steps (W ≈ √(L/2) by default) and makes three passes:
   0. shared:  each chunk's transition Φ_c = Λ_ex(end)···Λ_ex(start) (P×P), the identity carried through the
-     chunk's C steps, all chunks at once: O(L P² R) work, once for the batch, C dependent steps;
-  1. per sample, all chunks at once, each from a zero state: its end state e_c (C dependent steps);
+     chunk's W steps, all chunks at once: O(L P² R) work, once for the batch, W dependent steps;
+  1. per sample, all chunks at once, each from a zero state: its end state e_c (W dependent steps);
   2. per sample, across chunks: h_{c+1} = Φ_c h_c + e_c, the true start state of every chunk (n steps);
-  3. per sample, all chunks at once again from their true start states, keeping every state (C steps).
+  3. per sample, all chunks at once again from their true start states, keeping every state (W steps).
 Every state equals the step-by-step recurrence (no truncation). Per sample: two runs of the recurrence,
-O(L P R) each, plus O(L P²/C) across chunks; the batch is a matmul dimension in every step.
-Sequential depth (dependent steps on the longest path): 2C + n ≈ 2√(2L) per direction and pass (L = 1024:
+O(L P R) each, plus O(L P²/W) across chunks; the batch is a matmul dimension in every step.
+Sequential depth (dependent steps on the longest path): 2W + n ≈ 2√(2L) per direction and pass (L = 1024:
 2·23 + 45 = 91 instead of 1024; L = 16,384: 2·91 + 181 = 363).
 
 Reverse mode (`jax.custom_vjp`): nothing of the passes is stored but the states x_t and the n chunk maps. With
@@ -109,11 +109,11 @@ GUARD_GROWTH = 1e4  # the spectral guard's default bound on a sequence's growth 
 # --------------------------------------------------------------------------------------------------
 
 
-def schedule(t, T, kind: str):
-    """Δ(t) for time index t (array or scalar) in a sequence of length T."""
+def schedule(t, L, kind: str):
+    """Δ(t) for time index t (array or scalar) in a sequence of length L."""
     t = jnp.asarray(t, jnp.float32)
     if kind == "linear":
-        return 1.0 + 0.1 * t / T
+        return 1.0 + 0.1 * t / L
     if kind == "exponential":
         return jnp.exp(-0.01 * t)
     if kind == "sinusoidal":
@@ -237,7 +237,7 @@ def spectral_scale(a, E, F, delta, r_max: float = 1.0, iterations: int = POWER_I
 
 
 def default_chunk(L: int) -> int:
-    """C ≈ √(L/2), which minimises the scan's sequential depth 2C + L/C."""
+    """W ≈ √(L/2), which minimises the scan's sequential depth 2W + L/W."""
     return max(1, int(math.ceil(math.sqrt(L / 2))))
 
 
@@ -261,13 +261,13 @@ def _transition(E, F, transpose: bool):
 
 
 def _chunked(step, Phi_T, inputs, zero, reverse: bool, transpose: bool):
-    """All states of an affine recurrence x ← step(x, input_t), chunked. inputs: leaves (C, n, ...), step t of
+    """All states of an affine recurrence x ← step(x, input_t), chunked. inputs: leaves (W, n, ...), step t of
     chunk c at [t, c]; zero: the zero state (P,). Phi_T (n, P, P) holds each chunk's composed linear map as
-    Φ_cᵀ (so that h ↦ Φ_c h is h @ Φ_cᵀ); transpose applies Φ_cᵀ instead (the adjoint). Returns (C, n, P).
+    Φ_cᵀ (so that h ↦ Φ_c h is h @ Φ_cᵀ); transpose applies Φ_cᵀ instead (the adjoint). Returns (W, n, P).
 
-    1. all chunks at once, each from a zero state → its end state e_c (per sample: C dependent steps);
+    1. all chunks at once, each from a zero state → its end state e_c (per sample: W dependent steps);
     2. across chunks, h_{c+1} = Φ_c h_c + e_c → every chunk's true start state (n dependent steps);
-    3. all chunks at once again, each from its true start state, keeping every state (C dependent steps).
+    3. all chunks at once again, each from its true start state, keeping every state (W dependent steps).
     """
     def run(x0, keep):
         body = lambda x, inp: (step(x, inp),) * 2 if keep else (step(x, inp), None)  # noqa: E731
@@ -290,7 +290,7 @@ def _chunked(step, Phi_T, inputs, zero, reverse: bool, transpose: bool):
 
 def _chunk_transitions(a, E, F, d, s):
     """Φ_cᵀ (n, P, P) for every chunk c, Φ_c = A(end)···A(start): the identity's rows carried through the chunk's
-    steps. a (C, n, P), d (C, n, R), s (C, n, P) or None. Depends on parameters only: built once for the batch."""
+    steps. a (W, n, P), d (W, n, R), s (W, n, P) or None. Depends on parameters only: built once for the batch."""
     P, n = a.shape[-1], a.shape[1]
     apply = _transition(E, F, transpose=False)
 
@@ -303,29 +303,29 @@ def _chunk_transitions(a, E, F, d, s):
 
 
 def _chunks(L: int, chunk):
-    T = min(chunk or default_chunk(L), L)
-    n = -(-L // T)
-    return T, n, n * T - L
+    W = min(chunk or default_chunk(L), L)
+    n = -(-L // W)
+    return W, n, n * W - L
 
 
-def _split(a, n, T, pad):
-    """(L, ...) → (T, n, ...): step t of chunk c at [t, c], zero-padded at the end (steps after the end cannot
+def _split(a, n, W, pad):
+    """(L, ...) → (W, n, ...): step t of chunk c at [t, c], zero-padded at the end (steps after the end cannot
     change earlier states)."""
     if a is None:
         return None
-    return jnp.swapaxes(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(n, T, *a.shape[1:]), 0, 1)
+    return jnp.swapaxes(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(n, W, *a.shape[1:]), 0, 1)
 
 
 def _join(xs, L):
-    """(T, n, P) → (L, P)."""
+    """(W, n, P) → (L, P)."""
     return jnp.swapaxes(xs, 0, 1).reshape(-1, xs.shape[-1])[:L]
 
 
 def _lowrank_forward(a, E, F, delta, b, s, chunk):
     L, P = b.shape
-    T, n, pad = _chunks(L, chunk)
+    W, n, pad = _chunks(L, chunk)
     cast = lambda v: None if v is None else v.astype(b.dtype)  # noqa: E731  (once, not in every step)
-    ac, d, sc, bc = (_split(v, n, T, pad) for v in (a, cast(delta), cast(s), b))
+    ac, d, sc, bc = (_split(v, n, W, pad) for v in (a, cast(delta), cast(s), b))
     apply = _transition(E, F, transpose=False)
     Phi_T = None if n == 1 else _chunk_transitions(ac, E, F, d, sc)
     xs = _chunked(lambda x, inp: apply(x, inp[0], inp[1], inp[2]) + inp[3], Phi_T, (ac, d, sc, bc),
@@ -349,9 +349,9 @@ def _lowrank_states_bwd(chunk, res, g):
     parameters' cotangents are sums over t of outer products of x̄_t with x_{t-1} (no stored P×P per step)."""
     a, E, F, delta, s, xs, Phi_T = res
     L, P = xs.shape
-    T, n, pad = _chunks(L, chunk)
+    W, n, pad = _chunks(L, chunk)
     cast = lambda v: None if v is None else v.astype(xs.dtype)  # noqa: E731
-    ac, d, sc, gc = (_split(v, n, T, pad) for v in (a, cast(delta), cast(s), g))
+    ac, d, sc, gc = (_split(v, n, W, pad) for v in (a, cast(delta), cast(s), g))
     apply_T = _transition(E, F, transpose=True)
     kappa = _join(_chunked(lambda k, inp: apply_T(k + inp[3], inp[0], inp[1], inp[2]), Phi_T, (ac, d, sc, gc),
                            jnp.zeros((P,), xs.dtype), reverse=True, transpose=True), L)
@@ -382,6 +382,21 @@ def lowrank_scan(a, E, F, delta, b, row_scale=None, chunk=None):
     a = jnp.broadcast_to(jnp.asarray(a, dtype), b.shape)
     return _lowrank_states(a, jnp.asarray(E, dtype), jnp.asarray(F, dtype), jnp.asarray(delta, jnp.float32), b, s,
                            chunk)
+
+
+def lowrank_recurrence(a, E, F, delta, b, row_scale=None):
+    """The plain loop `lowrank_scan` must equal: x_t = a_t ⊙ x_{t-1} + s_t ⊙ (E (δ_t ⊙ (F x_{t-1}))) + b_t, one step
+    at a time, with the same arguments (no chunks, no custom reverse mode)."""
+    L, P = b.shape
+    a = jnp.broadcast_to(jnp.asarray(a, b.dtype), (L, P))
+    s = jnp.ones((L, P), jnp.float32) if row_scale is None else jnp.asarray(row_scale, jnp.float32)
+
+    def step(x, inp):
+        a_t, d_t, s_t, b_t = inp
+        x = a_t * x + s_t * (E @ (d_t.astype(b.dtype) * (F @ x))) + b_t
+        return x, x
+
+    return jax.lax.scan(step, jnp.zeros((P,), b.dtype), (a, jnp.asarray(delta, jnp.float32), s, b))[1]
 
 
 # --------------------------------------------------------------------------------------------------

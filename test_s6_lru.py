@@ -103,6 +103,24 @@ def test_selective_scan_equals_loop(L, H, N, block, bidirectional):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_selective_scan_equals_its_plain_loop_beside_it(bidirectional):
+    """selective_scan (blocked, rematerialised) against selective_scan_ref, the step-by-step loop written beside it
+    in s6_lru.py: outputs and the gradient of every argument; the loop itself against the float64 numpy loop."""
+    L, H, N = 19, 6, 4
+    rng = np.random.default_rng(11)
+    args = list(map(f32, selective_inputs(rng, L, H, N, 2 if bidirectional else 1)))
+    w = f32(rng.normal(size=(L, H)))
+    fast = lambda *a: s6_lru.selective_scan(*a, bidirectional=bidirectional, block=2)  # noqa: E731
+    ref = lambda *a: s6_lru.selective_scan_ref(*a, bidirectional=bidirectional)  # noqa: E731
+    y_ref = jax.jit(ref)(*args)
+    assert rel_err(jax.jit(fast)(*args), y_ref) < 1e-5
+    assert rel_err(y_ref, np_selective_scan(*map(np.asarray, args), bidirectional)) < 1e-5
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(w * f(*a)), argnums=tuple(range(6))))(*args)  # noqa: E731
+    for i, (g, g_ref) in enumerate(zip(grad(fast), grad(ref))):
+        assert rel_err(g, g_ref) < 1e-4, i
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_selective_scan_gradients_equal_differences_of_the_loop(bidirectional):
     """Directional derivatives of Σ w ⊙ y along a random direction of every argument (u, Δ, A, B, C, D), from
     jax.grad in float32 (blocked, rematerialised) against central differences of the float64 loop."""

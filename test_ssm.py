@@ -519,6 +519,26 @@ def test_full_mode_outputs_and_gradients_equal_float64_dense_loop(L, P, R, chunk
         assert rel_err(gf, gr) < 1e-4, f"gradient of {names[i]}"
 
 
+@pytest.mark.parametrize("L,P,R,chunk,guarded,varying", [(23, 6, 4, 5, True, True), (40, 8, 3, None, False, False),
+                                                         (1, 4, 2, None, True, False)])
+def test_lowrank_scan_equals_its_plain_loop_beside_it(L, P, R, chunk, guarded, varying):
+    """lowrank_scan (chunks, shared chunk maps, hand-written adjoint) against lowrank_recurrence, the step-by-step loop
+    written beside it in ssm_ex.py: all states and the gradient of every argument."""
+    a, _, _, E, F, delta, s, _ = full_mode_case(L, P, R, 2, False, guarded, seed=L + P, varying=varying)
+    b = crandn(np.random.default_rng(3), L, P)
+    w = c64(crandn(np.random.default_rng(4), L, P))
+    args = [c64(a), c64(E), c64(F), jnp.asarray(delta, jnp.float32), c64(b)] + ([jnp.asarray(s, jnp.float32)]
+                                                                               if guarded else [])
+    fast = lambda *x: ssm_ex.lowrank_scan(*x[:5], x[5] if guarded else None, chunk)  # noqa: E731
+    ref = lambda *x: ssm_ex.lowrank_recurrence(*x[:5], x[5] if guarded else None)  # noqa: E731
+    assert rel_err(jax.jit(fast)(*args), jax.jit(ref)(*args)) < 1e-5
+    def grad(f):
+        return jax.jit(jax.grad(lambda *x: jnp.sum(jnp.real(w * f(*x))), argnums=tuple(range(len(args)))))(*args)
+
+    for i, (g, g_ref) in enumerate(zip(grad(fast), grad(ref))):
+        assert rel_err(g, g_ref) < 1e-4, i
+
+
 def test_full_mode_batched_gradients_equal_float64_dense_loop():
     """Under vmap (how the model runs it) the chunk maps are shared and the parameter cotangents are summed
     over the batch."""

@@ -136,16 +136,15 @@ def _extension_options(p):
                    "(0: about sqrt(L/2), the smallest sequential depth; >= L: one chunk, the plain recurrence)")
     g.add_argument("--extend_guard", choices=ssm_ex.GUARDS,
                    help="stability guard of --ssm_type extend and aux (ssm_ex.py): spectral = each step's whole "
-                   "transition scaled to 2-norm <= 1 (power iteration); rows = the earlier guard, the correction's "
-                   "rows scaled to row sum <= 1 (pins full mode near S5; runs without this option in their config "
-                   "resume with it); none = the equations as they are (diagonal clamps off too); default %(default)s")
+                   "transition scaled to 2-norm <= guard_growth^(1/L) (power iteration); rows = the earlier guard, "
+                   "the correction's rows scaled to row sum <= 1 (pins full mode near S5; runs without this option "
+                   "in their config resume with it); none = the equations as they are (diagonal clamps off too)")
     g.add_argument("--guard_growth", type=float,
                    help="--extend_guard spectral: the most the state may grow over a whole sequence of L steps; each "
-                   "step's transition may have 2-norm up to guard_growth^(1/L) (1: none may expand); default "
-                   "%(default)s")
+                   "step's transition may have 2-norm up to guard_growth^(1/L) (1: none may expand)")
     g.add_argument("--delta_basis_size", type=int,
                    help="--delta_type legendre|fourier: K basis functions of relative time t/L, so δ has K x R "
-                   "parameters per layer and works at any length; default %(default)s")
+                   "parameters per layer and works at any length")
 
 
 def _optimisation_options(p):

@@ -140,8 +140,9 @@ def _extension_options(p):
                    "the correction's rows scaled to row sum <= 1 (pins full mode near S5; runs without this option "
                    "in their config resume with it); none = the equations as they are (diagonal clamps off too)")
     g.add_argument("--guard_growth", type=float,
-                   help="--extend_guard spectral: the most the state may grow over a whole sequence of L steps; each "
-                   "step's transition may have 2-norm up to guard_growth^(1/L) (1: none may expand)")
+                   help="--extend_guard spectral, --extend_mode full: the most the state may grow over a whole "
+                   "sequence of L steps; each step's transition may have 2-norm up to guard_growth^(1/L) (1: none "
+                   "may expand; the auxiliary state and diag mode clamp each |a_t| at 1)")
     g.add_argument("--delta_basis_size", type=int,
                    help="--delta_type legendre|fourier: K basis functions of relative time t/L, so δ has K x R "
                    "parameters per layer and works at any length")

@@ -5,6 +5,7 @@ on the easiest setting of each task that must beat chance."""
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -288,3 +289,42 @@ def test_s5_beats_chance(name, tmp_path):
     assert code == 0 and chance < bar
     assert results["best"]["test_acc"] > bar, (results["best"], chance)
     assert results["data"]["generated"] and results["config"]["data_options"].startswith(options)
+
+
+def test_a_basis_delta_model_trained_at_length_l_evaluates_at_2l(tmp_path):
+    """The Lambda extension with δ from a Legendre basis, trained on varying_gain at length 24: its parameters do not
+    grow with the length (the same count at length 48), and the trained model, rebuilt from its run directory,
+    evaluates sequences of 48 steps, its recurrent mode equal to its parallel mode there. A learned δ table cannot."""
+    common = ["--dataset", "varying_gain", *TINY, "--ssm_type", "extend", "--R", "2", "--epochs", "1",
+              "--ckpt_every_min", "0"]
+    run = tmp_path / "run"
+    assert train_ex.main([*common, "--data_options", "length=24,lag=2,n_train=128,n_val=32,n_test=32",
+                          "--delta_type", "legendre", "--delta_basis_size", "5", "--run_dir", str(run)]) == 0
+    counts = []
+    for length in (24, 48):
+        cfg = config.parse_args([*common, "--data_options", f"length={length}", "--delta_type", "legendre",
+                                 "--delta_basis_size", "5"])
+        meta = dl.model_meta("varying_gain", f"length={length}")
+        variables, _ = models.init_variables(cfg, models.build_model(cfg, meta), models.example_batch(meta, 2))
+        counts.append(sum(x.size for x in jax.tree_util.tree_leaves(variables["params"])))
+    assert counts[0] == counts[1]
+    cfg, meta, state = models.read_run(run)
+    model = models.build_model(cfg, meta)
+    u = np.random.default_rng(0).normal(size=(2, 48, 1)).astype(np.float32)
+    batch = dict(models.example_batch(meta, 2, L=48), inputs=jnp.asarray(u))
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    y = np.asarray(model.apply(variables, batch))
+    assert y.shape == (2, 48, 1) and np.all(np.isfinite(y))
+    encoder = models.StackedEncoder(model.encoder.ssm, *[getattr(model.encoder, k) for k in (
+        "d_model", "P", "n_layers", "tokens", "in_dim", "layer_kw", "token_encoder")])
+    enc_vars = {k: v["encoder"] for k, v in variables.items()}
+    systems = encoder.apply(enc_vars, 48, method="recurrent_system")
+    states = encoder.apply(enc_vars, method="initial_state")
+    dense = model.apply(variables, batch, method=lambda m, b: m.encoder(b["inputs"], jnp.ones((2, 48)), False))
+    for t in range(48):
+        states, h = encoder.apply(enc_vars, states, u[0, t], t, 48, systems, method="step")
+        np.testing.assert_allclose(np.asarray(h), np.asarray(dense[0, t]), rtol=1e-4, atol=1e-5)
+    table = config.parse_args([*common, "--data_options", "length=24"])
+    with pytest.raises(ValueError, match="longer than the learned delta table"):
+        m = models.build_model(table, dl.model_meta("varying_gain", "length=24"))
+        m.init(jax.random.PRNGKey(0), models.example_batch(meta, 2, L=48))

@@ -118,8 +118,7 @@ def aux_modulus(module, p, L):
     """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, the fraction of (t, state) the clamp acted on, and the clamp's bound."""
 
     a, scale = module.apply({"params": p}, L, method="transitions")
-    return np.abs(np.asarray(a)), float(np.mean(np.asarray(scale) < 1.0)), \
-        ssm_ex.step_bound(module.guard, module.guard_growth, L)
+    return np.abs(np.asarray(a)), float(np.mean(np.asarray(scale) < 1.0)), (1.0 if module.guard != "none" else None)
 
 
 def extend_spectra(module, p, L, n_t=64):
@@ -265,7 +264,8 @@ def plot_aux(path, aux):
         ax.fill_between(t, q[0], q[4], color="tab:blue", alpha=0.15, label="min–max over states")
         ax.fill_between(t, q[1], q[3], color="tab:blue", alpha=0.35, label="25–75%")
         ax.plot(t, q[2], color="tab:blue", label="median")
-        ax.axhline(info["bound"], color="tab:red", ls="--", label=f"clamp |a| ≤ {info['bound']:.4g}")
+        if info["bound"] is not None:
+            ax.axhline(info["bound"], color="tab:red", ls="--", label=f"clamp |a| ≤ {info['bound']:.4g}")
         ax.set_xlabel("t (steps)")
         ax.set_ylabel("|Λ̄ + E Δ(t−1)|")
         ax.set_title(f"{name}: auxiliary state, effective transition modulus "

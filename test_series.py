@@ -607,8 +607,8 @@ def test_cluster_md_exit_codes_are_utils_table():
     assert utils.exit_code_table() in (HERE / "CLUSTER.md").read_text()
     assert utils.exit_status(143) == utils.exit_status(130) == utils.exit_status(138) == "interrupted"
     assert 143 not in utils.FINAL_CODES and 0 in utils.FINAL_CODES and 2 in utils.FINAL_CODES
-    readme = (HERE / "README.md").read_text()
-    assert "| 5 | does not fit | does not fit: XLA's estimate" in readme and "| 6 | locked | locked: " in readme
+    cluster = (HERE / "CLUSTER.md").read_text()
+    assert "| 5 | does not fit | does not fit: XLA's estimate" in cluster and "| 6 | locked | locked: " in cluster
     assert utils.exit_status(utils.DOES_NOT_FIT) == "does not fit" and utils.exit_status(utils.LOCKED) == "locked"
 
 

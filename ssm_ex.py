@@ -802,7 +802,7 @@ ssm.register(ssm.SSMType(
                    "top of ssm_ex.py)", choices=TIME_SCALES, arch=True),
         ssm.Option("auxiliary_strength", 0.1, "aux: std of the initial coupling E", type=float),
         GUARD, GROWTH),
-    params={**ssm.S5_PARAMS, **EXTENSION_ROLES}, eigs=ssm.s5_eigs, pictures=(AUX_PICTURE,),
+    params={**ssm.S5_PARAMS, "E": "extension"}, eigs=ssm.s5_eigs, pictures=(AUX_PICTURE,),
     bench={"aux": ["--ssm_type", "aux"]}, check=_check_guard_options, frozen_base=True))
 
 ssm.register(ssm.SSMType(

@@ -176,16 +176,22 @@ def bench_scans(shapes, repeats, on_gpu):
     return rows
 
 
-# The variants every training and memory row compares: S5 and the extensions on the same recipe
-VARIANTS = {"s5": ["--ssm_type", "s5"], "aux": ["--ssm_type", "aux"],
-            "extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
-            "extend full": ["--ssm_type", "extend", "--extend_mode", "full"],  # the default guard (spectral)
-            "extend full rows": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "rows"],
-            "extend full none": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "none"],
-            "s6": ["--ssm_type", "s6"], "lru": ["--ssm_type", "lru"]}  # the modern baselines at S5's width
+# The variants every training and memory row compares: S5 and the extensions on the same recipe, the modern
+# baselines at S5's width; each type's declaration names its own (ssm.SSMType.bench)
+def variants() -> dict:
+    return {name: argv for d in ssm.declarations() for name, argv in d.bench.items()}
 
 
-def bench_train(recipes, repeats, variants=VARIANTS):
+def type_flags(argv: list, **values) -> list:
+    """The options `values` (name → value) that the --ssm_type named in argv takes, as words."""
+    decl = ssm.ssm_type(argv[argv.index("--ssm_type") + 1])
+    return [w for name, v in values.items() if name in decl.option_names() for w in (f"--{name}", str(v))]
+
+
+VARIANTS = variants()
+
+
+def bench_train(recipes, repeats, variants=VARIANTS, type_values=None):
     """Steps/s of a training step per variant. All variants are compiled first, then timed in interleaved rounds
     (one step of each in turn), so a slow spell of a noisy machine hits every variant alike; the ratio to S5
     is the median of the per-round ratios."""
@@ -193,7 +199,7 @@ def bench_train(recipes, repeats, variants=VARIANTS):
     for label, argv, L, tokens in recipes:
         runs = {}
         for name, extra in variants.items():
-            cfg = config.parse_args([*argv, *extra])
+            cfg = config.parse_args([*argv, *extra, *type_flags(extra, **(type_values or {}))])
             meta = dict(n_classes=10, seq_len=L, in_dim=18 if tokens else 1, tokens=tokens, pair=False)
             rng = np.random.default_rng(0)
             batch = models.example_batch(meta, cfg.bsz)
@@ -251,7 +257,7 @@ def bench_memory(recipes, variants=VARIANTS):
         base = None
         for variant, extra in variants.items():
             row = dict(recipe=label, variant=variant, L=meta["seq_len"],
-                       **step_memory([*argv, "--R", str(R), *extra], meta))
+                       **step_memory([*argv, *extra, *type_flags(extra, R=R)], meta))
             base = base or row["temp_GB"]
             row["temp_ratio"] = row["temp_GB"] / base
             rows.append(row)
@@ -264,7 +270,7 @@ def bench_sample(model_flags, n, L, repeats):
     """Drawing n sequences of L pixels (models.Sampler: the whole network in its recurrent mode, one compiled
     lax.scan) per ssm_type: the first call (compile included) and the median of later calls."""
     rows = []
-    for ssm_type in models.SSM_TYPES:
+    for ssm_type in ssm.TYPES:
         cfg = config.parse_args(["--dataset", "mnist", "--ssm_type", ssm_type, *model_flags])
         meta = dict(dataloaders.model_meta("mnist"), seq_len=L)
         model = models.build_model(cfg, meta)
@@ -302,8 +308,9 @@ def main(argv=None):
                    "variant at every S5 recipe, minutes each on a CPU) only when named")
     p.add_argument("--recipes", default=",".join(s5_recipes()),
                    help=f"memory section: which S5 recipes (of {','.join(s5_recipes())})")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"train and memory sections: which of {','.join(VARIANTS)} (s5 always, the ratios' base)")
+    p.add_argument("--variants", default=",".join(variants()),
+                   help=f"train and memory sections: which of {','.join(variants())} (s5 always, the ratios' base; "
+                   f"each SSM type's declaration names its own)")
     p.add_argument("--data_dir", default=None, help="data root with ListOps (default: a small generated set)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -311,31 +318,32 @@ def main(argv=None):
     print(f"backend {dev.platform}: {len(jax.devices())}× {dev.device_kind} | jax {jax.__version__}")
     out = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__, "quick": args.quick}
     sections = args.sections.split(",")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    every = variants()
+    unknown = set(args.variants.split(",")) - set(every)
     if unknown:
-        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
-    variants = {k: v for k, v in VARIANTS.items() if k == "s5" or k in args.variants.split(",")}
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(every)}")
+    chosen = {k: v for k, v in every.items() if k == "s5" or k in args.variants.split(",")}
     if "scans" in sections:
         print("scans (B, L, P): median time, ratio to the S5 scan")
         out["scans"] = bench_scans(QUICK_SHAPES if args.quick else FULL_SHAPES, args.repeats, on_gpu)
     if "train" in sections:
         print("training step (forward, backward, optimiser)")
         if args.quick:
-            recipes = [("listops-s", ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16", "--bsz", "8",
-                                      "--R", "4"], 1024, True)]
+            recipes = [("listops-s", ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16", "--bsz", "8"],
+                        1024, True)]
         else:
             recipes = [("listops", ["--bsz", "32"], 2048, True)]
             if on_gpu:
                 recipes.append(("path-x", ["--bsz", "32", "--d_model", "128", "--ssm_size_base", "256", "--blocks",
                                            "16", "--n_layers", "6", "--bidirectional", "--C_init", "complex_normal"],
                                 16384, False))
-        out["train"] = bench_train(recipes, args.repeats, variants)
+        out["train"] = bench_train(recipes, args.repeats, chosen, type_values=dict(R=4) if args.quick else None)
     if "memory" in sections:
         print(f"memory of one training step at the S5 recipes (XLA's estimate on {dev.platform}; R = {R})")
         unknown = set(args.recipes.split(",")) - set(s5_recipes())
         if unknown:
             p.error(f"--recipes: unknown {sorted(unknown)}; choose from {','.join(s5_recipes())}")
-        out["memory"] = bench_memory(args.recipes.split(","), variants)
+        out["memory"] = bench_memory(args.recipes.split(","), chosen)
     if "sample" in sections:
         if args.quick:
             flags = ["--d_model", "32", "--n_layers", "2", "--ssm_size_base", "16"]

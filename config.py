@@ -15,7 +15,6 @@ from pathlib import Path
 import dataloaders
 import models
 import ssm
-import ssm_ex
 import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
@@ -32,10 +31,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def make_parser():
     p = argparse.ArgumentParser(prog="train_ex.py", description=DESCRIPTION, formatter_class=HelpFormatter)
-    for add in (_data_options, _model_options, _extension_options, _optimisation_options, _run_options,
+    for add in (_data_options, _model_options, _ssm_type_options, _optimisation_options, _run_options,
                 _generation_options, _logging_options):
         add(p)
-    p.set_defaults(**models.MODEL_DEFAULTS)
+    p.set_defaults(**models.LAYER_DEFAULTS)
     return p
 
 
@@ -79,24 +78,17 @@ def _data_options(p):
 
 
 def _model_options(p):
-    """The network: SSM type and size, layer layout, encoders (defaults: models.MODEL_DEFAULTS)."""
+    """The network: SSM type and size, layer layout, encoders (defaults: models.LAYER_DEFAULTS)."""
     g = p.add_argument_group("model")
-    g.add_argument("--ssm_type", choices=models.SSM_TYPES,
-                   help="the sequence layer: s5; the lab's extensions aux (auxiliary state) and extend (Lambda "
-                   "extension); the baselines s4, s4d, dss (s4.py), s6 and lru (s6_lru.py)")
+    g.add_argument("--ssm_type", choices=list(ssm.TYPES),
+                   help="the sequence layer: " + "; ".join(f"{d.name} ({d.summary})" if len(d.names) == 1 else
+                                                          f"{'/'.join(d.names)} ({d.summary})"
+                                                          for d in ssm.declarations())
+                   + f"; a type of your own: its file in {ssm.PLUGIN_VARIABLE} (TRAINING.md)")
     g.add_argument("--enable_auxiliary_state", action="store_true", help="the lab's spelling of --ssm_type aux")
     g.add_argument("--d_model", type=int, help="model width H (features per step)")
     g.add_argument("--n_layers", type=int, help="number of sequence layers")
     g.add_argument("--ssm_size_base", type=int, help="state size P (N per feature for s4/s4d/dss)")
-    g.add_argument("--s4d_init", choices=("legs", "lin"), help="S4D eigenvalues: S4D-LegS or S4D-Lin")
-    g.add_argument("--blocks", type=int, help="HiPPO blocks in the initialisation")
-    g.add_argument("--C_init", choices=ssm.C_INITS, help="initialisation of the output matrix C (the S5 release's)")
-    g.add_argument("--discretization", choices=("zoh", "bilinear"), help="zero-order hold or bilinear")
-    g.add_argument("--dt_min", type=float, help="smallest initial step Δ (log-uniform in [dt_min, dt_max])")
-    g.add_argument("--dt_max", type=float, help="largest initial step Δ")
-    g.add_argument("--conj_sym", action=Flag, help="keep one of each conjugate pair of eigenvalues (half the "
-                   "states, output 2·Re)")
-    g.add_argument("--clip_eigs", action=Flag, help="keep the real parts of the eigenvalues below -1e-4")
     g.add_argument("--bidirectional", action=Flag, help="a forward and a backward scan per layer, concatenated")
     g.add_argument("--activation_fn", choices=models.ACTIVATIONS, help="after the SSM: a GLU variant or GELU")
     g.add_argument("--prenorm", action=Flag, help="normalise before the SSM (else after the residual)")
@@ -109,43 +101,24 @@ def _model_options(p):
     g.add_argument("--token_encoder", choices=models.TOKEN_ENCODERS,
                    help="token datasets: onehot = the S5 release's Dense with bias on one-hot tokens; embed = "
                    "nn.Embed")
-    g.add_argument("--s6_state_size", type=int, help="--ssm_type s6: N real states per channel (Mamba: 16)")
-    g.add_argument("--lru_r_min", type=float, help="--ssm_type lru: smallest initial |λ| (ring initialisation)")
-    g.add_argument("--lru_r_max", type=float, help="--ssm_type lru: largest initial |λ|")
-    g.add_argument("--lru_max_phase", type=float, help="--ssm_type lru: initial phases uniform in (0, this] "
-                   "(the LRU paper: 2π, π/10 on the longest tasks)")
     g.add_argument("--pixel_tokens", action=Flag,
                    help="--dataset mnist (next-pixel prediction): feed the previous pixel as one of 256 tokens "
                    "(encoded by --token_encoder; Annotated S4's embedding=true is --pixel_tokens --token_encoder "
                    "embed) instead of its value/255 through a Dense layer")
 
 
-def _extension_options(p):
-    """The time-varying extensions (ssm_ex.py): the auxiliary state and the Lambda extension."""
-    g = p.add_argument_group("extensions")
-    g.add_argument("--time_scale_type", choices=ssm_ex.TIME_SCALES, help="aux: the schedule Δ(t) of the "
-                   "auxiliary state (formulas at the top of ssm_ex.py)")
-    g.add_argument("--auxiliary_strength", type=float, help="aux: std of the initial coupling E")
-    g.add_argument("--R", type=int, help="rank of the Lambda extension")
-    g.add_argument("--extend_mode", choices=ssm_ex.EXTEND_MODES, help="extend: full = the dense rank-R "
-                   "correction (exact, chunked scan); diag = its diagonal only (parallel scan)")
-    g.add_argument("--delta_type", choices=ssm_ex.DELTA_TYPES, help="extend: δ(t) learned per step and rank, "
-                   "or one of the fixed schedules")
-    g.add_argument("--extend_init_scale", type=float, help="extend: std of the initial E, F and learned δ table")
-    g.add_argument("--extend_chunk", type=int, help="full mode: steps per chunk of the chunked scan "
-                   "(0: about sqrt(L/2), the smallest sequential depth; >= L: one chunk, the plain recurrence)")
-    g.add_argument("--extend_guard", choices=ssm_ex.GUARDS,
-                   help="stability guard of --ssm_type extend and aux (ssm_ex.py): spectral = each step's whole "
-                   "transition scaled to 2-norm <= guard_growth^(1/L) (power iteration); rows = the earlier guard, "
-                   "the correction's rows scaled to row sum <= 1 (pins full mode near S5; runs without this option "
-                   "in their config resume with it); none = the equations as they are (diagonal clamps off too)")
-    g.add_argument("--guard_growth", type=float,
-                   help="--extend_guard spectral, --extend_mode full: the most the state may grow over a whole "
-                   "sequence of L steps; each step's transition may have 2-norm up to guard_growth^(1/L) (1: none "
-                   "may expand; the auxiliary state and diag mode clamp each |a_t| at 1)")
-    g.add_argument("--delta_basis_size", type=int,
-                   help="--delta_type legendre|fourier: K basis functions of relative time t/L, so δ has K x R "
-                   "parameters per layer and works at any length")
+def _ssm_type_options(p):
+    """Every SSM type's own options (ssm.register), one group per type; an option several types share appears with
+    the first of them."""
+    seen = set()
+    for decl in ssm.declarations():
+        new = [o for o in decl.options if o.name not in seen]
+        if not new:
+            continue
+        g = p.add_argument_group(f"--ssm_type {'/'.join(decl.names)}" + (f" ({decl.module})" if decl.module else ""))
+        for o in new:
+            g.add_argument(f"--{o.name}", default=o.default, **o.argparse_kw())
+            seen.add(o.name)
 
 
 def _optimisation_options(p):
@@ -252,6 +225,7 @@ def parse_args(argv=None):
         if args.ssm_type not in ("s5", "aux"):
             parser.error(f"--enable_auxiliary_state means --ssm_type aux, not {args.ssm_type}")
         args.ssm_type = "aux"
+    _check_type_options(args, given_options(parser, argv), parser.error)
     for check in (_check_sizes, _check_task, _check_run):
         check(args, parser.error)
     _derive(args, parser.error)
@@ -299,30 +273,25 @@ def _resumed(parser, argv, args, saved: dict):
     return argparse.Namespace(**merged)
 
 
+def _check_type_options(args, given: dict, error):
+    """An SSM type's own option given to another type, with a value other than its default, is an error naming
+    the types that take it; then the chosen type's own checks (its declaration's `check`)."""
+    decl = ssm.TYPES[args.ssm_type]
+    foreign = [name for name, value in given.items() if name in ssm.OPTIONS and name not in decl.option_names()
+               and value != ssm.OPTIONS[name].default]
+    if foreign:
+        error("\n  ".join([f"--ssm_type {args.ssm_type} does not take " + ", ".join(f"--{n}" for n in foreign) + ":"]
+                          + [f"--{n} is an option of --ssm_type {', '.join(ssm.types_taking(n))}" for n in foreign]))
+    if decl.check:
+        decl.check(args, error)
+
+
 def _check_sizes(args, error):
-    for name in ("bsz", "epochs", "d_model", "n_layers", "ssm_size_base", "blocks", "R", "delta_basis_size"):
+    for name in ("bsz", "epochs", "d_model", "n_layers", "ssm_size_base"):
         if getattr(args, name) < 1:
             error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.ssm_size_base % args.blocks:
-        error(f"--ssm_size_base {args.ssm_size_base} is not divisible by --blocks {args.blocks}")
-    if args.ssm_type in ("s4", "s4d", "dss") and args.ssm_size_base % 2:
-        error(f"--ssm_type {args.ssm_type} keeps conjugate pairs: --ssm_size_base must be even, got "
-              f"{args.ssm_size_base}")
-    if args.conj_sym and (args.ssm_size_base // args.blocks) % 2:
-        error(f"--conj_sym needs an even block size; ssm_size_base/blocks = {args.ssm_size_base // args.blocks}")
-    if args.s6_state_size < 1:
-        error(f"--s6_state_size must be at least 1, got {args.s6_state_size}")
-    if not 0 <= args.lru_r_min < args.lru_r_max < 1:
-        error(f"need 0 <= --lru_r_min < --lru_r_max < 1 (|λ| < 1 keeps the LRU stable), got {args.lru_r_min} and "
-              f"{args.lru_r_max}")
-    if not args.lru_max_phase > 0:
-        error(f"--lru_max_phase must be > 0, got {args.lru_max_phase}")
     if not 0 <= args.p_dropout < 1:
         error(f"--p_dropout must be in [0, 1), got {args.p_dropout}")
-    if not args.guard_growth >= 1:
-        error(f"--guard_growth must be at least 1 (1: no step may expand), got {args.guard_growth}")
-    if args.dt_min <= 0 or args.dt_max < args.dt_min:
-        error("need 0 < --dt_min <= --dt_max")
 
 
 def _check_task(args, error):
@@ -368,11 +337,10 @@ def _check_run(args, error):
     """Checkpoint, resume and multi-process options."""
     if args.freeze and not args.load_checkpoint:
         error("--freeze base needs --load_checkpoint (the S5 checkpoint to build on)")
-    if args.freeze and args.ssm_type == "s5":
-        error("--freeze base trains only an extension: use --ssm_type aux or extend")
-    if args.freeze and args.ssm_type in ("s6", "lru"):
-        error(f"--freeze base trains an S5 extension on top of an S5 checkpoint; --ssm_type {args.ssm_type} has no "
-              f"S5 base to freeze (train it whole, without --freeze)")
+    if args.freeze and not ssm.TYPES[args.ssm_type].frozen_base:
+        extensions = ", ".join(d.name for d in ssm.declarations() if d.frozen_base)
+        error(f"--freeze base trains only an extension on top of an S5 checkpoint: use --ssm_type {extensions} "
+              f"(--ssm_type {args.ssm_type} has no S5 base to freeze; train it whole, without --freeze)")
     if args.eval_only and not (args.load_checkpoint or args.resume):
         error("--eval_only needs --load_checkpoint (or --resume with --run_dir)")
     if args.resume and not args.run_dir:

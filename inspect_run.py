@@ -8,6 +8,7 @@ Reads RUN_DIR's checkpoint and config, rebuilds the model without the data, and 
                     Δ = softplus(b_Δ), i.e. for a zero input, as its transition depends on the input; LRU: λ)
   timescales.png    per layer, histograms of the timescales −1/ln|λ̄| (steps until |λ̄|^k falls to 1/e) and of
                     the learned steps Δ
+  and the pictures an SSM type declares (ssm.SSMType.pictures), e.g. those of ssm_ex.py:
   aux_modulus.png   (aux) the effective transition modulus |Λ̄ + E Δ(t−1)| over t, quantiles across states, the
                     clamp's bound marked
   extend.png        (extend) δ(t) per rank, and the spectral radius, 2-norm and ∞-norm of Λ_ex(t) over t (exact
@@ -36,13 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-import s4
-import s6_lru
 import ssm
-import ssm_ex
 import utils
-
-EXACT_MAX_P = 128  # Λ_ex(t) spectra from dense matrices up to this many states; an upper bound beyond
 
 
 class InspectError(Exception):
@@ -85,26 +81,12 @@ def initial_params(cfg, meta):
 
 
 def discrete_eigs(module, p):
-    """(Λ̄ (n,) complex, steps Δ or None) of a layer: S5-type layers' diagonal Λ̄; S4D/DSS exp(ΔΛ) per feature; S4
-    the eigenvalues of each feature's dense bilinear Ā; S6 exp(ΔA) at the bias step Δ = softplus(b_Δ) (its steps
-    depend on the input: this is the transition of a zero input); the LRU's λ (discrete-time: no step, None)."""
+    """(Λ̄ (n,) complex, steps Δ or None) of a layer, as its type's declaration computes them (ssm.SSMType.eigs)."""
+    return _declaration(module).eigs(module, p)
 
-    m = module.bind({"params": p})
-    if isinstance(module, s6_lru.S6SSM):
-        step = np.asarray(jax.nn.softplus(m.b_Delta), np.float64) * module.step_rescale
-        return np.exp(step[:, None] * np.asarray(m.A(), np.float64)).ravel().astype(complex), step
-    if isinstance(module, s6_lru.LRUSSM):
-        return np.asarray(m.discrete_system()[0]), None
-    if isinstance(module, s4.S4SSM):
-        A_bar, _ = jax.vmap(s4.dplr_bilinear)(m.Lambda(), ssm.as_complex(m.P_lr), ssm.as_complex(m.B),
-                                             m.step_size())
-        return np.linalg.eigvals(np.asarray(A_bar, np.complex128)).ravel(), np.asarray(m.step_size())
-    if isinstance(module, (s4.S4DSSM, s4.DSSSSM)):
-        Lam = m.Lambda()
-        step = m.step_size()
-        return np.asarray(np.exp(step[:, None] * Lam)).ravel(), np.asarray(step)
-    Lambda_bar, _, _ = m.discrete_system()
-    return np.asarray(Lambda_bar), np.exp(np.asarray(p["log_step"], np.float64))
+
+def _declaration(module):
+    return next(d for d in ssm.declarations() if type(module) is d.cls)
 
 
 def timescales(Lambda_bar):
@@ -112,50 +94,6 @@ def timescales(Lambda_bar):
     r = np.abs(np.asarray(Lambda_bar))
     with np.errstate(divide="ignore"):
         return np.where(r < 1, -1.0 / np.log(np.maximum(r, 1e-300)), np.inf)
-
-
-def aux_modulus(module, p, L):
-    """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, the fraction of (t, state) the clamp acted on, and the clamp's bound."""
-
-    a, scale = module.apply({"params": p}, L, method="transitions")
-    return np.abs(np.asarray(a)), float(np.mean(np.asarray(scale) < 1.0)), (1.0 if module.guard != "none" else None)
-
-
-def extend_spectra(module, p, L, n_t=64):
-    """δ(t) (L, R); for a sample of t: spectral radius, 2-norm and ∞-norm of Λ_ex(t) as the model runs it
-    (guarded), exact from the P×P matrices for P ≤ EXACT_MAX_P (or diag mode, which is diagonal), else the
-    2-norm from the spectral guard's power iteration and upper bounds for the others; the guard's factor per
-    (t, state) row (L, P)."""
-
-    m = module.bind({"params": p})
-    Lambda_bar, _, _ = m.discrete_system()
-    delta = m.delta(L)
-    a, s, guard_scale = m.guarded(Lambda_bar, delta, L)
-    E, F = np.asarray(ssm.as_complex(p["E"]), np.complex128), np.asarray(ssm.as_complex(p["F"]), np.complex128)
-    ts = np.unique(np.linspace(0, L - 1, min(n_t, L)).astype(int))
-    d = np.asarray(delta, np.float64)
-    guard_scale = np.asarray(guard_scale, np.float64)
-    if module.mode == "diag":  # the transition is diagonal: all three are max |a_t|
-        mod = np.abs(np.asarray(a))[ts].max(1)
-        return dict(t=ts, delta=d, radius=mod, norm_2=mod, norm_inf=mod, how="exact (diagonal)",
-                    guard_scale=guard_scale)
-    lam = np.broadcast_to(np.asarray(a, np.complex128), (L, E.shape[0]))  # a_t: Λ̄, or c_t Λ̄ (spectral guard)
-    scale = np.ones((L, E.shape[0])) if s is None else np.asarray(s, np.float64)
-    if E.shape[0] <= EXACT_MAX_P:
-        A = np.stack([np.diag(lam[t]) + (scale[t][:, None] * E) @ np.diag(d[t]) @ F for t in ts])
-        radius = np.abs(np.linalg.eigvals(A)).max(1)
-        norm_2 = np.linalg.svd(A, compute_uv=False)[:, 0]
-        norm = np.abs(A).sum(2).max(1)
-        how = "exact (dense P×P matrices)"
-    else:  # ‖·‖∞ ≤ |a_p| + s_p Σ_r |E_pr||δ_r| Σ_q |F_rq| per row; the spectral radius is at most the 2-norm
-        bound = np.abs(lam[ts]) + scale[ts] * (np.abs(d[ts]) @ (np.abs(E) * np.abs(F).sum(1)[None, :]).T)
-        norm = bound.max(1)
-        corr = E[None] * scale[ts][:, :, None]  # the row-scaled E at each sampled t
-        norm_2 = radius = np.array([float(ssm_ex.spectral_norms(lam[t], corr[i], F, d[t][None])[0])
-                                    for i, t in enumerate(ts)])
-        how = "2-norm by power iteration (a lower bound), ∞-norm an upper bound"
-    return dict(t=ts, delta=d, radius=np.asarray(radius), norm_2=np.asarray(norm_2), norm_inf=np.asarray(norm),
-                how=how, guard_scale=guard_scale)
 
 
 def impulse_responses(module, p, L, H, t0s):
@@ -189,28 +127,13 @@ def time_variation(responses, L):
 # --------------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def _grid(n):
     cols = min(n, 3)
     return (n + cols - 1) // cols, cols
 
 
 def plot_eigenvalues(path, layers):
-    plt = _plt()
+    plt = utils.pyplot()
     rows, cols = _grid(len(layers))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
     circle = np.exp(1j * np.linspace(0, 2 * np.pi, 400))
@@ -227,11 +150,11 @@ def plot_eigenvalues(path, layers):
         ax.legend(fontsize=8, loc="lower left")
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    _save(plt, fig, path)
+    utils.save_figure(plt, fig, path)
 
 
 def plot_timescales(path, layers):
-    plt = _plt()
+    plt = utils.pyplot()
     fig, axes = plt.subplots(len(layers), 2, figsize=(10, 3 * len(layers)), squeeze=False)
     for (ax_t, ax_d), (name, info) in zip(axes, layers.items()):
         for key, color, label in (("timescales_init", "tab:gray", "initial"), ("timescales", "tab:red", "trained")):
@@ -252,55 +175,11 @@ def plot_timescales(path, layers):
         ax_d.set_xlabel("log10 learned step Δ")
         ax_d.set_ylabel("states" if len(steps) == len(info["trained"]) else "features")
         ax_d.set_title(f"{name}: learned steps Δ{info.get('step_note', '')}")
-    _save(plt, fig, path)
-
-
-def plot_aux(path, aux):
-    plt = _plt()
-    fig, axes = plt.subplots(len(aux), 1, figsize=(9, 3 * len(aux)), squeeze=False)
-    for ax, (name, info) in zip(axes[:, 0], aux.items()):
-        q = np.asarray(info["quantiles"])  # (5, L)
-        t = np.arange(q.shape[1])
-        ax.fill_between(t, q[0], q[4], color="tab:blue", alpha=0.15, label="min–max over states")
-        ax.fill_between(t, q[1], q[3], color="tab:blue", alpha=0.35, label="25–75%")
-        ax.plot(t, q[2], color="tab:blue", label="median")
-        if info["bound"] is not None:
-            ax.axhline(info["bound"], color="tab:red", ls="--", label=f"clamp |a| ≤ {info['bound']:.4g}")
-        ax.set_xlabel("t (steps)")
-        ax.set_ylabel("|Λ̄ + E Δ(t−1)|")
-        ax.set_title(f"{name}: auxiliary state, effective transition modulus "
-                     f"(clamped at {100 * info['clamped_fraction']:.2f}% of (t, state))")
-        ax.legend(fontsize=8)
-    _save(plt, fig, path)
-
-
-def plot_extend(path, ext):
-    plt = _plt()
-    fig, axes = plt.subplots(len(ext), 2, figsize=(12, 3.2 * len(ext)), squeeze=False)
-    for (ax_d, ax_r), (name, info) in zip(axes, ext.items()):
-        d = np.asarray(info["delta"])
-        for r in range(d.shape[1]):
-            ax_d.plot(d[:, r], lw=0.8, label=f"rank {r}" if d.shape[1] <= 10 else None)
-        ax_d.set_xlabel("t (steps)")
-        ax_d.set_ylabel("δ_r(t)")
-        ax_d.set_title(f"{name}: δ(t) per rank")
-        if d.shape[1] <= 10:
-            ax_d.legend(fontsize=7, ncol=2)
-        ax_r.plot(info["t"], info["radius"], "o-", ms=3, label="spectral radius")
-        ax_r.plot(info["t"], info["norm_2"], "d-", ms=3, label="2-norm")
-        ax_r.plot(info["t"], info["norm_inf"], "s-", ms=3, label="∞-norm")
-        ax_r.plot(info["t"], info["guard_scale_min"], "^-", ms=3,
-                  label=f"guard: min row scale (scaled {100 * info['guard_scaled']:.0f}% of (t, state))")
-        ax_r.axhline(1.0, color="tab:red", ls="--", lw=0.8)
-        ax_r.set_xlabel("t (steps)")
-        ax_r.set_ylabel("value")
-        ax_r.set_title(f"{name}: Λ_ex(t), {info['how']}")
-        ax_r.legend(fontsize=8)
-    _save(plt, fig, path)
+    utils.save_figure(plt, fig, path)
 
 
 def plot_impulse(path, impulses, channels=3):
-    plt = _plt()
+    plt = utils.pyplot()
     fig, axes = plt.subplots(len(impulses), 1, figsize=(9, 3 * len(impulses)), squeeze=False)
     for ax, (name, info) in zip(axes[:, 0], impulses.items()):
         for t0, y in info["responses"].items():
@@ -312,13 +191,13 @@ def plot_impulse(path, impulses, channels=3):
         ax.set_ylabel("y (SSM part, no D term)")
         ax.set_title(f"{name}: impulse response on input 0 (time variation {info['time_variation']:.3g})")
         ax.legend(fontsize=7, ncol=3)
-    _save(plt, fig, path)
+    utils.save_figure(plt, fig, path)
 
 
 def plot_curves(path, epochs):
     """Loss and accuracy per epoch; for aux/extend runs a third panel: per layer, the fraction of (t, state) rows
     the stability guard scaled and the median scale (results.json's guard_scaled, guard_median_scale)."""
-    plt = _plt()
+    plt = utils.pyplot()
     guarded = any("guard_scaled" in e for e in epochs)
     fig, axes = plt.subplots(1, 3 if guarded else 2, figsize=(16.5 if guarded else 11, 3.8))
     ax_l, ax_a = axes[:2]
@@ -346,7 +225,7 @@ def plot_curves(path, epochs):
     ax_a.set_title("accuracy per epoch")
     for ax in (ax_l, ax_a):
         ax.legend()
-    _save(plt, fig, path)
+    utils.save_figure(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,35 +244,24 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     trained = ssm_layers(cfg, meta, params)
     init = {name: p for name, _, p in ssm_layers(cfg, meta, initial_params(cfg, meta))}
-    eigs, aux, ext, imp = {}, {}, {}, {}
+    eigs, extra, imp = {}, {}, {}
     for name, module, p in trained:
+        decl = _declaration(module)
         lam, steps = discrete_eigs(module, p)
         lam0, _ = discrete_eigs(module, init[name])
         eigs[name] = dict(trained=lam, init=lam0, timescales=timescales(lam), timescales_init=timescales(lam0),
-                          steps=steps)
-        if isinstance(module, s6_lru.S6SSM):  # its steps and eigenvalues depend on the input
-            eigs[name]["step_note"] = " at the bias softplus(b_Δ) (S6: zero input)"
-        if isinstance(module, ssm_ex.S5SSMAux):
-            mod, frac, bound = aux_modulus(module, p, L)
-            aux[name] = dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac,
-                             bound=bound)
-        if isinstance(module, ssm_ex.S5SSMExtend):
-            e = extend_spectra(module, p, L)
-            e["guard_scale_min"] = e["guard_scale"][e["t"]].min(axis=1)
-            e["guard_scaled"] = float(np.mean(e["guard_scale"] < 1.0))
-            ext[name] = e
+                          steps=steps, step_note=decl.eigs_note)
+        for picture in decl.pictures:  # the type's own pictures
+            extra.setdefault(picture, {})[name] = picture.numbers(module, p, L)
         resp = impulse_responses(module, p, L, H, t0s)
         imp[name] = dict(responses=resp, time_variation=time_variation(resp, L))
 
     plot_eigenvalues(out / "eigenvalues.png", eigs)
     plot_timescales(out / "timescales.png", eigs)
     pictures = ["eigenvalues.png", "timescales.png"]
-    if aux:
-        plot_aux(out / "aux_modulus.png", aux)
-        pictures.append("aux_modulus.png")
-    if ext:
-        plot_extend(out / "extend.png", ext)
-        pictures.append("extend.png")
+    for picture, layers in extra.items():
+        picture.plot(out / picture.file, layers)
+        pictures.append(picture.file)
     plot_impulse(out / "impulse.png", imp)
     pictures.append("impulse.png")
     results = run_dir / "results.json"
@@ -412,14 +280,7 @@ def inspect(run_dir: Path, kind: str = "best", t0s=None, out: Path | None = None
             "timescales": real(e["timescales"]), "timescales_init": real(e["timescales_init"]),
             "steps": None if e["steps"] is None else real(e["steps"]),
             "impulse_time_variation": imp[name]["time_variation"],
-            **({"aux_modulus_quantiles": np.asarray(aux[name]["quantiles"]).tolist(),
-                "aux_clamped_fraction": aux[name]["clamped_fraction"]} if name in aux else {}),
-            **({"extend_t": real(ext[name]["t"]), "extend_spectral_radius": real(ext[name]["radius"]),
-                "extend_norm_2": real(ext[name]["norm_2"]),
-                "extend_norm_inf": real(ext[name]["norm_inf"]), "extend_how": ext[name]["how"],
-                "extend_delta": np.asarray(ext[name]["delta"]).tolist(),
-                "extend_guard_scale_min": real(ext[name]["guard_scale_min"]),
-                "extend_guard_scaled": ext[name]["guard_scaled"]} if name in ext else {}),
+            **{k: v for picture, layers in extra.items() for k, v in picture.report(layers[name]).items()},
         } for name, e in eigs.items()},
         "epochs": epochs,
     }

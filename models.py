@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,24 +32,41 @@ from flax import linen as nn
 from flax import serialization
 from PIL import Image
 
-import s4
-import s6_lru
+import s4  # noqa: F401  (registers s4, s4d, dss)
+import s6_lru  # noqa: F401  (registers s6, lru)
 import ssm
 import ssm_ex
 import utils
 
-SSM_TYPES = ("s5", "aux", "extend", "s4", "s4d", "dss", "s6", "lru")  # s4..dss: the S4 family; s6, lru: s6_lru.py
 ACTIVATIONS = ("full_glu", "half_glu1", "half_glu2", "gelu")
 
+try:  # the SSM types of the files named in SSM_MODULES register themselves beside the built-in ones
+    ssm.load_plugins()
+except ValueError as e:
+    sys.exit(f"error: {e}")
+SSM_TYPES = tuple(ssm.TYPES)  # the types registered at import (ssm.TYPES: the registry itself, later ones too)
 
-def ssm_class(ssm_type: str, **kw):
-    """(module class, its options) for `--ssm_type`: options the class does not have are dropped."""
-    cls = {"s5": ssm.S5SSM, "aux": ssm_ex.S5SSMAux, "extend": ssm_ex.S5SSMExtend, "s4": s4.S4SSM,
-           "s4d": s4.S4DSSM, "dss": s4.DSSSSM, "s6": s6_lru.S6SSM, "lru": s6_lru.LRUSSM}.get(ssm_type)
-    if cls is None:
-        raise ValueError(f"unknown ssm_type {ssm_type!r}: use one of {SSM_TYPES}")
-    fields = set(cls.__dataclass_fields__)
-    return cls, {k: v for k, v in kw.items() if k in fields}
+
+def ssm_class(cfg, meta: dict):
+    """(module class, its fields) of cfg.ssm_type's declaration (ssm.SSMType): each of its options sets its
+    field; --bidirectional and the evaluation's step_rescale go to every class that has them (a class without them
+    refuses a value other than the default)."""
+    decl = ssm.ssm_type(cfg.ssm_type)
+    kw = {}
+    for o in decl.options:
+        v = getattr(cfg, o.name, o.default)
+        kw[o.field or o.name] = o.convert(v) if o.convert else v
+    if decl.module_kw:
+        kw.update(decl.module_kw(cfg, meta))
+    fields = set(decl.cls.__dataclass_fields__)
+    for name, value, default in (("bidirectional", getattr(cfg, "bidirectional", False), False),
+                                 ("step_rescale", getattr(cfg, "step_rescale", 1.0), 1.0)):
+        if name in fields:
+            kw[name] = value
+        elif value != default:
+            raise utils.RunError(f"--ssm_type {cfg.ssm_type}: {decl.cls.__name__} has no field {name} (it cannot "
+                                 f"run with {name}={value})", 2)
+    return decl.cls, kw
 
 
 class SequenceLayer(nn.Module):
@@ -56,7 +74,7 @@ class SequenceLayer(nn.Module):
     otherwise). `__call__` runs a batch of whole sequences (B, L, H); `step` advances one sequence by one time
     step (H,), with the norm's running statistics, so a stack of layers can stream (recurrent mode)."""
 
-    ssm_def: Any  # (class, options) from ssm_class
+    ssm_def: Any  # (class, fields) from ssm_class
     d_model: int
     P: int
     activation: str = "half_glu1"
@@ -347,15 +365,6 @@ def build_model(cfg, ds_meta):
     (n_classes, seq_len, in_dim, tokens, pair; task: classification (default), next_step, per_position or
     regression (a pooled head with n_classes = 1 output); onehot_width: the one-hot encoder's width for tokens,
     in_dim when absent)."""
-    ssm_kw = dict(blocks=cfg.blocks, C_init=cfg.C_init, discretization=cfg.discretization, dt_min=cfg.dt_min,
-                  dt_max=cfg.dt_max, conj_sym=cfg.conj_sym, clip_eigs=cfg.clip_eigs,
-                  bidirectional=cfg.bidirectional, time_scale_type=cfg.time_scale_type,
-                  auxiliary_strength=cfg.auxiliary_strength, R=cfg.R, mode=cfg.extend_mode,
-                  delta_type=cfg.delta_type, l_max=ds_meta["seq_len"], init_scale=cfg.extend_init_scale,
-                  s4d_init=cfg.s4d_init, chunk=cfg.extend_chunk or None, guard=cfg.extend_guard,
-                  guard_growth=cfg.guard_growth, basis_size=cfg.delta_basis_size,
-                  step_rescale=getattr(cfg, "step_rescale", 1.0),
-                  **{k: getattr(cfg, name, MODEL_DEFAULTS[name]) for k, name in S6_LRU_OPTIONS.items()})
     layer_kw = dict(activation=cfg.activation_fn, dropout=cfg.p_dropout, prenorm=cfg.prenorm,
                     batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum, mask_padding=cfg.mask_padding)
     tokens, in_dim = ds_meta["tokens"], ds_meta["in_dim"]
@@ -365,7 +374,7 @@ def build_model(cfg, ds_meta):
         in_dim = ds_meta["n_classes"] if tokens else 1
     elif tokens and cfg.token_encoder == "onehot":  # the dataset's one-hot width (the release's, >= vocabulary)
         in_dim = ds_meta.get("onehot_width") or in_dim
-    encoder = StackedEncoder(ssm_class(cfg.ssm_type, **ssm_kw), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
+    encoder = StackedEncoder(ssm_class(cfg, ds_meta), cfg.d_model, cfg.ssm_size_base, cfg.n_layers,
                              tokens, in_dim, layer_kw, cfg.token_encoder)
     if next_step:
         return NextStepModel(encoder, ds_meta["n_classes"])
@@ -400,32 +409,42 @@ def guard_activity(model, L: int):
 # The model's options: defaults, what fixes the architecture, rebuilding a model from a run directory
 # ==================================================================================================
 
-# Every option build_model reads, with its default (the training command line takes its defaults from here; a
-# run directory whose config lacks an option gets it from here too). batchnorm None: on, except for next-step
-# datasets (decided with the dataset, in config.parse_args).
-MODEL_DEFAULTS = dict(
-    ssm_type="s5", d_model=128, n_layers=4, ssm_size_base=64, s4d_init="legs", blocks=1, C_init="lecun_normal",
-    discretization="zoh", dt_min=0.001, dt_max=0.1, conj_sym=True, clip_eigs=False, bidirectional=False,
+# Every option build_model reads that is not an SSM type's own, with its default (the training command line takes
+# its defaults from here; a run directory whose config lacks an option gets it from here too). batchnorm None: on,
+# except for next-step datasets (decided with the dataset, in config.parse_args). The SSM types' own options
+# (ssm.OPTIONS) take the defaults their declarations give.
+LAYER_DEFAULTS = dict(
+    ssm_type="s5", d_model=128, n_layers=4, ssm_size_base=64, bidirectional=False,
     activation_fn="half_glu1", prenorm=True, batchnorm=None, bn_momentum=0.95, p_dropout=0.1, mode="pool",
     token_encoder="onehot", pixel_tokens=False, mask_padding=True,
-    time_scale_type="sinusoidal", auxiliary_strength=0.1, R=10, extend_mode="full", delta_type="learned",
-    extend_init_scale=0.05, extend_chunk=0, extend_guard="spectral", guard_growth=ssm_ex.GUARD_GROWTH,
-    delta_basis_size=12, s6_state_size=16, lru_r_min=0.9, lru_r_max=0.999, lru_max_phase=2 * np.pi,
 )
-# What a run directory written before an option existed ran with, where that differs from MODEL_DEFAULTS: its
+
+
+def model_defaults() -> dict:
+    """LAYER_DEFAULTS and every registered SSM type's options' defaults."""
+    return {**LAYER_DEFAULTS, **{name: o.default for name, o in ssm.OPTIONS.items()}}
+
+
+MODEL_DEFAULTS = model_defaults()  # as registered at import
+# What a run directory written before an option existed ran with, where that differs from the default: its
 # config lacks the option, and resuming, sampling or inspecting it must rebuild the model it trained.
 LEGACY_DEFAULTS = dict(extend_guard=ssm_ex.LEGACY_GUARD)
-# the S6 / LRU module fields and the options that set them
-S6_LRU_OPTIONS = dict(N="s6_state_size", r_min="lru_r_min", r_max="lru_r_max", max_phase="lru_max_phase")
-# The options a checkpoint's parameters depend on: loading it into a model that differs in any is refused.
-ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "blocks", "conj_sym", "bidirectional",
-               "activation_fn", "prenorm", "batchnorm", "mode", "C_init", "R", "extend_mode", "delta_type",
-               "time_scale_type", "token_encoder", "pixel_tokens", "data_options", "s6_state_size")
+# The options a checkpoint's parameters depend on, besides the SSM types' options marked arch: loading it into a
+# model that differs in any is refused.
+LAYER_ARCH_FIELDS = ("dataset", "ssm_type", "d_model", "n_layers", "ssm_size_base", "bidirectional",
+                     "activation_fn", "prenorm", "batchnorm", "mode", "token_encoder", "pixel_tokens", "data_options")
+
+
+def arch_fields() -> tuple:
+    return LAYER_ARCH_FIELDS + tuple(name for name, o in ssm.OPTIONS.items() if o.arch)
+
+
+ARCH_FIELDS = arch_fields()
 
 
 def check_architecture(saved: dict, cfg):
     """A RunError (exit 2) listing every ARCH_FIELDS option in which a saved config differs from `cfg`."""
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCH_FIELDS
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in arch_fields()
             if k in saved and saved.get(k) != getattr(cfg, k)]
     if diff:
         raise utils.RunError("the checkpoint was made by a different architecture:\n  " + "\n  ".join(diff), 2)
@@ -448,7 +467,11 @@ def read_run(run_dir, kind="best"):
     if meta is None:
         raise utils.RunError(f"{ckpt.with_suffix('.json')} has no model_meta (the dataset's shapes): rerun or "
                              f"resume the run once to record them", 2)
-    return argparse.Namespace(**{**MODEL_DEFAULTS, **LEGACY_DEFAULTS, **config}), meta, state
+    try:
+        ssm.ssm_type(config.get("ssm_type", "s5"))
+    except ValueError as e:
+        raise utils.RunError(f"{run_dir}: {e}", 2) from None
+    return argparse.Namespace(**{**model_defaults(), **LEGACY_DEFAULTS, **config}), meta, state
 
 
 def example_batch(meta: dict, bsz: int = 1, L: int | None = None) -> dict:
@@ -489,24 +512,27 @@ def init_variables(cfg, model, batch):
 # ==================================================================================================
 
 
-EIGENVALUE_PARAMS = ("A_log", "nu_log", "theta_log", "gamma_log")  # S6's A; the LRU's λ and its input scale γ
-
-
 def param_label(path, cfg, frozen: bool) -> str:
-    """The optimiser group of a parameter, from its leaf name (the groups: --opt_config's help in config.py)."""
+    """The optimiser group of a parameter (the groups: --opt_config's help in config.py): outside the SSM
+    "regular"; inside it, from the role its type's declaration gives its leaf (ssm.ROLES). A leaf the declaration
+    does not name is an error, so a renamed parameter cannot fall silently into another group."""
     names = [getattr(k, "key", str(k)) for k in path]
-    leaf, in_ssm = names[-1], "ssm" in names
-    if frozen and not (in_ssm and leaf in ssm_ex.EXTENSION_PARAMS):
+    role = "regular"
+    if "ssm" in names:
+        decl = ssm.ssm_type(cfg.ssm_type)
+        role = decl.params.get(names[-1])
+        if role is None:
+            raise ValueError(f"--ssm_type {cfg.ssm_type}: parameter {'/'.join(names)} has no role in the type's "
+                             f"declaration (its params name {sorted(decl.params)}; ssm.ROLES)")
+    if frozen and role != "extension":
         return "frozen"
-    if not in_ssm:
-        return "regular"
-    if leaf in ssm_ex.EXTENSION_PARAMS or leaf in ("Lambda_re", "Lambda_im", "P") + EIGENVALUE_PARAMS:
-        return "ssm"  # P: S4's low-rank term
-    if leaf in ("log_step", "b_Delta"):  # b_Delta: S6's step bias
+    if role in ("eig", "extension"):
+        return "ssm"
+    if role == "step":
         return "regular" if cfg.dt_global else "ssm"
     groups = {"standard": {"B": "ssm"}, "BandCdecay": {"B": "ssm_decay"}, "BfastandCdecay": {},
               "noBCdecay": {"B": "ssm", "C": "ssm", "D": "ssm"}}[cfg.opt_config]
-    return groups.get(leaf, "regular")
+    return groups.get(role, "regular")
 
 
 def lr_schedule(base, cfg, steps_per_epoch):
@@ -717,7 +743,7 @@ def load_weights(path, cfg, params, batch_stats):
         if saved["config"].get("ssm_type") != "s5":
             raise utils.RunError(f"--freeze base builds on an S5 checkpoint; {path} holds "
                                  f"{saved['config'].get('ssm_type')}", 2)
-        base = {k: v for k, v in saved["config"].items() if k in ARCH_FIELDS}
+        base = {k: v for k, v in saved["config"].items() if k in arch_fields()}
         check_architecture({**base, "ssm_type": cfg.ssm_type, "R": cfg.R, "extend_mode": cfg.extend_mode,
                             "delta_type": cfg.delta_type, "time_scale_type": cfg.time_scale_type}, cfg)
         new = jax.tree_util.tree_map(np.asarray, params)

@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+import ssm
 from ssm import as_complex, complex_normal_init, log_step_init, make_dplr_hippo, real_pair
 
 S4D_INITS = ("legs", "lin")
@@ -450,3 +451,45 @@ class DSSSSM(_ConvSSM):
         Lambda_bar, C_bar = self.recurrent_system(seq_len) if system is None else system
         x = Lambda_bar * x_prev + u_t[:, None].astype(Lambda_bar.dtype)
         return x, jnp.sum(C_bar[0] * x, -1).real + self.D * u_t
+
+
+# --------------------------------------------------------------------------------------------------
+# The declarations of s4, s4d and dss (ssm.register)
+# --------------------------------------------------------------------------------------------------
+
+
+def s4_eigs(module, p):
+    """The eigenvalues of each feature's dense bilinear Ā, and the steps Δ per feature."""
+    m = module.bind({"params": p})
+    A_bar, _ = jax.vmap(dplr_bilinear)(m.Lambda(), as_complex(m.P_lr), as_complex(m.B), m.step_size())
+    return np.linalg.eigvals(np.asarray(A_bar, np.complex128)).ravel(), np.asarray(m.step_size())
+
+
+def diagonal_eigs(module, p):
+    """exp(Δ Λ) per feature (S4D, DSS), and the steps Δ per feature."""
+    m = module.bind({"params": p})
+    step = m.step_size()
+    return np.asarray(np.exp(step[:, None] * m.Lambda())).ravel(), np.asarray(step)
+
+
+def check_conv(args, error):
+    if args.ssm_size_base % 2:
+        error(f"--ssm_type {args.ssm_type} keeps conjugate pairs: --ssm_size_base must be even, got "
+              f"{args.ssm_size_base}")
+    ssm.check_steps(args, error)
+
+
+_CONV_PARAMS = dict(Lambda_re="eig", Lambda_im="eig", D="D", log_step="step")
+for _decl in (
+    ssm.SSMType(("s4",), S4SSM, "S4: diagonal plus low rank, bilinear (this file)",
+                params=dict(_CONV_PARAMS, P="eig", B="B", C="C")),
+    ssm.SSMType(("s4d",), S4DSSM, "S4D: diagonal, zero-order hold (this file)",
+                params=dict(_CONV_PARAMS, B="B", C="C"),
+                options=(ssm.Option("s4d_init", "legs", "S4D eigenvalues: S4D-LegS or S4D-Lin",
+                                    choices=("legs", "lin")),)),
+    ssm.SSMType(("dss",), DSSSSM, "DSS-softmax (this file)", params=dict(_CONV_PARAMS, W="regular")),
+):
+    ssm.register(ssm.SSMType(
+        _decl.names, _decl.cls, _decl.summary, options=(ssm.DT_MIN, ssm.DT_MAX) + _decl.options,
+        params=_decl.params, eigs=s4_eigs if _decl.cls is S4SSM else diagonal_eigs, check=check_conv,
+        module="s4.py"))

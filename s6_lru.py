@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+import ssm
 from ssm import apply_ssm, as_complex, linear_scan
 
 CHANNEL_BUDGET = 2 ** 20  # elements of one block's states L × channels × N, per sequence
@@ -302,3 +303,55 @@ class LRUSSM(nn.Module):
         Lambda_bar, B_bar, C = self.recurrent_system() if system is None else system
         x = Lambda_bar * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, (C @ x).real + self.D * u_t
+
+
+# --------------------------------------------------------------------------------------------------
+# The declarations of s6 and lru (ssm.register)
+# --------------------------------------------------------------------------------------------------
+
+
+def s6_eigs(module, p):
+    """exp(Δ A) at the bias step Δ = softplus(b_Δ) (S6's steps depend on the input: the transition of a zero
+    input), and those steps."""
+    m = module.bind({"params": p})
+    step = np.asarray(jax.nn.softplus(m.b_Delta), np.float64) * module.step_rescale
+    return np.exp(step[:, None] * np.asarray(m.A(), np.float64)).ravel().astype(complex), step
+
+
+def lru_eigs(module, p):
+    """The LRU's λ (discrete-time: no step Δ)."""
+    return np.asarray(module.bind({"params": p}).discrete_system()[0]), None
+
+
+def _check_s6(args, error):
+    if args.s6_state_size < 1:
+        error(f"--s6_state_size must be at least 1, got {args.s6_state_size}")
+    ssm.check_steps(args, error)
+
+
+def _check_lru(args, error):
+    if not 0 <= args.lru_r_min < args.lru_r_max < 1:
+        error(f"need 0 <= --lru_r_min < --lru_r_max < 1 (|λ| < 1 keeps the LRU stable), got {args.lru_r_min} and "
+              f"{args.lru_r_max}")
+    if not args.lru_max_phase > 0:
+        error(f"--lru_max_phase must be > 0, got {args.lru_max_phase}")
+
+
+ssm.register(ssm.SSMType(
+    ("s6",), S6SSM, "Mamba's selective SSM (this file)", module="s6_lru.py",
+    options=(ssm.DT_MIN, ssm.DT_MAX,
+             ssm.Option("s6_state_size", 16, "--ssm_type s6: N real states per channel (Mamba: 16)", type=int,
+                        field="N", arch=True)),
+    params=dict(A_log="eig", D="D", W_Delta_down="regular", W_Delta_up="regular", b_Delta="step", W_B="regular",
+                W_C="regular"),
+    eigs=s6_eigs, eigs_note=" at the bias softplus(b_Δ) (S6: zero input)", bench={"s6": ["--ssm_type", "s6"]},
+    check=_check_s6))
+ssm.register(ssm.SSMType(
+    ("lru",), LRUSSM, "the Linear Recurrent Unit (this file)", module="s6_lru.py",
+    options=(ssm.Option("lru_r_min", 0.9, "--ssm_type lru: smallest initial |λ| (ring initialisation)", type=float,
+                        field="r_min"),
+             ssm.Option("lru_r_max", 0.999, "--ssm_type lru: largest initial |λ|", type=float, field="r_max"),
+             ssm.Option("lru_max_phase", 2 * np.pi, "--ssm_type lru: initial phases uniform in (0, this] (the LRU "
+                        "paper: 2π, π/10 on the longest tasks)", type=float, field="max_phase")),
+    params=dict(nu_log="eig", theta_log="eig", gamma_log="eig", B="B", C="C", D="D"),
+    eigs=lru_eigs, bench={"lru": ["--ssm_type", "lru"]}, check=_check_lru))

@@ -32,6 +32,14 @@ Glossary: every SSM file of the harness (ssm.py, ssm_ex.py, s4.py, s6_lru.py) us
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,3 +340,205 @@ class S5SSM(nn.Module):
         Lambda_bar, B_bar, C_tilde = self.recurrent_system(seq_len) if system is None else system
         x = Lambda_bar * x_prev + B_bar @ u_t.astype(B_bar.dtype)
         return x, readout(x[None], C_tilde, self.conj_sym)[0] + self.D * u_t
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry of SSM types: one declaration per type, in the module that implements it
+# --------------------------------------------------------------------------------------------------
+#
+# Every `--ssm_type` is one SSMType, registered by its own module (ssm.py: s5; ssm_ex.py: aux, extend; s4.py: s4,
+# s4d, dss; s6_lru.py: s6, lru; a file named in SSM_MODULES: the lab's next idea). models.py, config.py,
+# inspect_run.py, bench.py and run_train_ex.sh read the registry; none of them lists types.
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of an SSM type: `--name` (a flag --name/--no-name when `flag`), its default and
+    help line; it sets the module's field `field` (default: the option's name) to `convert(value)`. `arch`: the
+    parameters' shapes depend on it (a checkpoint loads only into a model with the same value)."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable | None = None
+    choices: tuple | None = None
+    flag: bool = False
+    field: str | None = None
+    convert: Callable | None = None
+    arch: bool = False
+
+    def argparse_kw(self) -> dict:
+        if self.flag:
+            return dict(action=argparse.BooleanOptionalAction, help=self.help)
+        kw = dict(help=self.help)
+        if self.type is not None:
+            kw["type"] = self.type
+        if self.choices is not None:
+            kw["choices"] = self.choices
+        return kw
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An extra picture of inspect_run.py: `numbers(module, params, L)` → one layer's numbers; `plot(path, {layer:
+    numbers})` draws them into `file`; `report(numbers)` → the layer's entries of inspect.json."""
+
+    file: str
+    numbers: Callable
+    plot: Callable
+    report: Callable
+
+
+# The optimiser roles of a parameter leaf (models.param_label turns them into groups; --opt_config's help):
+#   eig        the SSM group (the SSM learning rate, no weight decay): eigenvalues and their kin
+#   extension  the SSM group, and the only leaves trained on top of a frozen S5 base (--freeze base)
+#   step       the SSM group, or the regular one under --dt_global (the step Δ)
+#   B, C, D    placed by --opt_config (the S5 release's groups for B, C and D)
+#   regular    the regular group (the global learning rate, weight decay)
+ROLES = ("eig", "extension", "step", "B", "C", "D", "regular")
+
+
+@dataclass(frozen=True)
+class SSMType:
+    """One `--ssm_type`: its name(s); its module class (whose `__call__` is the parallel mode and `initial_state`,
+    `recurrent_system`, `step` the recurrent mode); its own options; `params`: the role (ROLES) of every parameter
+    leaf of the module, by leaf name; `eigs(module, params)` → (the discrete eigenvalues Λ̄ as a complex array,
+    the steps Δ or None) for inspect_run's eigenvalue and timescale pictures, with `eigs_note` after "learned
+    steps Δ"; extra `pictures`; `bench`: {variant name: extra argv} for bench.py's train and memory sections;
+    `check(args, error)`: checks of its options (error(message) exits 2); `module_kw(cfg, meta)`: module fields set
+    from elsewhere than its options (e.g. the dataset's length); `frozen_base`: trains on top of an S5 checkpoint
+    under --freeze base; `summary`: one line for --help."""
+
+    names: tuple
+    cls: type
+    summary: str
+    options: tuple = ()
+    params: dict = field(default_factory=dict)
+    eigs: Callable | None = None
+    eigs_note: str = ""
+    pictures: tuple = ()
+    bench: dict = field(default_factory=dict)
+    check: Callable | None = None
+    module_kw: Callable | None = None
+    frozen_base: bool = False
+    module: str = ""
+
+    @property
+    def name(self):
+        return self.names[0]
+
+    def option_names(self):
+        return {o.name for o in self.options}
+
+
+TYPES: dict[str, SSMType] = {}  # name → declaration (a type with two names appears twice)
+OPTIONS: dict[str, Option] = {}  # every type's options by name (a shared option once)
+
+
+def register(decl: SSMType) -> SSMType:
+    """Add a declaration to the registry; a ValueError when it clashes with one already there or names a role or
+    field the module does not have."""
+    fields = set(getattr(decl.cls, "__dataclass_fields__", {}))
+    for o in decl.options:
+        if (o.field or o.name) not in fields:
+            raise ValueError(f"ssm_type {decl.name}: option --{o.name} sets {o.field or o.name}, which "
+                             f"{decl.cls.__name__} does not have")
+        if o.name in OPTIONS and OPTIONS[o.name] is not o:
+            raise ValueError(f"ssm_type {decl.name}: option --{o.name} is declared differently by another type "
+                             f"(share the Option object)")
+    bad = {leaf: role for leaf, role in decl.params.items() if role not in ROLES}
+    if bad:
+        raise ValueError(f"ssm_type {decl.name}: unknown parameter roles {bad}; use one of {ROLES}")
+    for name in decl.names:
+        if name in TYPES and TYPES[name].cls is not decl.cls:
+            raise ValueError(f"ssm_type {name!r} is declared twice ({TYPES[name].cls.__name__}, {decl.cls.__name__})")
+    for o in decl.options:
+        OPTIONS[o.name] = o
+    for name in decl.names:
+        TYPES[name] = decl
+    return decl
+
+
+def ssm_type(name: str) -> SSMType:
+    """The declaration of `--ssm_type name`; a ValueError naming the known ones (and SSM_MODULES) otherwise."""
+    if name not in TYPES:
+        raise ValueError(f"unknown ssm_type {name!r}: use one of {', '.join(TYPES)} (a type of your own: name its "
+                         f"file in the environment variable {PLUGIN_VARIABLE}, TRAINING.md)")
+    return TYPES[name]
+
+
+def declarations() -> list[SSMType]:
+    """Every registered declaration once, in the order of registration."""
+    return list({id(d): d for d in TYPES.values()}.values())
+
+
+def types_taking(option: str) -> list[str]:
+    return [n for n, d in TYPES.items() if option in d.option_names()]
+
+
+PLUGIN_VARIABLE = "SSM_MODULES"  # paths of .py files, separated by ':', each registering SSM types
+
+
+def load_plugins(value: str | None = None) -> list[str]:
+    """Import every file named in SSM_MODULES (once): each registers its own SSM types. → the files imported.
+    A missing file is a ValueError naming it."""
+    value = os.environ.get(PLUGIN_VARIABLE, "") if value is None else value
+    done = []
+    for path in (p for p in value.split(":") if p.strip()):
+        path = Path(path).expanduser().resolve()
+        name = f"ssm_plugin_{path.stem}"
+        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+            continue
+        if not path.is_file():
+            raise ValueError(f"{PLUGIN_VARIABLE}: no file {path}")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        done.append(str(path))
+    return done
+
+
+def s5_eigs(module, p):
+    """Λ̄ of an S5-type layer and its steps Δ = exp(log_step)."""
+    Lambda_bar, _, _ = module.bind({"params": p}).discrete_system()
+    return np.asarray(Lambda_bar), np.exp(np.asarray(p["log_step"], np.float64))
+
+
+def check_s5(args, error):
+    """The options of S5 and its extensions."""
+    if args.blocks < 1:
+        error(f"--blocks must be at least 1, got {args.blocks}")
+    if args.ssm_size_base % args.blocks:
+        error(f"--ssm_size_base {args.ssm_size_base} is not divisible by --blocks {args.blocks}")
+    if args.conj_sym and (args.ssm_size_base // args.blocks) % 2:
+        error(f"--conj_sym needs an even block size; ssm_size_base/blocks = {args.ssm_size_base // args.blocks}")
+    check_steps(args, error)
+
+
+def check_steps(args, error):
+    """--dt_min and --dt_max, of every type with a learned step Δ."""
+    if args.dt_min <= 0 or args.dt_max < args.dt_min:
+        error("need 0 < --dt_min <= --dt_max")
+
+
+DT_MIN = Option("dt_min", 0.001, "smallest initial step Δ (log-uniform in [dt_min, dt_max])", type=float)
+DT_MAX = Option("dt_max", 0.1, "largest initial step Δ", type=float)
+S5_OPTIONS = (
+    Option("blocks", 1, "HiPPO blocks in the initialisation", type=int, arch=True),
+    Option("C_init", "lecun_normal", "initialisation of the output matrix C (the S5 release's)", choices=C_INITS,
+           arch=True),
+    Option("discretization", "zoh", "zero-order hold or bilinear", choices=("zoh", "bilinear")),
+    DT_MIN, DT_MAX,
+    Option("conj_sym", True, "keep one of each conjugate pair of eigenvalues (half the states, output 2·Re)",
+           flag=True, arch=True),
+    Option("clip_eigs", False, "keep the real parts of the eigenvalues below -1e-4", flag=True),
+)
+S5_PARAMS = dict(Lambda_re="eig", Lambda_im="eig", B="B", C="C", D="D", log_step="step")
+
+
+register(SSMType(("s5",), S5SSM, "S5 (this file)", options=S5_OPTIONS, params=S5_PARAMS, eigs=s5_eigs,
+                 bench={"s5": ["--ssm_type", "s5"]}, check=check_s5, module="ssm.py"))

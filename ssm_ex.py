@@ -93,6 +93,7 @@ import numpy as np
 from flax import linen as nn
 
 import ssm
+import utils
 
 TIME_SCALES = ("linear", "exponential", "sinusoidal", "constant")
 DELTA_BASES = ("legendre", "fourier")  # δ(t) = Σ_k w_k φ_k(t/L): K × R parameters, any length
@@ -642,3 +643,183 @@ def warm_start(s5_params, ext_params):
         out[name] = value
     out["E"] = jnp.zeros_like(out["E"])
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The declarations of aux and extend (ssm.register): options, parameter roles, pictures, bench variants
+# --------------------------------------------------------------------------------------------------
+
+EXACT_MAX_P = 128  # Λ_ex(t) spectra from dense matrices up to this many states; an upper bound beyond
+
+
+def aux_modulus(module, p, L):
+    """|Λ̄ + E Δ(t−1)| (L, P) after the clamp, the fraction of (t, state) the clamp acted on, and the clamp's bound."""
+
+    a, scale = module.apply({"params": p}, L, method="transitions")
+    return np.abs(np.asarray(a)), float(np.mean(np.asarray(scale) < 1.0)), (1.0 if module.guard != "none" else None)
+
+
+def extend_spectra(module, p, L, n_t=64):
+    """δ(t) (L, R); for a sample of t: spectral radius, 2-norm and ∞-norm of Λ_ex(t) as the model runs it
+    (guarded), exact from the P×P matrices for P ≤ EXACT_MAX_P (or diag mode, which is diagonal), else the
+    2-norm from the spectral guard's power iteration and upper bounds for the others; the guard's factor per
+    (t, state) row (L, P)."""
+
+    m = module.bind({"params": p})
+    Lambda_bar, _, _ = m.discrete_system()
+    delta = m.delta(L)
+    a, s, guard_scale = m.guarded(Lambda_bar, delta, L)
+    E, F = np.asarray(ssm.as_complex(p["E"]), np.complex128), np.asarray(ssm.as_complex(p["F"]), np.complex128)
+    ts = np.unique(np.linspace(0, L - 1, min(n_t, L)).astype(int))
+    d = np.asarray(delta, np.float64)
+    guard_scale = np.asarray(guard_scale, np.float64)
+    if module.mode == "diag":  # the transition is diagonal: all three are max |a_t|
+        mod = np.abs(np.asarray(a))[ts].max(1)
+        return dict(t=ts, delta=d, radius=mod, norm_2=mod, norm_inf=mod, how="exact (diagonal)",
+                    guard_scale=guard_scale)
+    lam = np.broadcast_to(np.asarray(a, np.complex128), (L, E.shape[0]))  # a_t: Λ̄, or c_t Λ̄ (spectral guard)
+    scale = np.ones((L, E.shape[0])) if s is None else np.asarray(s, np.float64)
+    if E.shape[0] <= EXACT_MAX_P:
+        A = np.stack([np.diag(lam[t]) + (scale[t][:, None] * E) @ np.diag(d[t]) @ F for t in ts])
+        radius = np.abs(np.linalg.eigvals(A)).max(1)
+        norm_2 = np.linalg.svd(A, compute_uv=False)[:, 0]
+        norm = np.abs(A).sum(2).max(1)
+        how = "exact (dense P×P matrices)"
+    else:  # ‖·‖∞ ≤ |a_p| + s_p Σ_r |E_pr||δ_r| Σ_q |F_rq| per row; the spectral radius is at most the 2-norm
+        bound = np.abs(lam[ts]) + scale[ts] * (np.abs(d[ts]) @ (np.abs(E) * np.abs(F).sum(1)[None, :]).T)
+        norm = bound.max(1)
+        corr = E[None] * scale[ts][:, :, None]  # the row-scaled E at each sampled t
+        norm_2 = radius = np.array([float(spectral_norms(lam[t], corr[i], F, d[t][None])[0])
+                                    for i, t in enumerate(ts)])
+        how = "2-norm by power iteration (a lower bound), ∞-norm an upper bound"
+    return dict(t=ts, delta=d, radius=np.asarray(radius), norm_2=np.asarray(norm_2), norm_inf=np.asarray(norm),
+                how=how, guard_scale=guard_scale)
+
+
+def plot_aux(path, aux):
+    plt = utils.pyplot()
+    fig, axes = plt.subplots(len(aux), 1, figsize=(9, 3 * len(aux)), squeeze=False)
+    for ax, (name, info) in zip(axes[:, 0], aux.items()):
+        q = np.asarray(info["quantiles"])  # (5, L)
+        t = np.arange(q.shape[1])
+        ax.fill_between(t, q[0], q[4], color="tab:blue", alpha=0.15, label="min–max over states")
+        ax.fill_between(t, q[1], q[3], color="tab:blue", alpha=0.35, label="25–75%")
+        ax.plot(t, q[2], color="tab:blue", label="median")
+        if info["bound"] is not None:
+            ax.axhline(info["bound"], color="tab:red", ls="--", label=f"clamp |a| ≤ {info['bound']:.4g}")
+        ax.set_xlabel("t (steps)")
+        ax.set_ylabel("|Λ̄ + E Δ(t−1)|")
+        ax.set_title(f"{name}: auxiliary state, effective transition modulus "
+                     f"(clamped at {100 * info['clamped_fraction']:.2f}% of (t, state))")
+        ax.legend(fontsize=8)
+    utils.save_figure(plt, fig, path)
+
+
+def plot_extend(path, ext):
+    plt = utils.pyplot()
+    fig, axes = plt.subplots(len(ext), 2, figsize=(12, 3.2 * len(ext)), squeeze=False)
+    for (ax_d, ax_r), (name, info) in zip(axes, ext.items()):
+        d = np.asarray(info["delta"])
+        for r in range(d.shape[1]):
+            ax_d.plot(d[:, r], lw=0.8, label=f"rank {r}" if d.shape[1] <= 10 else None)
+        ax_d.set_xlabel("t (steps)")
+        ax_d.set_ylabel("δ_r(t)")
+        ax_d.set_title(f"{name}: δ(t) per rank")
+        if d.shape[1] <= 10:
+            ax_d.legend(fontsize=7, ncol=2)
+        ax_r.plot(info["t"], info["radius"], "o-", ms=3, label="spectral radius")
+        ax_r.plot(info["t"], info["norm_2"], "d-", ms=3, label="2-norm")
+        ax_r.plot(info["t"], info["norm_inf"], "s-", ms=3, label="∞-norm")
+        ax_r.plot(info["t"], info["guard_scale_min"], "^-", ms=3,
+                  label=f"guard: min row scale (scaled {100 * info['guard_scaled']:.0f}% of (t, state))")
+        ax_r.axhline(1.0, color="tab:red", ls="--", lw=0.8)
+        ax_r.set_xlabel("t (steps)")
+        ax_r.set_ylabel("value")
+        ax_r.set_title(f"{name}: Λ_ex(t), {info['how']}")
+        ax_r.legend(fontsize=8)
+    utils.save_figure(plt, fig, path)
+
+
+def _aux_numbers(module, p, L):
+    mod, frac, bound = aux_modulus(module, p, L)
+    return dict(quantiles=np.quantile(mod, [0, 0.25, 0.5, 0.75, 1.0], axis=1), clamped_fraction=frac, bound=bound)
+
+
+def _extend_numbers(module, p, L):
+    e = extend_spectra(module, p, L)
+    e["guard_scale_min"] = e["guard_scale"][e["t"]].min(axis=1)
+    e["guard_scaled"] = float(np.mean(e["guard_scale"] < 1.0))
+    return e
+
+
+def _real(a):
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).ravel()]
+
+
+AUX_PICTURE = ssm.Picture(
+    "aux_modulus.png", _aux_numbers, plot_aux,
+    lambda n: {"aux_modulus_quantiles": np.asarray(n["quantiles"]).tolist(),
+               "aux_clamped_fraction": n["clamped_fraction"]})
+EXTEND_PICTURE = ssm.Picture(
+    "extend.png", _extend_numbers, plot_extend,
+    lambda n: {"extend_t": _real(n["t"]), "extend_spectral_radius": _real(n["radius"]),
+               "extend_norm_2": _real(n["norm_2"]), "extend_norm_inf": _real(n["norm_inf"]), "extend_how": n["how"],
+               "extend_delta": np.asarray(n["delta"]).tolist(), "extend_guard_scale_min": _real(n["guard_scale_min"]),
+               "extend_guard_scaled": n["guard_scaled"]})
+
+GUARD = ssm.Option(
+    "extend_guard", "spectral", "stability guard of --ssm_type extend and aux (ssm_ex.py): spectral = each step's "
+    "whole transition scaled to 2-norm <= guard_growth^(1/L) (power iteration); rows = the earlier guard, the "
+    "correction's rows scaled to row sum <= 1 (pins full mode near S5; runs without this option in their config "
+    "resume with it); none = the equations as they are (diagonal clamps off too)", choices=GUARDS, field="guard")
+GROWTH = ssm.Option(
+    "guard_growth", GUARD_GROWTH, "--extend_guard spectral, --extend_mode full: the most the state may grow over a "
+    "whole sequence of L steps; each step's transition may have 2-norm up to guard_growth^(1/L) (1: none may "
+    "expand; the auxiliary state and diag mode clamp each |a_t| at 1)", type=float)
+
+
+def _check_extend(args, error):
+    ssm.check_s5(args, error)
+    for name in ("R", "delta_basis_size"):
+        if getattr(args, name) < 1:
+            error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.guard_growth >= 1:
+        error(f"--guard_growth must be at least 1 (1: no step may expand), got {args.guard_growth}")
+
+
+# E, F and δ's parameters: the leaves a warm start trains on top of a frozen S5 layer
+EXTENSION_ROLES = {name: "extension" for name in EXTENSION_PARAMS}
+
+ssm.register(ssm.SSMType(
+    ("aux",), S5SSMAux, "the auxiliary state (this file)", module="ssm_ex.py",
+    options=ssm.S5_OPTIONS + (
+        ssm.Option("time_scale_type", "sinusoidal", "aux: the schedule Δ(t) of the auxiliary state (formulas at the "
+                   "top of ssm_ex.py)", choices=TIME_SCALES, arch=True),
+        ssm.Option("auxiliary_strength", 0.1, "aux: std of the initial coupling E", type=float),
+        GUARD),
+    params={**ssm.S5_PARAMS, "E": "extension"}, eigs=ssm.s5_eigs, pictures=(AUX_PICTURE,),
+    bench={"aux": ["--ssm_type", "aux"]}, check=ssm.check_s5, frozen_base=True))
+
+ssm.register(ssm.SSMType(
+    ("extend",), S5SSMExtend, "the Lambda extension (this file)", module="ssm_ex.py",
+    options=ssm.S5_OPTIONS + (
+        ssm.Option("R", 10, "rank of the Lambda extension", type=int, arch=True),
+        ssm.Option("extend_mode", "full", "extend: full = the dense rank-R correction (exact, chunked scan); diag = "
+                   "its diagonal only (parallel scan)", choices=EXTEND_MODES, field="mode", arch=True),
+        ssm.Option("delta_type", "learned", "extend: δ(t) learned per step and rank (a table of the dataset's "
+                   "length), from a basis of relative time (legendre, fourier: any length), or a fixed schedule",
+                   choices=DELTA_TYPES, arch=True),
+        ssm.Option("extend_init_scale", 0.05, "extend: std of the initial E, F and learned δ table", type=float,
+                   field="init_scale"),
+        ssm.Option("extend_chunk", 0, "full mode: steps per chunk of the chunked scan (0: about sqrt(L/2), the "
+                   "smallest sequential depth; >= L: one chunk, the plain recurrence)", type=int, field="chunk",
+                   convert=lambda v: v or None),
+        GUARD, GROWTH,
+        ssm.Option("delta_basis_size", 12, "--delta_type legendre|fourier: K basis functions of relative time t/L, "
+                   "so δ has K x R parameters per layer and works at any length", type=int, field="basis_size")),
+    params={**ssm.S5_PARAMS, **EXTENSION_ROLES}, eigs=ssm.s5_eigs, pictures=(EXTEND_PICTURE,),
+    bench={"extend diag": ["--ssm_type", "extend", "--extend_mode", "diag"],
+           "extend full": ["--ssm_type", "extend", "--extend_mode", "full"],  # the default guard (spectral)
+           "extend full rows": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "rows"],
+           "extend full none": ["--ssm_type", "extend", "--extend_mode", "full", "--extend_guard", "none"]},
+    check=_check_extend, module_kw=lambda cfg, meta: {"l_max": meta["seq_len"]}, frozen_base=True))

@@ -40,7 +40,8 @@ def test_real_training_steps_of_every_type_finish(mnist_root, tmp_path):
     """A few real training steps and an evaluation of every ssm_type, in one subprocess with a time limit: a
     hang fails here, naming the type, in minutes rather than in CI's time limit."""
     runs = [(v[1] + ("-" + v[3] if len(v) > 2 else ""),
-             mnist_args(mnist_root, tmp_path / f"r{i}", "--epochs", "1", "--max_train_samples", "24", "--R", "2", *v))
+             mnist_args(mnist_root, tmp_path / f"r{i}", "--epochs", "1", "--max_train_samples", "24", *v,
+                       *(["--R", "2"] if "extend" in v else [])))
             for i, v in enumerate(EVERY_TYPE)]
     driver = ("import json, sys, train_ex\n"
               "for name, argv in json.loads(sys.argv[1]):\n"

@@ -30,7 +30,8 @@ def next_step_model(ssm_type, *flags, d_model=8, n_layers=3, P=4, L=L_TEST):
     proof also covers BatchNorm (which `--dataset mnist` refuses for training, but a layer must still stream)."""
     tokens = "--pixel_tokens" in flags
     cfg = train_ex.parse_args(["--ssm_type", ssm_type, "--d_model", str(d_model), "--n_layers", str(n_layers),
-                               "--ssm_size_base", str(P), "--R", "2", *(f for f in flags if f != "--pixel_tokens")])
+                               "--ssm_size_base", str(P), *(["--R", "2"] if ssm_type == "extend" else []),
+                               *(f for f in flags if f != "--pixel_tokens")])
     cfg.pixel_tokens = tokens
     meta = dict(n_classes=256, seq_len=L, in_dim=256, tokens=True, pair=False, task="next_step")
     return models.build_model(cfg, meta)

@@ -138,12 +138,15 @@ def test_parameter_groups():
 @pytest.mark.parametrize("argv,message", [
     (["--ssm_size_base", "10", "--blocks", "3"], "not divisible by --blocks"),
     (["--dataset", "nope"], "invalid choice"),
-    (["--R", "0"], "--R must be at least 1"),
+    (["--ssm_type", "extend", "--R", "0"], "--R must be at least 1"),
     (["--ssm_size_base", "6", "--blocks", "2"], "even block size"),
     (["--freeze", "base"], "needs --load_checkpoint"),
     (["--resume"], "needs --run_dir"),
     (["--downsample", "2"], "mnist"),
-    (["--ssm_type", "s4d", "--ssm_size_base", "7", "--blocks", "7", "--no-conj_sym"], "must be even"),
+    (["--ssm_type", "s4d", "--ssm_size_base", "7"], "must be even"),
+    (["--ssm_type", "s5", "--R", "4"], "--R is an option of --ssm_type extend"),
+    (["--ssm_type", "lru", "--s6_state_size", "8"], "--s6_state_size is an option of --ssm_type s6"),
+    (["--ssm_type", "s4", "--blocks", "2"], "--blocks is an option of --ssm_type s5, aux, extend"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -325,7 +328,7 @@ def custom_call_targets(lowered_text):
 def test_train_and_eval_steps_have_no_dense_linear_algebra(variant):
     """jaxlib's LAPACK kernels can deadlock XLA's CPU thread pool (two at once on 2 cores): none may appear in a
     lowered train or eval step (they would show as custom calls such as lapack_cgetrf_ffi)."""
-    cfg = train_ex.parse_args([*TINY, "--R", "2", *variant])
+    cfg = train_ex.parse_args([*TINY, *variant, *(["--R", "2"] if "extend" in variant else [])])
     meta = dict(n_classes=3, seq_len=16, in_dim=1, tokens=False, pair=False)
     model = models.build_model(cfg, meta)
     batch = {"inputs": jnp.zeros((8, 16, 1)), "lengths": jnp.full(8, 16), "labels": jnp.zeros(8, jnp.int32),

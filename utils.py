@@ -432,3 +432,19 @@ def wandb_mode(online: bool, default: str | None = "offline") -> str | None:
     """The wandb mode: WANDB_MODE when set, else 'online' when asked for, else `default`; None means no wandb."""
     mode = os.environ.get("WANDB_MODE") or ("online" if online else default)
     return None if mode in (None, "disabled") else mode
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display), imported when a picture is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

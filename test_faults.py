@@ -229,16 +229,16 @@ def test_a_model_that_cannot_fit_exits_5_before_the_first_step_with_a_batch_size
     run = tmp_path / "big"
     model = ["--d_model", "512", "--ssm_size_base", "512", "--n_layers", "1"]
     argv = ["--dataset", "mnist-classification", "--dir_name", str(mnist_root), "--run_dir", str(run),
-            "--max_train_samples", "4000", "--max_eval_samples", "16", "--bsz", "4000", *model]
+            "--max_train_samples", "2000", "--max_eval_samples", "16", "--bsz", "2000", *model]  # ~50 GB a step
     r = subprocess.run([sys.executable, str(HERE / "train_ex.py"), *argv], env={**os.environ, **SUBPROCESS_ENV},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == utils.DOES_NOT_FIT == 5, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "does not fit" in r.stderr
-    m = re.search(r"XLA estimates ([\d.]+) GB per device for one training step at --bsz 4000 .* has ([\d.]+) GB "
+    m = re.search(r"XLA estimates ([\d.]+) GB per device for one training step at --bsz 2000 .* has ([\d.]+) GB "
                   r"free\. Nothing was trained; the largest --bsz that fits is about (\d+)", r.stderr)
     assert m, r.stderr
     estimate, free, best = float(m.group(1)), float(m.group(2)), int(m.group(3))
-    assert estimate > free and 0 < best < 4000
+    assert estimate > free and 0 < best < 2000
     assert sorted(p.name for p in run.iterdir()) == [utils.LOCK_FILE]  # no step, no checkpoint, no results
     # the suggestion against XLA's estimate, compiled here on its own: it fits, and twice that batch does not
     cfg = config.parse_args(argv)

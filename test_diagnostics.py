@@ -291,6 +291,7 @@ def test_s5_beats_chance(name, tmp_path):
     assert results["data"]["generated"] and results["config"]["data_options"].startswith(options)
 
 
+@pytest.mark.slow
 def test_a_basis_delta_model_trained_at_length_l_evaluates_at_2l(tmp_path):
     """The Lambda extension with δ from a Legendre basis, trained on varying_gain at length 24: its parameters do not
     grow with the length (the same count at length 48), and the trained model, rebuilt from its run directory,

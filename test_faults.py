@@ -42,6 +42,7 @@ def test_resume_from_a_damaged_latest_continues_from_the_previous_checkpoint(mni
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_with_no_readable_checkpoint_resume_exits_2_naming_the_files(mnist_root, tmp_path, capsys):
     run = tmp_path / "r"
     assert train_ex.main(mnist_args(mnist_root, run, "--epochs", "2", "--max_steps", "11")) == 0

@@ -93,6 +93,7 @@ def test_recurrent_logits_equal_parallel_logits(ssm_type, layout):
     assert before < 1e-5 * max(scale, 1.0) and float(jnp.max(jnp.abs(moved[:, -1] - parallel[:, -1]))) > 1e-2
 
 
+@pytest.mark.slow
 def test_the_default_next_pixel_model_is_causal_in_training_too():
     """With --dataset mnist's defaults (LayerNorm, dropout) a change of the last input changes no earlier position's
     training-mode logits: nothing in a training step looks ahead."""

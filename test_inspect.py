@@ -116,6 +116,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_is_xla_estimate_of_the_runs_training_step(runs, capsys):
     """--memory: the estimate train_ex.py checks before its first step (models.step_memory), at the run's --bsz;
     its arguments hold at least the parameters and Adam's two moments (float32)."""

@@ -87,6 +87,7 @@ def test_a_type_from_its_own_file_lists_its_options_in_help(ema):
     assert "ema (a fixed-decay moving average (a test's file))" in text
 
 
+@pytest.mark.slow
 def test_a_type_from_its_own_file_trains_inspects_and_runs_in_bench(ema, tmp_path, capsys):
     run = tmp_path / "run"
     code = train_ex.main(["--dataset", "copying", "--data_options", "k=2,vocab=4,lag=4,n_train=32,n_val=16,n_test=16",
@@ -138,6 +139,7 @@ def test_an_option_at_its_default_or_shared_by_the_type_is_accepted(ema):
     assert config.parse_args(["--ssm_type", "aux", "--blocks", "2", "--extend_guard", "rows"]).extend_guard == "rows"
 
 
+@pytest.mark.slow
 def test_every_parameter_leaf_of_every_type_has_a_declared_role():
     """A parameter renamed in a module but not in its declaration fails here (and in param_label), rather than
     moving silently into another optimiser group."""

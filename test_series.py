@@ -228,6 +228,7 @@ def test_resume_rerun_and_warm_start_dependency(tmp_path):
     assert argv[argv.index("--wandb_run_name") + 1] == "out/g1-aux/aux-on/seed1"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_series_and_run_groups_alias(tmp_path):
     env, calls = fake_env(tmp_path, RUN_GROUPS="3", FAKE_INTERRUPT="strength-0.1/")
     r, out = run_series(env, timeout=120)
@@ -667,6 +668,7 @@ row = dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, te
 '''
 
 
+@pytest.mark.slow
 def test_two_series_on_one_out_root_share_the_runs_each_trained_once(tmp_path):
     env, calls = fake_env(tmp_path, SHARING, RUN_GROUPS="2 3", PARALLEL="1")
     procs = {name: subprocess.Popen(["bash", str(SCRIPT)], env={**env, "FAKE_SERIES": name}, stdout=subprocess.PIPE,
@@ -712,6 +714,7 @@ print(json.dumps([before, sorted(os.listdir(held))]), flush=True)
 '''
 
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_skipped_untouched_then_waited_for(tmp_path):
     """A run directory held by another process (here a stand-in that holds run.lock until the series has trained
     the next run): skipped without a file touched, waited for at the end, then trained by the series (its holder
@@ -742,6 +745,7 @@ runpy.run_path(sys.argv[0].replace("nofit_train.py", "fake_train.py"), run_name=
 '''
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_fit_is_recorded_as_such_not_as_a_crash(tmp_path):
     import utils
 

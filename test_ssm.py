@@ -578,9 +578,9 @@ def dense_power_iteration(Lambda_bar, E, F, delta, iterations=ssm_ex.POWER_ITERA
     return np.stack(out)
 
 
-@pytest.mark.parametrize("guard,bidirectional,growth", [("rows", False, 1.0), ("rows", True, 1.0),
-                                                        ("spectral", False, 1.0), ("spectral", True, 1.0),
-                                                        ("spectral", False, 30.0), ("none", False, 1.0)])
+@pytest.mark.parametrize("guard,bidirectional,growth", [("rows", False, 1.0), ("spectral", False, 1.0)] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in [("rows", True, 1.0), ("spectral", True, 1.0),
+                                                             ("spectral", False, 30.0), ("none", False, 1.0)]])
 def test_guarded_full_module_equals_float64_reference(guard, bidirectional, growth):
     """The module (discretisation, modulus clamp, guard, chunked scan) against the same layer written out in float64
     from its raw parameters, with the guard active; outputs and every parameter's gradient. The spectral guard's
@@ -673,7 +673,7 @@ def assert_grads_close(f_fast, f_ref, args, argnums, tol=1e-4):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conj_sym", [False, True])
+@pytest.mark.parametrize("conj_sym", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_aux_gradients_equal_loop(kind, conj_sym):
     L, P, H = 11, 4, 3
     rng = np.random.default_rng(3)
@@ -722,7 +722,7 @@ def test_zero_E_reduces_to_s5(bidirectional):
 
 # The modules: guard, recurrent mode, learned-table length, warm start.
 
-EXT_MODULES = [
+EXT_CORE = [
     ("aux", dict(time_scale_type="linear")),
     ("aux", dict(time_scale_type="sinusoidal")),
     ("extend", dict(mode="full", delta_type="learned")),
@@ -730,12 +730,15 @@ EXT_MODULES = [
     ("extend", dict(mode="full", delta_type="exponential")),
     ("extend", dict(mode="diag", delta_type="sinusoidal")),
     ("extend", dict(mode="full", delta_type="learned", guard="rows")),
+]
+EXT_MORE = [  # the other guards, bases and bounds: in the full suite only (pytest -m "not slow" leaves them out)
     ("extend", dict(mode="full", delta_type="legendre")),
     ("extend", dict(mode="diag", delta_type="fourier", guard="none")),
     ("aux", dict(time_scale_type="linear", guard="none")),
     ("extend", dict(mode="full", delta_type="fourier", guard_growth=100.0)),
     ("extend", dict(mode="diag", delta_type="learned", guard_growth=100.0)),  # diag mode clamps at 1 whatever G
 ]
+EXT_MODULES = EXT_CORE + [pytest.param(*case, marks=pytest.mark.slow) for case in EXT_MORE]
 
 
 def make_module(name, H, P, l_max, **kw):
@@ -777,12 +780,14 @@ def test_module_without_active_guard_equals_pure_function(name, kw):
     assert rel_err(jax.jit(model.apply)({"params": params}, u), np.asarray(y + params["D"] * u)) < 1e-5
 
 
-BOUNDED_CASES = [(n, k, 1e3) for n, k in EXT_MODULES if k.get("guard") != "none"] + [
+BOUNDED_CASES = [(n, k, 1e3) for n, k in EXT_CORE[:4]] + [
     ("extend", dict(mode="full", delta_type="learned"), 10.0),  # the spectral guard at 10× the initial scale
+] + [pytest.param(*case, marks=pytest.mark.slow) for case in [(n, k, 1e3) for n, k in EXT_CORE[4:] + EXT_MORE
+                                                                  if k.get("guard") != "none"] + [
     ("extend", dict(mode="full", delta_type="learned", guard_growth=1.0), 10.0),  # ... with no growth allowed
     ("extend", dict(mode="full", delta_type="legendre"), 10.0),
     ("extend", dict(mode="full", delta_type="fourier"), 1e3),
-]
+]]
 
 
 @pytest.mark.parametrize("name,kw,scale", BOUNDED_CASES)
@@ -832,8 +837,9 @@ def test_extend_module_rejects_bad_options(field, value):
         ssm_ex.S5SSMExtend(H=2, P=4, **{field: value}).init(jax.random.PRNGKey(0), jnp.zeros((3, 2)))
 
 
-@pytest.mark.parametrize("name,kw,bidirectional", [(n, k, True) for n, k in EXT_MODULES] +
-                         [(n, k, False) for n, k in EXT_MODULES[1:3]])
+@pytest.mark.parametrize("name,kw,bidirectional", [(n, k, True) for n, k in EXT_CORE[:4]] + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in [(n, k, True) for n, k in EXT_CORE[4:] + EXT_MORE] +
+    [(n, k, False) for n, k in EXT_CORE[1:3]]])
 def test_warm_start_computes_the_s5_function(name, kw, bidirectional):
     L, H, P = 40, 3, 8
     u = jax.random.normal(jax.random.PRNGKey(0), (L, H))

@@ -55,7 +55,9 @@ SSM_VARIANTS = [["--ssm_type", "s5"], ["--ssm_type", "aux"], ["--enable_auxiliar
                 ["--ssm_type", "s4"], ["--ssm_type", "s4d", "--s4d_init", "lin"], ["--ssm_type", "dss"]]
 
 
-@pytest.mark.parametrize("variant", SSM_VARIANTS, ids=lambda v: "-".join(a.strip("-") for a in v))
+@pytest.mark.parametrize("variant", [v if i in (0, 3) else pytest.param(v, marks=pytest.mark.slow)  # s5, extend full
+                                     for i, v in enumerate(SSM_VARIANTS)],
+                         ids=lambda v: "-".join(a.strip("-") for a in v))
 def test_train_steps_lower_the_loss(variant):
     cfg = train_ex.parse_args(["--d_model", "16", "--n_layers", "2", "--ssm_size_base", "8", "--lr", "3e-3",
                                "--p_dropout", "0", "--warmup_end", "0", "--epochs", "1", *variant])
@@ -86,7 +88,7 @@ def test_train_steps_lower_the_loss(variant):
 
 @pytest.mark.parametrize("variant", [["--ssm_type", "s5", "--bidirectional"], ["--ssm_type", "aux"],
                                      ["--ssm_type", "extend", "--R", "2"]], ids=["s5-bidir", "aux", "extend"])
-@pytest.mark.parametrize("mode", ["pool", "last"])
+@pytest.mark.parametrize("mode", ["pool", pytest.param("last", marks=pytest.mark.slow)])
 def test_padding_does_not_change_outputs(variant, mode):
     cfg = train_ex.parse_args(["--d_model", "8", "--n_layers", "2", "--ssm_size_base", "4", "--mode", mode, *variant])
     model = models.build_model(cfg, dict(n_classes=3, seq_len=40, in_dim=12, tokens=True, pair=False))
@@ -324,7 +326,8 @@ def custom_call_targets(lowered_text):
         re.findall(r'custom_call_target\s*=\s*"([\w.]+)"', lowered_text))
 
 
-@pytest.mark.parametrize("variant", EVERY_TYPE, ids=lambda v: "-".join(v[1::2]))
+@pytest.mark.parametrize("variant", [v if v[1] in ("s5", "extend") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in EVERY_TYPE], ids=lambda v: "-".join(v[1::2]))
 def test_train_and_eval_steps_have_no_dense_linear_algebra(variant):
     """jaxlib's LAPACK kernels can deadlock XLA's CPU thread pool (two at once on 2 cores): none may appear in a
     lowered train or eval step (they would show as custom calls such as lapack_cgetrf_ffi)."""
@@ -386,7 +389,7 @@ def np_activation(kind, p, y):
 
 
 @pytest.mark.parametrize("activation", models.ACTIVATIONS)
-@pytest.mark.parametrize("prenorm", [True, False])
+@pytest.mark.parametrize("prenorm", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_whole_model_equals_release_equations(activation, prenorm):
     from test_ssm import module_reference
 
@@ -606,6 +609,7 @@ def test_eval_resolutions_must_include_1(bad, capsys):
     assert "--eval_resolutions" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["run_format1", "run_format2_extend"])
 def test_a_run_directory_written_by_earlier_code_resumes_samples_and_inspects(tmp_path, name):
     """testdata/run_format1 was written by the train_ex.py that kept the optimiser, steps and run-directory code in

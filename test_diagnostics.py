@@ -322,8 +322,9 @@ def test_a_basis_delta_model_trained_at_length_l_evaluates_at_2l(tmp_path):
     systems = encoder.apply(enc_vars, 48, method="recurrent_system")
     states = encoder.apply(enc_vars, method="initial_state")
     dense = model.apply(variables, batch, method=lambda m, b: m.encoder(b["inputs"], jnp.ones((2, 48)), False))
+    step = jax.jit(lambda states, u_t, t: encoder.apply(enc_vars, states, u_t, t, 48, systems, method="step"))
     for t in range(48):
-        states, h = encoder.apply(enc_vars, states, u[0, t], t, 48, systems, method="step")
+        states, h = step(states, u[0, t], t)
         np.testing.assert_allclose(np.asarray(h), np.asarray(dense[0, t]), rtol=1e-4, atol=1e-5)
     table = config.parse_args([*common, "--data_options", "length=24"])
     with pytest.raises(ValueError, match="longer than the learned delta table"):

@@ -241,11 +241,9 @@ def step_memory(argv, meta):
 
 
 def s5_recipes() -> dict:
-    """{short name: (TRAINING.md's S5 command for the task, the task's dataset)}, the LRA tasks and Speech."""
-    short = {"listops-classification": "listops", "imdb-classification": "text", "aan-classification": "retrieval",
-             "lra-cifar-classification": "image", "pathfinder-classification": "pathfinder",
-             "pathx-classification": "path-x", "speech35-classification": "speech"}
-    return {short[name]: (argv, name) for name, argv in config.s5_recipes().items()}
+    """{short name: (the S5 command for the task, the task's dataset)}, the LRA tasks and Speech
+    (plans/s5_recipes.plan)."""
+    return config.s5_recipes_by_name()
 
 
 def bench_memory(recipes, variants=VARIANTS):

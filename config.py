@@ -9,7 +9,11 @@ defaults from models.MODEL_DEFAULTS; every check that needs only the options is 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import re
 import shlex
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dataloaders
@@ -18,7 +22,6 @@ import ssm
 import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
-RECIPES = Path(__file__).resolve().parent / "TRAINING.md"  # the one written copy of the S5 recipes
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -373,17 +376,409 @@ def _derive(args, error):
         args.ssm_lr, args.global_lr = args.lr / args.lr_factor, args.lr
 
 
-def s5_recipes(path=RECIPES) -> dict:
-    """The S5 recipes of TRAINING.md: {dataset: the words of its `python train_ex.py $S5 ...` command after
-    train_ex.py, with $S5 expanded}. TRAINING.md is their one written copy (the tests check them against the
-    release's settings; bench.py measures them)."""
-    lines = Path(path).read_text().splitlines()
-    s5 = next((line for line in lines if line.startswith('S5="')), None)
-    if s5 is None:
-        raise ValueError(f"{path} has no S5=\"...\" line before its recipe commands")
+def s5_recipes(path=None) -> dict:
+    """The S5 release's recipes: {dataset: the words of its command after `train_ex.py`}, read from the plan
+    plans/s5_recipes.plan (their one written copy: TRAINING.md's commands are generated from it and tested; the
+    tests check them against the release's settings; bench.py measures them)."""
+    return {dataset: argv for argv, dataset in s5_recipes_by_name(path).values()}
+
+
+def s5_recipes_by_name(path=None) -> dict:
+    """{the recipe's short name (listops, text, ..., speech): (its words after train_ex.py, its dataset)}."""
+    plan = read_plan(path or "s5_recipes")
     recipes = {}
-    for line in lines:
-        if line.startswith("python train_ex.py $S5 "):
-            argv = shlex.split(line.replace("$S5", s5[4:-1]))[2:]
-            recipes[argv[argv.index("--dataset") + 1]] = argv
+    for group in plan.groups:
+        for s in group.settings:
+            argv = plan.common + group.flags + s.flags
+            recipes[s.name] = (argv, argv[argv.index("--dataset") + 1])
     return recipes
+
+
+def recipe_commands(path=None) -> str:
+    """TRAINING.md's block of recipe commands, generated from plans/s5_recipes.plan."""
+    plan = read_plan(path or "s5_recipes")
+    lines = [f'S5="{shlex.join(plan.common)}"']
+    for group in plan.groups:
+        lines += [f"python train_ex.py $S5 {shlex.join(group.flags + s.flags)}" for s in group.settings]
+    return "\n".join(lines)
+
+
+# ---- plans: the series and studies of run_train_ex.sh as data ----------------------------------------------------
+PLANS = Path(__file__).resolve().parent / "plans"
+PLAN_VARIABLES = ("DATASET", "EPOCHS", "SEEDS", "OUT_ROOT")  # the run_train_ex.sh variables a plan may default
+SETTING_OPTIONS = ("seeds", "after", "smoke", "tune")
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be read: the message names the file, the line and what to change."""
+
+
+@dataclass
+class Setting:
+    name: str
+    flags: list
+    seeds: int | None = None  # only the first `seeds` of the series' SEEDS
+    after: str | None = None  # starts from this setting's ckpt_best.msgpack (same group and seed), after it
+    smoke: list | None = None  # flags instead of `flags` under SMOKE=1
+    tune: bool = True  # tuned when the plan has a `tune` line
+
+
+@dataclass
+class Group:
+    name: str
+    flags: list
+    about: str = ""
+    variables: dict = field(default_factory=dict)
+    settings: list = field(default_factory=list)
+
+
+@dataclass
+class Tune:
+    """Each setting first runs once per value of `flag` at seed `seed`; its seeds then use the value whose run
+    has the best validation score (utils.selection_score)."""
+    flag: str
+    values: list
+    seed: int
+
+
+@dataclass
+class Plan:
+    name: str
+    path: Path
+    defaults: dict = field(default_factory=dict)
+    common: list = field(default_factory=list)
+    data: list = field(default_factory=list)  # data the series makes before its runs (split-mnist)
+    smoke: list = field(default_factory=list)  # SMOKE=1: tiny sizes, after the group's flags
+    tune: Tune | None = None
+    groups: list = field(default_factory=list)
+    about: str = ""
+
+    def sets_dataset(self) -> bool:
+        return "--dataset" in self.common or any("--dataset" in g.flags for g in self.groups)
+
+    def datasets(self, default=None) -> list:
+        """The --dataset of each group (the common one, else `default`)."""
+        out = []
+        for g in self.groups:
+            argv = ([] if default is None else ["--dataset", default]) + self.common + g.flags
+            out.append(argv[len(argv) - 1 - argv[::-1].index("--dataset") + 1] if "--dataset" in argv else None)
+        return out
+
+
+def plan_path(name) -> Path:
+    """A plan by name (plans/NAME.plan) or by path."""
+    name = str(name)
+    if "/" in name or name.endswith(".plan"):
+        return Path(name)
+    return PLANS / f"{name}.plan"
+
+
+def plan_names() -> list:
+    return sorted(p.stem for p in PLANS.glob("*.plan"))
+
+
+def _options(text: str, where: str) -> dict:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PlanError(f"{where}: '{item}' is not key=value (options are separated by ';')")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_plan(name) -> Plan:
+    """Read a plan file: lines of fields separated by '|' (SERIES.md, "Plans"); a line starting with # is a comment.
+
+        default | VARIABLE | value                the run_train_ex.sh variable's value unless the environment sets it
+        common  | flags                           train_ex.py flags of every run
+        smoke   | flags                           SMOKE=1: tiny sizes (after the group's flags)
+        data    | split-mnist                     data the series makes first (STUDY's psMNIST split)
+        tune    | flag | v1 v2 v3 | seed=K       tune `flag` per setting on validation (Tune)
+        about   | text                            what the plan is (run_train_ex.sh --help)
+        group   | name | flags | about=...; key=value  a group; its settings' flags may use {key}
+        setting | name | flags | seeds=N; after=NAME; smoke=flags; tune=no
+
+    Settings before the first group are shared: every group without settings of its own runs them."""
+    path = plan_path(name)
+    if not path.is_file():
+        raise PlanError(f"no plan {path} (plans: {', '.join(plan_names())}; or give a file's path)")
+    plan = Plan(name=path.stem, path=path)
+    shared = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{n}"
+        fields = [f.strip() for f in line.split("|")]
+        kind, rest = fields[0], fields[1:]
+
+        def need(k, at_most=None, kind=kind, rest=rest, where=where):
+            if len(rest) < k or (at_most is not None and len(rest) > at_most):
+                raise PlanError(f"{where}: a '{kind}' line has {k}{'' if at_most == k else f' to {at_most}'} "
+                                f"fields after '{kind}', got {len(rest)}")
+        try:
+            if kind == "about":
+                need(1, 1)
+                plan.about = rest[0]
+            elif kind == "default":
+                need(2, 2)
+                if rest[0] not in PLAN_VARIABLES:
+                    raise PlanError(f"{where}: a plan may default only {', '.join(PLAN_VARIABLES)}, not {rest[0]}")
+                plan.defaults[rest[0]] = rest[1]
+            elif kind == "common":
+                need(1, 1)
+                plan.common += shlex.split(rest[0])
+            elif kind == "smoke":
+                need(1, 1)
+                plan.smoke += shlex.split(rest[0])
+            elif kind == "data":
+                need(1, 1)
+                if rest[0] != "split-mnist":
+                    raise PlanError(f"{where}: the data a series can make is split-mnist, not '{rest[0]}'")
+                plan.data.append(rest[0])
+            elif kind == "tune":
+                need(3, 3)
+                values = rest[1].split()
+                opts = _options(rest[2], where)
+                if not rest[0].startswith("--") or len(values) < 2 or set(opts) != {"seed"} \
+                        or not opts["seed"].isdigit():
+                    raise PlanError(f"{where}: a tune line is `tune | --flag | v1 v2 ... | seed=K` (two values or "
+                                    f"more)")
+                plan.tune = Tune(rest[0], values, int(opts["seed"]))
+            elif kind == "group":
+                need(1, 3)
+                rest += [""] * (3 - len(rest))
+                opts = _options(rest[2], where)
+                _name_ok(rest[0], where)
+                if rest[0] in {g.name for g in plan.groups}:
+                    raise PlanError(f"{where}: group '{rest[0]}' is declared twice")
+                plan.groups.append(Group(rest[0], shlex.split(rest[1]), opts.pop("about", ""), opts))
+            elif kind == "setting":
+                need(1, 3)
+                rest += [""] * (3 - len(rest))
+                opts = _options(rest[2], where)
+                unknown = set(opts) - set(SETTING_OPTIONS)
+                if unknown:
+                    raise PlanError(f"{where}: unknown setting option(s) {sorted(unknown)}; a setting takes "
+                                    f"{', '.join(SETTING_OPTIONS)}")
+                if "seeds" in opts and not (opts["seeds"].isdigit() and int(opts["seeds"]) >= 1):
+                    raise PlanError(f"{where}: seeds must be a positive integer, got '{opts['seeds']}'")
+                if opts.get("tune", "yes") not in ("yes", "no"):
+                    raise PlanError(f"{where}: tune must be yes or no, got '{opts['tune']}'")
+                _name_ok(rest[0], where)
+                s = Setting(rest[0], shlex.split(rest[1]), int(opts["seeds"]) if "seeds" in opts else None,
+                            opts.get("after"), shlex.split(opts["smoke"]) if "smoke" in opts else None,
+                            opts.get("tune", "yes") == "yes")
+                target = plan.groups[-1].settings if plan.groups else shared
+                if s.name in {t.name for t in target}:
+                    raise PlanError(f"{where}: setting '{s.name}' appears twice in its group")
+                target.append(s)
+            else:
+                raise PlanError(f"{where}: unknown line kind '{kind}' (about, default, common, smoke, data, tune, "
+                                f"group, setting)")
+        except ValueError as e:  # shlex: an unclosed quote
+            raise e if isinstance(e, PlanError) else PlanError(f"{where}: {e}") from None
+    if not plan.groups:
+        raise PlanError(f"{path}: no group (a plan needs at least one `group | name | flags` line)")
+    for g in plan.groups:
+        if not g.settings:
+            if not shared:
+                raise PlanError(f"{path}: group '{g.name}' has no settings and the plan has no shared ones")
+            g.settings = [Setting(s.name, list(s.flags), s.seeds, s.after, s.smoke, s.tune) for s in shared]
+        names = {s.name for s in g.settings}
+        for s in g.settings:
+            if s.after and s.after not in names:
+                raise PlanError(f"{path}: setting '{s.name}' of group '{g.name}' starts after '{s.after}', which "
+                                f"the group does not have")
+            if s.after and plan.tune and s.tune:
+                raise PlanError(f"{path}: setting '{s.name}' of group '{g.name}' is both tuned and a warm start "
+                                f"(after=); give it tune=no")
+            for flags in (s.flags, s.smoke or []):
+                flags[:] = [_substitute(w, g.variables, f"{path}: group '{g.name}', setting '{s.name}'")
+                            for w in flags]
+    return plan
+
+
+def _name_ok(name: str, where: str):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
+        raise PlanError(f"{where}: '{name}' is not a usable name (letters, digits, . _ + -; it becomes a folder)")
+
+
+def _substitute(word: str, variables: dict, where: str) -> str:
+    def value(m):
+        if m.group(1) not in variables:
+            raise PlanError(f"{where}: {{{m.group(1)}}} is not a variable of the group (its options: "
+                            f"{', '.join(variables) or 'none'})")
+        return variables[m.group(1)]
+    return re.sub(r"\{(\w+)\}", value, word)
+
+
+def plan_runs(plan: Plan, seeds: list, groups: list | None = None, smoke: bool = False, only=()) -> list:
+    """The runs of a plan, in order: dicts with id (GROUP/SETTING/seedK), order, g (1-based group index), group,
+    setting, seed, flags (the plan's: common, group, setting), role (run, tune or tuned), deps (the ids it waits
+    for) and, for a tuned run, tune (the flag and its candidate runs' ids). `groups` (1-based) and the globs
+    `only` (over ids) select runs; a selected run's dependencies are not added by them."""
+    groups = groups or list(range(1, len(plan.groups) + 1))
+    bad = [g for g in groups if not 1 <= g <= len(plan.groups)]
+    if bad:
+        raise PlanError(f"GROUPS must be numbers 1 to {len(plan.groups)} (the groups of plan {plan.name}), got "
+                        f"{' '.join(map(str, bad))}")
+    runs = []
+    for gi in sorted(set(groups)):
+        group = plan.groups[gi - 1]
+        for j, s in enumerate(group.settings, 1):
+            flags = plan.common + group.flags + (s.smoke if smoke and s.smoke is not None else s.flags)
+            base = dict(order=100 * gi + j, g=gi, group=group.name)
+            tune_ids = []
+            if plan.tune and s.tune:
+                t = plan.tune
+                for v in t.values:
+                    name = f"{s.name}/{t.flag.lstrip('-')}={v}"
+                    tune_ids.append(f"{group.name}/{name}/seed{t.seed}")
+                    runs.append(dict(base, id=tune_ids[-1], setting=name, seed=t.seed, flags=flags + [t.flag, v],
+                                     role="tune", deps=[], tune_of=s.name))
+            for seed in seeds[:s.seeds] if s.seeds else seeds:
+                run = dict(base, id=f"{group.name}/{s.name}/seed{seed}", setting=s.name, seed=seed, flags=list(flags),
+                           role="tuned" if tune_ids else "run", deps=list(tune_ids))
+                if tune_ids:
+                    run["tune"] = {"flag": plan.tune.flag, "runs": tune_ids}
+                if s.after:
+                    run["after"] = f"{group.name}/{s.after}/seed{seed}"
+                    run["deps"] = [run["after"]]
+                runs.append(run)
+    if only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r["id"], pat) for pat in only)]
+    return runs
+
+
+def check_plan(plan: Plan, head: list, tail: list, smoke: bool = False, groups=None):
+    """Every distinct setting's command line in the plan's groups (all, or the 1-based `groups`), checked by
+    parse_args, composed as series_runs composes it (head: before the plan's flags, tail: after them); raises
+    PlanError naming the first setting that is refused and why."""
+    import contextlib
+    import io
+    seen = set()
+    for gi, group in enumerate(plan.groups, 1):
+        if groups and gi not in groups:
+            continue
+        for s in group.settings:
+            argv = head + plan.common + group.flags + (plan.smoke if smoke else []) \
+                + (s.smoke if smoke and s.smoke is not None else s.flags) + tail
+            if plan.tune and s.tune:
+                argv += [plan.tune.flag, plan.tune.values[0]]
+            if s.after:
+                argv += ["--load_checkpoint", f"{s.after}/ckpt_best.msgpack"]  # made by the run it starts after
+            if tuple(argv) in seen:
+                continue
+            seen.add(tuple(argv))
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    parse_args(argv)
+            except SystemExit:
+                msg = err.getvalue().strip().splitlines()
+                raise PlanError(f"group {gi} '{group.name}', setting '{s.name}' of plan {plan.name}: train_ex.py "
+                                f"refuses its flags ({shlex.join(argv)}): "
+                                f"{msg[-1].removeprefix('train_ex.py: error: ') if msg else 'exit 2'}") from None
+
+
+def plan_table(plan: Plan, markdown: bool = False, smoke: bool = False) -> str:
+    """The plan's groups and settings as text (run_train_ex.sh --help) or as a Markdown table (SERIES.md)."""
+    lines = []
+    if markdown:
+        lines += ["| group | about | flags | settings (flags; seeds) |", "|---|---|---|---|"]
+    for gi, g in enumerate(plan.groups, 1):
+        def one(s):
+            flags = s.smoke if smoke and s.smoke is not None else s.flags
+            extra = [f"{s.seeds} seeds"] if s.seeds else []
+            extra += [f"from {s.after}"] if s.after else []
+            return f"{s.name} ({shlex.join(flags)}{'; ' if extra else ''}{', '.join(extra)})" if flags or extra \
+                else s.name
+        if markdown:
+            lines.append(f"| {gi} {g.name} | {g.about} | `{shlex.join(g.flags)}` | "
+                         + "; ".join(one(s).replace("|", "\\|") for s in g.settings) + " |")
+        else:
+            lines.append(f"  group {gi}  {g.name}" + (f": {g.about}" if g.about else ""))
+            if g.flags:
+                lines.append(f"      flags: {shlex.join(g.flags)}")
+            for s in g.settings:
+                lines.append(f"      {one(s)}")
+    if plan.tune:
+        t = plan.tune
+        lines.append(("" if markdown else "  ") + f"Every setting first runs {t.flag} " + ", ".join(t.values)
+                     + f" at seed {t.seed}; its seeds use the value with the best validation score.")
+    return "\n".join(lines)
+
+
+def series_runs(plan: Plan, seeds=None, epochs=None, dataset=None, groups=None, only=(), smoke=False, extra=(),
+                check=True):
+    """What run_train_ex.sh runs: (the variables resolved: the environment's value, else SMOKE's, else the plan's;
+    the runs of plan_runs, each with `argv`: train_ex.py's flags except --dir_name, --jax_seed, --run_dir and
+    wandb's). A run's flags: --dataset DATASET (a plan whose groups set none), the plan's common, group and smoke
+    flags, the setting's (its smoke flags under SMOKE), --epochs EPOCHS when given, EXTRA; last wins."""
+    d = plan.defaults
+    seeds = seeds or ("0" if smoke else d.get("SEEDS", "0"))
+    epochs = epochs or ("1" if smoke else d.get("EPOCHS", ""))
+    if dataset and plan.sets_dataset():
+        raise PlanError(f"plan {plan.name} sets each group's dataset; leave DATASET unset (DATASET='{dataset}')")
+    dataset = dataset or ("" if plan.sets_dataset() else d.get("DATASET", "listops-classification"))
+    head = (["--dataset", dataset] if dataset else [])
+    tail = (["--epochs", epochs] if epochs else []) + list(extra)
+    runs = plan_runs(plan, [int(s) for s in seeds.split()], groups, smoke, only)
+    for r in runs:
+        group = plan.groups[r["g"] - 1]
+        n = len(plan.common) + len(group.flags)  # smoke's tiny sizes after the group's, before the setting's
+        r["argv"] = head + r["flags"][:n] + (plan.smoke if smoke else []) + r["flags"][n:] + tail
+        if r.get("after"):
+            r["argv"] += ["@after=" + r["after"]]
+        if r.get("tune"):
+            r["argv"] += ["@tuned=" + r["tune"]["flag"] + "=" + ",".join(r["tune"]["runs"])]
+    if check:
+        check_plan(plan, head, tail, smoke, groups)
+    values = dict(SEEDS=seeds, EPOCHS=epochs, DATASET=dataset, PLAN_NAME=plan.name, PLAN_FILE=str(plan.path.resolve()),
+                  PLAN_DATA=" ".join(plan.data), GROUP_NAMES=" ".join(g.name for g in plan.groups),
+                  PLAN_DATASETS=" ".join(sorted({x for x in plan.datasets(dataset or None) if x})))
+    return values, runs
+
+
+def _plan_main(argv=None):
+    """The command line that run_train_ex.sh uses to read a plan (its scheduling stays in the shell)."""
+    p = argparse.ArgumentParser(prog="config.py", description="Read a series plan (plans/*.plan) for run_train_ex.sh.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("plans", help="the plans in plans/, a line each")
+    q = sub.add_parser("plan-table", help="the plan's groups and settings (--markdown: SERIES.md's table)")
+    q.add_argument("plan")
+    q.add_argument("--markdown", action="store_true")
+    q = sub.add_parser("series", help="the series' variables as shell assignments, '---', then its runs, one "
+                                      "tab-separated line each; every setting's command line checked first")
+    q.add_argument("plan")
+    for name in ("seeds", "epochs", "dataset", "groups", "only", "extra"):
+        q.add_argument(f"--{name}", default="", help=f"the series' {name.upper()} ('' = its default)")
+    q.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "plans":
+            for name in plan_names():
+                print(f"  {name:<14} {read_plan(name).about}")
+        elif a.command == "plan-table":
+            print(plan_table(read_plan(a.plan), a.markdown))
+        else:
+            groups = [int(g) for g in a.groups.split()] if a.groups.strip() else None
+            values, runs = series_runs(read_plan(a.plan), a.seeds, a.epochs, a.dataset, groups, a.only.split(),
+                                       a.smoke, shlex.split(a.extra))
+            values.update(INTERRUPTED_CODES=" ".join(map(str, sorted(utils.INTERRUPTED_CODES))),
+                          NOFIT_CODE=utils.DOES_NOT_FIT, LOCKED_CODE=utils.LOCKED)
+            for k, v in values.items():
+                print(f"{k}={shlex.quote(str(v))}")
+            print("---")
+            for r in runs:
+                print("\t".join(map(str, (r["id"], r["order"], r["g"], r["group"], r["setting"], r["seed"], r["role"],
+                                          ",".join(r["deps"]) or "-", shlex.join(r["argv"])))))
+    except (PlanError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _plan_main()

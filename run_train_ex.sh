@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# The lab's ablation series for train_ex.py: one run per setting and seed, each in its own run directory,
-# resumable, failures logged and skipped over, summarised at the end by summarize.py.
+# The lab's series of train_ex.py runs, read from a plan (plans/NAME.plan: groups of settings, one line per setting):
+# one run per setting and seed, each in its own run directory, resumable, failures logged and skipped over,
+# summarised at the end by summarize.py. This file schedules (a local pool or SLURM job arrays); the plan says what.
 #
-#   ./run_train_ex.sh                        # the full series (see --help for the variables)
+#   ./run_train_ex.sh                        # the ablation series, plans/series.plan (see --help for the variables)
 #   SMOKE=1 ./run_train_ex.sh                # the whole series on a tiny budget on a CPU, in minutes
 #   RUN_GROUPS="1 5" SEEDS="0 1 2" EPOCHS=20 OUT_ROOT=runs/ablation ./run_train_ex.sh
-#   STUDY=cpu PARALLEL=2 ./run_train_ex.sh  # the CPU study: every SSM type on the diagnostics and psMNIST, 3 seeds
+#   STUDY=cpu PARALLEL=2 ./run_train_ex.sh  # the CPU study, plans/study-cpu.plan
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+die() { echo "run_train_ex.sh: error: $*" >&2; echo "(see $0 --help)" >&2; exit 2; }
+
+# the plan: PLAN=NAME (plans/NAME.plan) or a file's path; STUDY=NAME is PLAN=study-NAME
+STUDY="${STUDY:-}"
+if [[ -n "$STUDY" ]]; then
+  [[ -z "${PLAN:-}" ]] || die "give PLAN or STUDY, not both (STUDY=$STUDY is PLAN=study-$STUDY)"
+  [[ -f "$HERE/plans/study-$STUDY.plan" ]] \
+    || die "STUDY must name a plan plans/study-NAME.plan: $(cd "$HERE/plans" && ls study-*.plan 2>/dev/null | sed 's/^study-//; s/\.plan$//' | paste -sd, -), got '$STUDY'"
+  PLAN="study-$STUDY"
+fi
+PLAN="${PLAN:-series}"
 
 usage() {
   cat <<EOF
 usage: [VAR=value ...] $0 [--help]
 
-Runs the ablation series of train_ex.py, in this order (one run per setting and seed):
-  group 1  g1-aux          auxiliary state off (S5) vs on (--enable_auxiliary_state)
-  group 2  g2-time-scale   --time_scale_type linear, exponential, sinusoidal, constant (auxiliary state on)
-  group 3  g3-aux-strength --auxiliary_strength 0.05, 0.1, 0.2 (auxiliary state on)
-  group 4  g4-size         (--d_model, --ssm_size_base) = (64,32), (128,64), (256,128) (auxiliary state on)
-                           [SMOKE=1: (8,4), (16,8), (32,16)]
-  group 5  g5-extend       --ssm_type extend, --R 4/10/16 x --extend_mode full/diag
-  group 6  g6-warm-start   an S5 run, then --ssm_type extend fine-tuned on its ckpt_best.msgpack (--freeze base)
-  group 7  g7-baselines    --ssm_type s5, s4d, s6 (Mamba's selective SSM), lru, at the same --d_model
+Runs the train_ex.py runs of a plan: plans/NAME.plan lists groups of settings, one line per setting (its syntax:
+SERIES.md, "Plans"). One run per setting and seed, in plan order. The plans (PLAN=NAME, or STUDY=NAME for
+plans/study-NAME.plan, or PLAN=path/to/file.plan):
+$("$PYTHON" "$HERE/config.py" plans 2>&1)
 
-STUDY=cpu runs the CPU study instead: one group per task, each with the same 11 settings (s5; aux-linear,
-aux-exponential, aux-sinusoidal, aux-constant; extend-diag and extend-full at R 4; s4d; s6; lru; s5-control, an
-S5 whose --ssm_size_base gives it about extend-full's parameter count), d_model 32, 2 layers:
-  group 1  copying             --data_options k=8,vocab=8,lag=32, 20 epochs (S5 control: --ssm_size_base 20)
-  group 2  selective-copying   --data_options k=8,vocab=8,length=48, 20 epochs (22)
-  group 3  associative-recall  --data_options n_pairs=8,n_queries=8,n_keys=16,n_values=16,gap=16, 20 epochs (20)
-  group 4  adding              --data_options length=128, 15 epochs (26)
-  group 5  psmnist             pmnist-classification, 2,000 training and 1,000 evaluation images, 3 epochs (66)
-The diagnostics are generated in memory (2,000/500/500 samples); psMNIST reads DATA, by default OUT_ROOT/data
-made once by "dataloaders.py split-mnist" from MNIST_SOURCE's 10,000 test images (8,000 train, 2,000 test).
+PLAN=$PLAN (PLAN=NAME $0 --help shows another):
+$("$PYTHON" "$HERE/config.py" plan-table "$PLAN" 2>&1)
+
+A plan may default SEEDS, EPOCHS and DATASET (the environment wins); a plan whose groups set --dataset refuses
+DATASET. SMOKE=1 adds the plan's tiny sizes (its "smoke" line) and one epoch. Settings whose plan has a "tune" line
+run each candidate value on the tuning seed first (folder SETTING/FLAG=VALUE/seedK); their seeds then use the value
+with the best validation score (chosen when each run starts; series_run.json records it), never a test figure.
 
 Every run uses train_ex.py's defaults for padded sets: padding masked before every SSM (--mask_padding) and
 length-bucketed batches (--buckets), not the S5 release's unmasked, full-length batches; for the release's
@@ -43,10 +51,12 @@ Each run writes OUT_ROOT/<group>/<setting>/seed<k>/ (results.json, checkpoints, 
 A run whose results.json says "finished" is skipped; one left "running"/"interrupted" with a checkpoint is
 continued with --resume; any other is (re)started from scratch. A failed run is logged (train.log keeps every
 attempt) and the series goes on; a run that does not fit in memory (train_ex.py exit 5, checked before its first
-step) is recorded as "does not fit", not as a crash. At the end summarize.py writes OUT_ROOT/summary.{md,csv},
-runs.csv and PNG plots, and summary.md is printed. Exit status: 0 unless the variables are misused (2) or the series is
-interrupted: Ctrl-C (130) or SIGTERM (143), to the series or to one of its runs; every running run then saves
-ckpt_latest and stops, and the next invocation continues it. (The exit codes: utils.EXIT_CODES, CLUSTER.md.)
+step) is recorded as "does not fit", not as a crash. A run that starts from another (a warm start, after=) or from
+a tuned value waits for those runs; if they did not finish it is recorded as failed, not started. At the end
+summarize.py writes OUT_ROOT/summary.{md,csv}, runs.csv and PNG plots, and summary.md is printed. Exit status: 0
+unless the variables are misused (2) or the series is interrupted: Ctrl-C (130) or SIGTERM (143), to the series or
+to one of its runs; every running run then saves ckpt_latest and stops, and the next invocation continues it.
+(The exit codes: utils.EXIT_CODES, CLUSTER.md.)
 
 One writer per run: each run's directory is locked (run.lock, flock) from before its state is read until the run
 ends. A run whose directory another process holds (another series on the same OUT_ROOT, a train_ex.py started by
@@ -59,25 +69,29 @@ Several runs at once (LAUNCHER=local): DEVICES="0 1 2 3" runs one run per device
 it ends; each run's output goes to its own train.log.
 
 On SLURM (LAUNCHER=slurm): the plan (one line per run that is not finished: array, task, run id, command) goes
-to OUT_ROOT/slurm/plan.tsv; one job array runs it (one task per run, MAX_PARALLEL at once), a second array the
-warm-start runs (task k starts when task k of the first, its S5 run, has ended: --dependency=aftercorr), and a
-summary job runs summarize.py after both (--dependency=afterany). The job ids and how to follow them are printed
-and the script returns (WAIT=1: waits for the summary, prints it). Every task is requeueable: before its time
-limit (SIGNAL_SECS) and on preemption the run saves ckpt_latest, the task requeues itself (at most MAX_REQUEUES
-times) and continues with --resume. Running the command again submits only the runs not finished and not still
-pending or running in SLURM (OUT_ROOT/slurm/jobs.tsv: the arrays submitted, each with its own plan).
+to OUT_ROOT/slurm/plan.tsv; one job array runs it (one task per run, MAX_PARALLEL at once); warm starts run in a
+second array (task k starts when task k of the first, its base run, has ended: --dependency=aftercorr), tuned
+runs in a third (after the whole first array, which holds their tuning runs: afterany); a summary job runs
+summarize.py after them all (afterany). The job ids and how to follow them are printed and the script returns
+(WAIT=1: waits for the summary, prints it). Every task is requeueable: before its time limit (SIGNAL_SECS) and
+on preemption the run saves ckpt_latest, the task requeues itself (at most MAX_REQUEUES times) and continues with
+--resume. Running the command again submits only the runs not finished and not still pending or running in
+SLURM (OUT_ROOT/slurm/jobs.tsv: the arrays submitted, each with its own plan).
 
 Variables (default in brackets):
-  STUDY         cpu: the CPU study above instead of the ablation series (DATASET is then per group) []
-  MNIST_SOURCE  STUDY=cpu: folder with t10k-{images-idx3,labels-idx1}-ubyte[.gz] [../shared/data/mnist]
-  DATASET       train_ex.py --dataset                       [listops-classification]
-  DATA          data root, train_ex.py --dir_name            [./data; SMOKE=1: OUT_ROOT/data for ListOps]
-  EPOCHS        epochs per run                              [50; SMOKE=1: 1; STUDY=cpu: per task]
-  SEEDS         seeds per setting (--jax_seed), e.g. "0 1 2" [0 1 2; SMOKE=1: 0]
-  RUN_GROUPS    which groups run, e.g. "1 5"                 [1 2 3 4 5 6 7; STUDY=cpu: 1 2 3 4 5]
+  PLAN          the plan: a name in plans/ or a file's path  [series]
+  STUDY         NAME: the plan plans/study-NAME.plan (cpu: the CPU study; gpu: its GPU-sized version) []
+  MNIST_SOURCE  a plan with "data | split-mnist": folder with t10k-{images-idx3,labels-idx1}-ubyte[.gz]
+                [../shared/data/mnist]
+  DATASET       train_ex.py --dataset, for a plan whose groups set none [the plan's; listops-classification]
+  DATA          data root, train_ex.py --dir_name            [./data; SMOKE=1 on ListOps, or a plan with data: OUT_ROOT/data]
+  EPOCHS        epochs per run (wins over the plan's)        [the plan's; SMOKE=1: 1]
+  SEEDS         seeds per setting (--jax_seed), e.g. "0 1 2"; a setting with seeds=N takes the first N
+                [the plan's; SMOKE=1: 0]
+  RUN_GROUPS    which groups run (numbers, as --help lists them), e.g. "1 5"  [all]
                 (GROUPS is accepted too, but only through \`env GROUPS="1 5" $0\`: bash reserves the name)
-  EXTRA         flags passed to every run (after the setting's own flags, so they win) []
-  OUT_ROOT      output root     [runs/series-DATASET; SMOKE=1: runs/smoke-series; STUDY=cpu: runs/study-cpu]
+  EXTRA         flags passed to every run (after the plan's, so they win) []
+  OUT_ROOT      output root     [runs/series-DATASET; SMOKE=1: runs/smoke-series; other plans: runs/PLAN]
   SMOKE         1: tiny model and data budget for a CPU check; builds a tiny generated ListOps under
                 OUT_ROOT/data unless DATA is set              [0]
   SERIES        series name: wandb group and run-name prefix [basename of OUT_ROOT]
@@ -105,8 +119,6 @@ SERIES/<group>/<setting>/seed<k>.
 EOF
 }
 
-die() { echo "run_train_ex.sh: error: $*" >&2; echo "(see $0 --help)" >&2; exit 2; }
-
 for a in "$@"; do
   case "$a" in
     -h|--help) usage; exit 0 ;;
@@ -119,50 +131,25 @@ done
 # ---------------------------------------------------------------------------------------------------------------
 SMOKE="${SMOKE:-0}"
 [[ "$SMOKE" == 0 || "$SMOKE" == 1 ]] || die "SMOKE must be 0 or 1, got '$SMOKE'"
-STUDY="${STUDY:-}"
-[[ -z "$STUDY" || "$STUDY" == cpu ]] || die "STUDY must be cpu or unset (the ablation series), got '$STUDY'"
-if [[ -n "$STUDY" ]]; then
-  [[ "$SMOKE" == 0 ]] || die "STUDY=cpu has its own small sizes; leave SMOKE unset"
-  [[ -z "${DATASET:-}" ]] || die "STUDY=cpu sets each group's dataset; leave DATASET unset"
-fi
-DATASET="${DATASET:-listops-classification}"
-if [[ -n "$STUDY" ]]; then
-  EPOCHS="${EPOCHS:-}"; SEEDS="${SEEDS:-0 1 2}"; OUT_ROOT="${OUT_ROOT:-runs/study-$STUDY}"
-elif [[ "$SMOKE" == 1 ]]; then
-  EPOCHS="${EPOCHS:-1}"; SEEDS="${SEEDS:-0}"; OUT_ROOT="${OUT_ROOT:-runs/smoke-series}"
-else
-  EPOCHS="${EPOCHS:-50}"; SEEDS="${SEEDS:-0 1 2}"; OUT_ROOT="${OUT_ROOT:-runs/series-$DATASET}"
-fi
+DATASET="${DATASET:-}"; EPOCHS="${EPOCHS:-}"; SEEDS="${SEEDS:-}"
 # bash reserves GROUPS (the user's group ids): it neither reads it from the environment nor passes a
 # `GROUPS=... cmd` prefix on; so take it from this process's original environment, and accept RUN_GROUPS too
 if [[ -z "${RUN_GROUPS:-}" && -r /proc/$$/environ ]]; then
   RUN_GROUPS="$(tr '\0' '\n' </proc/$$/environ | sed -n 's/^GROUPS=//p' | head -n 1)"
 fi
-if [[ -n "$STUDY" ]]; then MAX_GROUP=5; else MAX_GROUP=7; fi
-RUN_GROUPS="${RUN_GROUPS:-$(seq -s ' ' 1 $MAX_GROUP)}"
+RUN_GROUPS="${RUN_GROUPS:-}"
 EXTRA="${EXTRA:-}"
 USE_WANDB="${USE_WANDB:-0}"
 WANDB_PROJECT="${WANDB_PROJECT:-s5-ex}"
 RETRY_FAILED="${RETRY_FAILED:-1}"
 FAIL_RUNS="${FAIL_RUNS:-}"
 TRAIN="${TRAIN:-$HERE/train_ex.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
-fi
 
-[[ (-n "$STUDY" && -z "$EPOCHS") || ("$EPOCHS" =~ ^[0-9]+$ && "$EPOCHS" -ge 1) ]] \
-  || die "EPOCHS must be a positive integer, got '$EPOCHS'"
-read -r -a SEED_LIST <<<"$SEEDS"
-[[ ${#SEED_LIST[@]} -ge 1 ]] || die "SEEDS is empty"
-for s in "${SEED_LIST[@]}"; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be non-negative integers, got '$s'"; done
-read -r -a GROUP_ARGS <<<"$RUN_GROUPS"
-[[ ${#GROUP_ARGS[@]} -ge 1 ]] || die "GROUPS is empty"
-for g in "${GROUP_ARGS[@]}"; do
-  [[ "$g" =~ ^[1-9]$ && "$g" -le $MAX_GROUP ]] || die "GROUPS must be numbers 1 to $MAX_GROUP, got '$g'"
-done
+[[ -z "$EPOCHS" || ("$EPOCHS" =~ ^[0-9]+$ && "$EPOCHS" -ge 1) ]] || die "EPOCHS must be a positive integer, got '$EPOCHS'"
+for s in $SEEDS; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS must be non-negative integers, got '$s'"; done
+for g in $RUN_GROUPS; do [[ "$g" =~ ^[1-9][0-9]*$ ]] || die "GROUPS must be numbers (the plan's groups), got '$g'"; done
 [[ "$USE_WANDB" == 0 || "$USE_WANDB" == 1 ]] || die "USE_WANDB must be 0 or 1, got '$USE_WANDB'"
 [[ "$RETRY_FAILED" == 0 || "$RETRY_FAILED" == 1 ]] || die "RETRY_FAILED must be 0 or 1, got '$RETRY_FAILED'"
-[[ -n "$OUT_ROOT" ]] || die "OUT_ROOT is empty"
 ONLY="${ONLY:-}"
 LAUNCHER="${LAUNCHER:-local}"
 DEVICES="${DEVICES:-}"
@@ -196,125 +183,57 @@ fi
 if [[ "$LAUNCHER" == slurm && -z "${_SERIES_TASK:-}" ]]; then
   command -v sbatch >/dev/null 2>&1 || die "LAUNCHER=slurm: no sbatch on PATH (run this on a SLURM login node)"
 fi
-read -r -a ONLY_GLOBS <<<"$ONLY"
 [[ -f "$TRAIN" ]] || die "TRAIN: no file $TRAIN"
 command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON: no interpreter '$PYTHON'"
-read -r -a EXTRA_ARGS <<<"$EXTRA"
 read -r -a FAIL_GLOBS <<<"$FAIL_RUNS"
 
+# ---------------------------------------------------------------------------------------------------------------
+# the runs: config.py reads the plan, applies its defaults, checks every setting's command line with train_ex.py's
+# own parser (a typo must not fail every run), and prints the variables, '---', then one line per run:
+# id, order, group number, group, setting, seed, role (run, tune, tuned), the ids it waits for, its flags
+# ---------------------------------------------------------------------------------------------------------------
+R_ID=(); R_ORDER=(); R_GROUP=(); R_GNAME=(); R_SETTING=(); R_SEED=(); R_ROLE=(); R_DEPS=(); R_FLAGS=()
+declare -A INDEX_OF=()
+if [[ -z "${_SERIES_TASK:-}" ]]; then
+  plan_out="$("$PYTHON" "$HERE/config.py" series "$PLAN" --seeds "$SEEDS" --epochs "$EPOCHS" --dataset "$DATASET" \
+              --groups "$RUN_GROUPS" --only "$ONLY" --extra "$EXTRA" $([[ "$SMOKE" == 1 ]] && echo --smoke) 2>&1)" \
+    || die "plan '$PLAN': $(echo "$plan_out" | grep -v '^\s*$' | tail -n 1 | sed 's/^error: //')"
+  eval "$(sed '/^---$/,$d' <<<"$plan_out")"
+  while IFS=$'\t' read -r id order g gname setting seed role deps flags; do
+    INDEX_OF[$id]=${#R_ID[@]}
+    R_ID+=("$id"); R_ORDER+=("$order"); R_GROUP+=("$g"); R_GNAME+=("$gname"); R_SETTING+=("$setting")
+    R_SEED+=("$seed"); R_ROLE+=("$role"); R_DEPS+=("$deps"); R_FLAGS+=("$flags")
+  done < <(sed '1,/^---$/d' <<<"$plan_out")
+  N=${#R_ID[@]}
+  [[ $N -ge 1 ]] || die "no run matches ONLY='$ONLY' in groups ${RUN_GROUPS:-(all)} of plan $PLAN_NAME"
+else  # a SLURM task: its own line of the submission's plan.tsv says everything; only the exit codes are needed
+  codes="$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); import utils
+print(*sorted(utils.INTERRUPTED_CODES)); print(utils.DOES_NOT_FIT, utils.LOCKED)' "$HERE")" \
+    || die "PYTHON: cannot import utils.py from $HERE"
+  INTERRUPTED_CODES="$(head -n 1 <<<"$codes")"
+  read -r NOFIT_CODE LOCKED_CODE <<<"$(tail -n 1 <<<"$codes")"
+  PLAN_NAME=task; PLAN_DATA=""; PLAN_DATASETS=""
+fi
+INTERRUPTED_CODES=" $INTERRUPTED_CODES "
+
+if [[ -z "${OUT_ROOT:-}" ]]; then
+  if [[ "$PLAN_NAME" == series && "$SMOKE" == 1 ]]; then OUT_ROOT=runs/smoke-series
+  elif [[ "$PLAN_NAME" == series ]]; then OUT_ROOT="runs/series-$DATASET"
+  elif [[ "$SMOKE" == 1 ]]; then OUT_ROOT="runs/smoke-$PLAN_NAME"
+  else OUT_ROOT="runs/$PLAN_NAME"; fi
+fi
 mkdir -p "$OUT_ROOT"
 OUT_ROOT="$(cd "$OUT_ROOT" && pwd)"
 SERIES="${SERIES:-$(basename "$OUT_ROOT")}"
 
-# data: SMOKE builds its own tiny generated ListOps unless DATA is given
+# data: SMOKE on ListOps builds its own tiny generated set, a plan with "data" makes it, unless DATA is given
 SMOKE_DATA=0
 if [[ -z "${DATA:-}" ]]; then
-  if [[ "$SMOKE" == 1 && "$DATASET" == listops-classification ]]; then DATA="$OUT_ROOT/data"; SMOKE_DATA=1
-  elif [[ -n "$STUDY" ]]; then DATA="$OUT_ROOT/data"
+  if [[ "$SMOKE" == 1 && " $PLAN_DATASETS " == *" listops-classification "* ]]; then DATA="$OUT_ROOT/data"; SMOKE_DATA=1
+  elif [[ -n "$PLAN_DATA" ]]; then DATA="$OUT_ROOT/data"
   else DATA=./data; fi
 fi
-
-if [[ "$SMOKE" == 1 ]]; then
-  # one compiled shape (no length buckets), a tiny model, 32 training and 16 evaluation samples
-  BASE_ARGS=(--d_model 8 --n_layers 1 --ssm_size_base 4 --bsz 8 --max_train_samples 32 --max_eval_samples 16
-             --no-buckets)
-  SIZES=("8 4" "16 8" "32 16")
-  export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"  # compile time dominates a smoke run
-else
-  BASE_ARGS=()
-  SIZES=("64 32" "128 64" "256 128")
-fi
-if [[ -n "$STUDY" ]]; then
-  # small enough that one run takes about a minute on one CPU core; dropout off: the diagnostics are noiseless
-  COMMON_ARGS=(--dir_name "$DATA" --d_model 32 --n_layers 2 --ssm_size_base 16 --bsz 64 --lr 4e-3 --p_dropout 0
-               --warmup_end 1 --ckpt_every_min 0)
-  [[ -n "$EPOCHS" ]] && COMMON_ARGS+=(--epochs "$EPOCHS")
-else
-  COMMON_ARGS=(--dataset "$DATASET" --dir_name "$DATA" --epochs "$EPOCHS" "${BASE_ARGS[@]}")
-fi
-
-# EXTRA (and DATASET) checked once with train_ex.py's own command line (config.py): a typo must not fail every run
-if [[ -z "${_SERIES_TASK:-}" ]] && ! err="$("$PYTHON" - "${COMMON_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 <<PY
-import sys
-sys.path.insert(0, "$HERE")
-import config
-config.parse_args(sys.argv[1:])
-PY
-)"; then
-  die "train_ex.py rejects DATASET/EXTRA ('$DATASET' / '$EXTRA'):"$'\n'"$(echo "$err" | tail -n 2)"
-fi
-# the exit codes of a run stopped by a signal, resumable (utils.INTERRUPTED_CODES: the one table of exit codes)
-# and those of a run that does not fit in memory and of a run directory another process holds
-CODES="$("$PYTHON" -c "import sys; sys.path.insert(0, sys.argv[1]); import utils
-print(*sorted(utils.INTERRUPTED_CODES)); print(utils.DOES_NOT_FIT, utils.LOCKED)" "$HERE")" \
-  || die "PYTHON: cannot import utils.py from $HERE"
-INTERRUPTED_CODES=" $(head -n 1 <<<"$CODES") "
-read -r NOFIT_CODE LOCKED_CODE <<<"$(tail -n 1 <<<"$CODES")"
-
-# ---------------------------------------------------------------------------------------------------------------
-# the series: group|setting|flags, in order
-# ---------------------------------------------------------------------------------------------------------------
-# STUDY=cpu: per task, its flags and the S5 control's --ssm_size_base (its parameter count is the closest to
-# extend-full R 4's at d_model 32, 2 layers; the S5 count grows in steps of --ssm_size_base 2)
-STUDY_TASKS=(""
-  "copying|--dataset copying --data_options k=8,vocab=8,lag=32 --epochs 20|20"
-  "selective-copying|--dataset selective_copying --data_options k=8,vocab=8,length=48 --epochs 20|22"
-  "associative-recall|--dataset associative_recall --data_options n_pairs=8,n_queries=8,n_keys=16,n_values=16,gap=16 --epochs 20|20"
-  "adding|--dataset adding --data_options length=128 --epochs 15|26"
-  "psmnist|--dataset pmnist-classification --max_train_samples 2000 --max_eval_samples 1000 --epochs 3|66")
-study_settings_of() {
-  local task flags control
-  IFS='|' read -r task flags control <<<"${STUDY_TASKS[$1]}"
-  echo "s5|$flags --ssm_type s5"
-  for t in linear exponential sinusoidal constant; do echo "aux-$t|$flags --enable_auxiliary_state --time_scale_type $t"; done
-  for m in diag full; do echo "extend-$m|$flags --ssm_type extend --R 4 --extend_mode $m"; done
-  for t in s4d s6 lru; do echo "$t|$flags --ssm_type $t"; done
-  echo "s5-control|$flags --ssm_type s5 --ssm_size_base $control"
-}
-
-if [[ -n "$STUDY" ]]; then
-  GROUP_NAMES=("")
-  for ((g = 1; g <= MAX_GROUP; g++)); do GROUP_NAMES+=("${STUDY_TASKS[$g]%%|*}"); done
-else
-  GROUP_NAMES=("" g1-aux g2-time-scale g3-aux-strength g4-size g5-extend g6-warm-start g7-baselines)
-fi
-settings_of() {
-  if [[ -n "$STUDY" ]]; then study_settings_of "$1"; return; fi
-  case "$1" in
-    1) echo "aux-off|--ssm_type s5"
-       echo "aux-on|--enable_auxiliary_state" ;;
-    2) for t in linear exponential sinusoidal constant; do echo "$t|--enable_auxiliary_state --time_scale_type $t"; done ;;
-    3) for a in 0.05 0.1 0.2; do echo "strength-$a|--enable_auxiliary_state --auxiliary_strength $a"; done ;;
-    4) for hp in "${SIZES[@]}"; do
-         read -r h p <<<"$hp"
-         echo "d$h-p$p|--enable_auxiliary_state --d_model $h --ssm_size_base $p"
-       done ;;
-    5) for r in 4 10 16; do for m in full diag; do echo "R$r-$m|--ssm_type extend --R $r --extend_mode $m"; done; done ;;
-    6) echo "s5-base|--ssm_type s5"
-       echo "extend-warm|--ssm_type extend --freeze base" ;;  # + --load_checkpoint <s5-base of the same seed>
-    7) for t in s5 s4d s6 lru; do echo "$t|--ssm_type $t"; done ;;
-  esac
-}
-
-R_GROUP=(); R_SETTING=(); R_SEED=(); R_FLAGS=(); R_ORDER=()
-for ((g = 1; g <= MAX_GROUP; g++)); do
-  [[ " ${GROUP_ARGS[*]} " == *" $g "* ]] || continue
-  j=0
-  while IFS='|' read -r name flags; do
-    j=$((j + 1))
-    for s in "${SEED_LIST[@]}"; do  # order: the setting's place in the whole series, whatever GROUPS says
-      if [[ ${#ONLY_GLOBS[@]} -gt 0 ]]; then
-        keep=0
-        # shellcheck disable=SC2053
-        for pat in "${ONLY_GLOBS[@]}"; do [[ "${GROUP_NAMES[$g]}/$name/seed$s" == $pat ]] && keep=1; done
-        [[ $keep == 1 ]] || continue
-      fi
-      R_GROUP+=("$g"); R_SETTING+=("$name"); R_SEED+=("$s"); R_FLAGS+=("$flags"); R_ORDER+=($((100 * g + j)))
-    done
-  done < <(settings_of "$g")
-done
-N=${#R_GROUP[@]}
-[[ $N -ge 1 ]] || die "no run matches ONLY='$ONLY' in groups ${GROUP_ARGS[*]}"
+[[ "$SMOKE" == 1 ]] && export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"  # compile time dominates a smoke run
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -335,35 +254,72 @@ PY
 
 json_str() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }
 
-# write DIR/series_run.json: what summarize.py needs to know about a run beyond its results.json
-write_meta() {  # dir order g setting seed status exit_code note command
+# write DIR/series_run.json: what summarize.py needs to know about a run beyond its results.json (the run: RUN_*;
+# META_EXTRA: more JSON fields, e.g. a tuned run's chosen value)
+write_meta() {  # dir status exit_code note command
   local tmp="$1/.series_run.json.tmp"
   cat >"$tmp" <<EOF
-{"series": $(json_str "$SERIES"), "order": $2, "group": $3, "group_label": $(json_str "${GROUP_NAMES[$3]}"),
- "setting": $(json_str "$4"), "seed": $5, "status": $(json_str "$6"), "exit_code": $7,
- "note": $(json_str "$8"), "log": "train.log", "command": $(json_str "$9")}
+{"series": $(json_str "$SERIES"), "order": $RUN_ORDER, "group": $RUN_G, "group_label": $(json_str "${RUN_ID%%/*}"),
+ "setting": $(json_str "$RUN_SETTING"), "seed": $RUN_SEED, "role": $(json_str "$RUN_ROLE"), "status": $(json_str "$2"),
+ "exit_code": $3, "note": $(json_str "$4"), "log": "train.log", "command": $(json_str "$5")${META_EXTRA:+, $META_EXTRA}}
 EOF
   mv "$tmp" "$1/series_run.json"
 }
 
-
 is_interrupted() { [[ "$INTERRUPTED_CODES" == *" $1 "* ]]; }
 
-# ARGS: train_ex.py's arguments for run i of the series, without --resume (added when it is continued)
+# RUN_*: run i of the series (the fields run_one and write_meta use)
+select_run() {
+  RUN_ID=${R_ID[$1]}; RUN_ORDER=${R_ORDER[$1]}; RUN_G=${R_GROUP[$1]}; RUN_SETTING=${R_SETTING[$1]}
+  RUN_SEED=${R_SEED[$1]}; RUN_ROLE=${R_ROLE[$1]}
+}
+
+# ARGS: train_ex.py's arguments for run i of the series, without --resume (added when it is continued); its
+# placeholders (@after=, @tuned=) are resolved by run_one when the run starts
 build_args() {
-  local i=$1 g=${R_GROUP[$1]} setting=${R_SETTING[$1]} seed=${R_SEED[$1]} pat flags id
-  id="${GROUP_NAMES[$g]}/$setting/seed$seed"
-  read -r -a flags <<<"${R_FLAGS[$i]}"
-  # group 6: the extension starts from its own seed's S5 run
-  [[ "$setting" == extend-warm ]] && flags+=(--load_checkpoint "$OUT_ROOT/${GROUP_NAMES[$g]}/s5-base/seed$seed/ckpt_best.msgpack")
+  local i=$1 pat flags
+  eval "flags=(${R_FLAGS[$i]})"
   for pat in "${FAIL_GLOBS[@]}"; do
     # shellcheck disable=SC2053
-    if [[ "$id" == $pat ]]; then flags+=(--epochs 0); fi  # FAIL_RUNS test hook: rejected by train_ex.py
+    if [[ "${R_ID[$i]}" == $pat ]]; then flags+=(--epochs 0); fi  # FAIL_RUNS test hook: rejected by train_ex.py
   done
-  ARGS=("${COMMON_ARGS[@]}" "${flags[@]}" "${EXTRA_ARGS[@]}" --jax_seed "$seed" --run_dir "$OUT_ROOT/$id"
-        --wandb_project "$WANDB_PROJECT" --wandb_run_name "$SERIES/$id")
+  ARGS=(--dir_name "$DATA" "${flags[@]}" --jax_seed "${R_SEED[$i]}" --run_dir "$OUT_ROOT/${R_ID[$i]}"
+        --wandb_project "$WANDB_PROJECT" --wandb_run_name "$SERIES/${R_ID[$i]}")
   [[ "$USE_WANDB" == 1 ]] && ARGS+=(--use_wandb)
   [[ "$TASKS_PER_RUN" -gt 1 && "$LAUNCHER" == slurm ]] && ARGS+=(--distributed)
+  return 0
+}
+
+# Resolve ARGS' placeholders for the run starting now: @after=ID (start from run ID's ckpt_best.msgpack: it must
+# have finished) and @tuned=FLAG=ID,ID,... (FLAG takes the value of the candidate run with the best validation
+# score: utils.choose_tuned). Sets META_EXTRA; returns 1 with NOTE when the run cannot start.
+resolve_args() {
+  local out=() a id status value lines
+  META_EXTRA=""; NOTE=""
+  for a in "${ARGS[@]}"; do
+    case "$a" in
+      @after=*)
+        id=${a#@after=}
+        read -r status _ _ < <(run_info "$OUT_ROOT/$id")
+        if [[ "$status" != finished || ! -f "$OUT_ROOT/$id/ckpt_best.msgpack" ]]; then
+          NOTE="not started: the run it starts from, $OUT_ROOT/$id, is not finished (status: $status)"; return 1
+        fi
+        out+=(--load_checkpoint "$OUT_ROOT/$id/ckpt_best.msgpack") ;;
+      @tuned=*)
+        a=${a#@tuned=}
+        if ! lines="$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); import utils
+from pathlib import Path
+v, note = utils.choose_tuned(Path(sys.argv[2]), sys.argv[3].split(","))
+print(v if v is not None else "-"); print(note); sys.exit(v is None)' "$HERE" "$OUT_ROOT" "${a#*=}" 2>&1)"; then
+          NOTE="not started: $(tail -n 1 <<<"$lines")"; return 1
+        fi
+        value=$(head -n 1 <<<"$lines")
+        out+=("${a%%=*}" "$value")
+        META_EXTRA="\"tuned\": {\"flag\": $(json_str "${a%%=*}"), \"value\": $(json_str "$value"), \"candidates\": $(json_str "${a#*=}"), \"why\": $(json_str "$(tail -n 1 <<<"$lines")")}" ;;
+      *) out+=("$a") ;;
+    esac
+  done
+  ARGS=("${out[@]}")
   return 0
 }
 
@@ -416,39 +372,34 @@ lock_run() {
 CHILD=""; STOPPING=""
 forward() { STOPPING=${STOPPING:-$1}; if [[ -n "$CHILD" ]]; then kill -s "$1" "$CHILD" 2>/dev/null || true; fi; }
 
-# One attempt at one run: TAG order g setting seed [launcher words...], with ARGS set by build_args. Prints a line
+# One attempt at one run: TAG [launcher words...], the run RUN_* (select_run), ARGS set by build_args. Prints a line
 # as it starts and one as it ends (the run's own output goes to its train.log), writes series_run.json. Sets
 # OUTCOME (trained, stopped, skipped, failed, interrupted, nofit, elsewhere: another process holds the run
 # directory, nothing touched), RC (train_ex.py's exit code) and CMD (its command). The run directory's lock is
 # taken first (waiting up to LOCK_WAIT_NOW, else LOCK_WAIT seconds) and held until the shell exits.
 run_one() {
-  local tag=$1 order=$2 g=$3 setting=$4 seed=$5
-  local launch=("${@:6}")
-  local id="${GROUP_NAMES[$g]}/$setting/seed$seed"
+  local tag=$1
+  local launch=("${@:2}")
+  local id=$RUN_ID
   local dir="$OUT_ROOT/$id" status bval btest
-  local head="$tag ${GROUP_NAMES[$g]} $setting seed $seed → $dir"
+  local head="$tag ${id%%/*} $RUN_SETTING seed $RUN_SEED → $dir"
   mkdir -p "$dir"
-  RC=0
+  RC=0; META_EXTRA=""
   if ! lock_run "$dir" "${LOCK_WAIT_NOW:-$LOCK_WAIT}"; then
     echo "$head: running elsewhere (held by $HOLDER), skipped"; OUTCOME=elsewhere; return 0
   fi
   read -r status _ _ < <(run_info "$dir")
   if [[ "$status" == finished ]]; then
     grep -q '"status": "finished"' "$dir/series_run.json" 2>/dev/null \
-      || write_meta "$dir" "$order" "$g" "$setting" "$seed" finished null "" ""
+      || write_meta "$dir" finished null "" ""
     echo "$head: finished, skipped"; OUTCOME=skipped; return 0
   fi
   if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
     echo "$head: failed before, left failed (RETRY_FAILED=0)"; OUTCOME=failed; return 0
   fi
-  if [[ "$setting" == extend-warm ]]; then
-    local base="$OUT_ROOT/${GROUP_NAMES[$g]}/s5-base/seed$seed" bstatus
-    read -r bstatus _ _ < <(run_info "$base")
-    if [[ "$bstatus" != finished || ! -f "$base/ckpt_best.msgpack" ]]; then
-      local note="not started: its S5 run $base is not finished (status: $bstatus)"
-      write_meta "$dir" "$order" "$g" "$setting" "$seed" failed null "$note" ""
-      echo "$head: FAILED, $note"; OUTCOME=failed; return 0
-    fi
+  if ! resolve_args; then  # what it starts from has not finished
+    write_meta "$dir" failed null "$NOTE" ""
+    echo "$head: FAILED, $NOTE"; OUTCOME=failed; return 0
   fi
 
   # a run with a checkpoint that has not failed is continued, never started again from scratch
@@ -462,10 +413,10 @@ run_one() {
   local cmd="${launch[*]}${launch[*]:+ }$PYTHON $TRAIN ${args[*]}"
   CMD=$cmd
   if [[ "$mode" == resume ]]; then echo "$head (resuming from ckpt_latest)"; else echo "$head"; fi
-  write_meta "$dir" "$order" "$g" "$setting" "$seed" running null "" "$cmd"
+  write_meta "$dir" running null "" "$cmd"
   echo "=== $(date '+%Y-%m-%d %H:%M:%S') attempt ($mode): $cmd" >>"$dir/train.log"
   local t0=$SECONDS
-  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${GROUP_NAMES[$g]}" RUN_LOCK_TOKEN="$LOCK_TOKEN" \
+  WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$SERIES}" WANDB_JOB_TYPE="${id%%/*}" RUN_LOCK_TOKEN="$LOCK_TOKEN" \
     "${launch[@]}" "$PYTHON" "$TRAIN" "${args[@]}" >>"$dir/train.log" 2>&1 </dev/null &
   CHILD=$!
   [[ -n "$STOPPING" ]] && kill -s "$STOPPING" "$CHILD" 2>/dev/null
@@ -479,29 +430,29 @@ run_one() {
   read -r status bval btest < <(run_info "$dir")
 
   if is_interrupted "$RC"; then
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" "stopped by a signal (exit $RC)" "$cmd"
+    write_meta "$dir" interrupted "$RC" "stopped by a signal (exit $RC)" "$cmd"
     echo "$tag $id: interrupted (exit $RC) after ${dt}s; run this script again to continue (--resume)" >&2
     OUTCOME=interrupted
   elif [[ $RC == 0 && "$status" == finished ]]; then
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" finished 0 "" "$cmd"
+    write_meta "$dir" finished 0 "" "$cmd"
     echo "$tag $id: finished in ${dt}s: best val $bval, test at best val $btest"; OUTCOME=trained
   elif [[ $RC == "$NOFIT_CODE" ]]; then  # XLA's estimate exceeds the device's memory: not a crash
     local msg
     msg="$(grep -a 'does not fit' "$dir/train.log" | tail -n 1 | cut -c 1-600)"
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" "does not fit" "$RC" "${msg//|//}" "$cmd"
+    write_meta "$dir" "does not fit" "$RC" "${msg//|//}" "$cmd"
     echo "$tag $id: DOES NOT FIT in memory (exit $RC) after ${dt}s; log: $dir/train.log"
     echo "      | $msg"
     OUTCOME=nofit
   elif [[ $RC == "$LOCKED_CODE" ]]; then  # another process took the directory (a file system without locks?)
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" "running elsewhere" "$RC" "$(tail -n 1 "$dir/train.log")" "$cmd"
+    write_meta "$dir" "running elsewhere" "$RC" "$(tail -n 1 "$dir/train.log")" "$cmd"
     echo "$tag $id: running elsewhere (exit $RC), skipped"; OUTCOME=elsewhere
   elif [[ $RC == 0 ]]; then  # e.g. --max_steps in EXTRA: stopped resumably
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" "${status/none/interrupted}" 0 "stopped before the last epoch" "$cmd"
+    write_meta "$dir" "${status/none/interrupted}" 0 "stopped before the last epoch" "$cmd"
     echo "$tag $id: stopped after ${dt}s with status '$status' (resumed on the next invocation)"; OUTCOME=stopped
   else
     local last
     last="$(tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c 1-200)"
-    write_meta "$dir" "$order" "$g" "$setting" "$seed" failed "$RC" "exit code $RC: ${last//|//}" "$cmd"
+    write_meta "$dir" failed "$RC" "exit code $RC: ${last//|//}" "$cmd"
     { echo "$tag $id: FAILED (exit code $RC) after ${dt}s; log: $dir/train.log"
       tr '\r' '\n' <"$dir/train.log" | grep -v '^[[:space:]]*$' | tail -n 3 | sed 's/^/      | /'; }
     OUTCOME=failed
@@ -509,15 +460,12 @@ run_one() {
   return 0
 }
 
-# the index of run i's S5 base run in this invocation (group 6's extend-warm), or nothing
-base_of() {
-  local i=$1 b
-  [[ "${R_SETTING[$i]}" == extend-warm ]] || return 0
-  for ((b = 0; b < N; b++)); do
-    if [[ "${R_GROUP[$b]}" == "${R_GROUP[$i]}" && "${R_SETTING[$b]}" == s5-base && "${R_SEED[$b]}" == "${R_SEED[$i]}" ]]; then
-      echo "$b"; return 0
-    fi
-  done
+# the indices of the runs of this invocation that run i waits for (its base run, its tuning runs)
+deps_of() {
+  local d
+  [[ "${R_DEPS[$1]}" == - ]] && return 0
+  for d in ${R_DEPS[$1]//,/ }; do [[ -n "${INDEX_OF[$d]:-}" ]] && echo "${INDEX_OF[$d]}"; done
+  return 0
 }
 
 summarize_and_print() {
@@ -533,14 +481,14 @@ summarize_and_print() {
 # SLURM: one array task (started by sbatch: _SERIES_TASK = main or warm) and the summary job (summary)
 # ---------------------------------------------------------------------------------------------------------------
 # the plan of this task's own submission (a later submission writes its own; plan.tsv is the latest)
-PLAN="${_SERIES_PLAN:-$OUT_ROOT/slurm/plan.tsv}"
+SLURM_PLAN="${_SERIES_PLAN:-$OUT_ROOT/slurm/plan.tsv}"
 JOBS="$OUT_ROOT/slurm/jobs.tsv"  # every submitted array: job id, array (main/warm), its plan
 
 slurm_task() {
-  local line id order g setting seed words
-  line="$(awk -F'\t' -v a="$_SERIES_TASK" -v t="${SLURM_ARRAY_TASK_ID:-}" '$1 == a && $2 == t' "$PLAN")"
-  [[ -n "$line" ]] || { echo "run_train_ex.sh: error: no line for array '$_SERIES_TASK' task ${SLURM_ARRAY_TASK_ID:-?} in $PLAN" >&2; exit 2; }
-  IFS=$'\t' read -r _ _ id order g setting seed words <<<"$line"
+  local line words
+  line="$(awk -F'\t' -v a="$_SERIES_TASK" -v t="${SLURM_ARRAY_TASK_ID:-}" '$1 == a && $2 == t' "$SLURM_PLAN")"
+  [[ -n "$line" ]] || { echo "run_train_ex.sh: error: no line for array '$_SERIES_TASK' task ${SLURM_ARRAY_TASK_ID:-?} in $SLURM_PLAN" >&2; exit 2; }
+  IFS=$'\t' read -r _ _ RUN_ID RUN_ORDER RUN_G RUN_SETTING RUN_SEED RUN_ROLE words <<<"$line"
   eval "ARGS=($words)"
   local launch=() stop=TERM
   if [[ "$TASKS_PER_RUN" -gt 1 ]]; then
@@ -551,32 +499,32 @@ slurm_task() {
   trap "forward $stop" TERM USR1  # USR1: SLURM's --signal=B:USR1@SIGNAL_SECS before the time limit
   trap 'forward INT' INT
   local task="${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?}" restarts=${SLURM_RESTART_COUNT:-0}
-  run_one "[slurm $task, start $((restarts + 1))]" "$order" "$g" "$setting" "$seed" "${launch[@]}"
+  run_one "[slurm $task, start $((restarts + 1))]" "${launch[@]}"
   if [[ "$OUTCOME" == interrupted ]]; then
-    local dir="$OUT_ROOT/$id" cmd="$CMD"
+    local dir="$OUT_ROOT/$RUN_ID" cmd="$CMD"
     if [[ "$restarts" -lt "$MAX_REQUEUES" ]]; then
-      write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" \
+      write_meta "$dir" interrupted "$RC" \
         "stopped by a signal (exit $RC); SLURM task $task requeued ($((restarts + 1)) of at most $MAX_REQUEUES)" "$cmd"
       echo "requeueing $task ($((restarts + 1)) of at most $MAX_REQUEUES)"
       scontrol requeue "$task" || echo "(scontrol requeue $task failed: already requeued by SLURM?)"
     else
-      write_meta "$dir" "$order" "$g" "$setting" "$seed" interrupted "$RC" \
+      write_meta "$dir" interrupted "$RC" \
         "stopped by a signal (exit $RC); not requeued: requeued $restarts times already (MAX_REQUEUES)" "$cmd"
       echo "not requeueing $task: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
     fi
   fi
-  exit 0  # the run's own outcome is in its series_run.json: a warm start after it checks it (aftercorr)
+  exit 0  # the run's own outcome is in its series_run.json: a run that starts from it checks it
 }
 
 slurm_summary() {
-  local a t id order g setting seed words dir
-  while IFS=$'\t' read -r a t id order g setting seed words; do
-    dir="$OUT_ROOT/$id"
+  local words dir
+  while IFS=$'\t' read -r _ _ RUN_ID RUN_ORDER RUN_G RUN_SETTING RUN_SEED RUN_ROLE words; do
+    dir="$OUT_ROOT/$RUN_ID"
     if [[ ! -f "$dir/results.json" && ! -f "$dir/series_run.json" ]]; then
-      mkdir -p "$dir"
-      write_meta "$dir" "$order" "$g" "$setting" "$seed" failed null "never started: its SLURM task was cancelled" ""
+      mkdir -p "$dir"; META_EXTRA=""
+      write_meta "$dir" failed null "never started: its SLURM task was cancelled" ""
     fi
-  done <"$PLAN"
+  done <"$SLURM_PLAN"
   summarize_and_print
   date '+%Y-%m-%d %H:%M:%S' >"$OUT_ROOT/slurm/summary.done"
   exit 0
@@ -584,13 +532,13 @@ slurm_summary() {
 
 case "${_SERIES_TASK:-}" in
   "") ;;
-  main|warm) slurm_task ;;
+  main|warm|tuned) slurm_task ;;
   summary) slurm_summary ;;
-  *) die "_SERIES_TASK must be main, warm or summary (set by the series' own sbatch), got '$_SERIES_TASK'" ;;
+  *) die "_SERIES_TASK must be main, warm, tuned or summary (set by the series' own sbatch), got '$_SERIES_TASK'" ;;
 esac
 
 # ---------------------------------------------------------------------------------------------------------------
-# data for SMOKE and STUDY=cpu
+# data for SMOKE and for a plan that names some (data | split-mnist)
 # ---------------------------------------------------------------------------------------------------------------
 # (one series at a time: another started on the same OUT_ROOT waits here, then finds the data made)
 exec {DATA_LOCK}<>"$OUT_ROOT/.data.lock"
@@ -603,20 +551,18 @@ if [[ "$SMOKE_DATA" == 1 && ! -f "$DATA/listops_generated/basic_test.tsv" && ! -
     || die "could not generate the smoke data (log: $OUT_ROOT/make_listops.log)"
   mv "$DATA/listops_generated.tmp" "$DATA/listops_generated"
 fi
-# STUDY=cpu's psMNIST: disjoint train/test splits made once from MNIST_SOURCE's test images, unless DATA has MNIST
-if [[ -n "$STUDY" && " ${GROUP_ARGS[*]} " == *" 5 "* ]] && ! compgen -G "$DATA/MNIST/raw/train-images-idx3-ubyte*" >/dev/null; then
+# psMNIST for a plan with "data | split-mnist": disjoint train/test splits made once from MNIST_SOURCE's test
+# images, unless DATA has MNIST
+if [[ " $PLAN_DATA " == *" split-mnist "* && " $PLAN_DATASETS " == *mnist* ]] \
+    && ! compgen -G "$DATA/MNIST/raw/train-images-idx3-ubyte*" >/dev/null; then
   MNIST_SOURCE="${MNIST_SOURCE:-$HERE/../shared/data/mnist}"
-  echo "STUDY: making $DATA/MNIST from $MNIST_SOURCE (8,000 training and 2,000 test images)"
+  echo "$PLAN_NAME: making $DATA/MNIST from $MNIST_SOURCE (8,000 training and 2,000 test images)"
   "$PYTHON" "$HERE/dataloaders.py" split-mnist --source "$MNIST_SOURCE" --out "$DATA" --n_test 2000 \
     >"$OUT_ROOT/split_mnist.log" 2>&1 || die "could not make the psMNIST data: $(tail -n 1 "$OUT_ROOT/split_mnist.log")"
 fi
 exec {DATA_LOCK}>&-
 
-if [[ -n "$STUDY" ]]; then
-  echo "study '$STUDY' ($SERIES): $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; ${EPOCHS:-per-task} epochs) → $OUT_ROOT"
-else
-  echo "series '$SERIES': $N runs (groups ${GROUP_ARGS[*]}; seeds ${SEED_LIST[*]}; $DATASET, $EPOCHS epochs) → $OUT_ROOT"
-fi
+echo "series '$SERIES' (plan $PLAN_NAME): $N runs (groups ${RUN_GROUPS:-all}; seeds $SEEDS; ${DATASET:-the datasets of the groups}, ${EPOCHS:-per-plan} epochs) → $OUT_ROOT"
 [[ -n "$EXTRA" ]] && echo "EXTRA for every run: $EXTRA"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,9 +583,9 @@ if [[ "$LAUNCHER" == slurm ]]; then
       [[ -n "$rid" ]] && QUEUED[$rid]="$jt, $state"
     done < <(squeue -h -r -j "$(cut -f1 "$JOBS" | paste -sd, -)" -o "%i %T" 2>/dev/null || true)
   fi
-  plan="" n_main=0; warm_ids=()
+  plan="" n_main=0; n_tuned=0; warm_ids=()
   for ((i = 0; i < N; i++)); do
-    g=${R_GROUP[$i]}; id="${GROUP_NAMES[$g]}/${R_SETTING[$i]}/seed${R_SEED[$i]}"
+    id=${R_ID[$i]}
     read -r status _ _ < <(run_info "$OUT_ROOT/$id")
     if [[ "$status" == finished ]]; then echo "[$((i + 1))/$N] $id: finished, skipped"; continue; fi
     if [[ -n "${QUEUED[$id]:-}" ]]; then
@@ -648,14 +594,26 @@ if [[ "$LAUNCHER" == slurm ]]; then
     if [[ "$status" == failed && "$RETRY_FAILED" == 0 ]]; then
       echo "[$((i + 1))/$N] $id: failed before, left failed (RETRY_FAILED=0)"; continue
     fi
+    waits=""; in_main=()
+    if [[ "${R_DEPS[$i]}" != - ]]; then
+      for d in ${R_DEPS[$i]//,/ }; do
+        [[ -n "${QUEUED[$d]:-}" ]] && waits=$d
+        b=${INDEX_OF[$d]:-}; [[ -n "$b" && -n "${TASK_OF[$b]:-}" ]] && in_main+=("$b")
+      done
+    fi
+    if [[ -n "$waits" ]]; then
+      echo "[$((i + 1))/$N] $id: not submitted: it starts from $waits, still in SLURM (task ${QUEUED[$waits]}); run this again after it"
+      continue
+    fi
     build_args "$i"
-    b="$(base_of "$i")"
-    if [[ -n "$b" && -n "${TASK_OF[$b]:-}" ]]; then  # its S5 run is in this submission: the same task id, later
-      array=warm; task=${TASK_OF[$b]}; warm_ids+=("$task")
+    if [[ ${#in_main[@]} -gt 0 && "${R_ROLE[$i]}" == tuned ]]; then  # its tuning runs are in this submission
+      array=tuned; task=$n_tuned; n_tuned=$((n_tuned + 1))
+    elif [[ ${#in_main[@]} -gt 0 ]]; then  # the run it starts from is in this submission: the same task id, later
+      array=warm; task=${TASK_OF[${in_main[0]}]}; warm_ids+=("$task")
     else
       array=main; task=$n_main; n_main=$((n_main + 1)); TASK_OF[$i]=$task
     fi
-    plan+="$array"$'\t'"$task"$'\t'"$id"$'\t'"${R_ORDER[$i]}"$'\t'"$g"$'\t'"${R_SETTING[$i]}"$'\t'"${R_SEED[$i]}"$'\t'"$(printf '%q ' "${ARGS[@]}")"$'\n'
+    plan+="$array"$'\t'"$task"$'\t'"$id"$'\t'"${R_ORDER[$i]}"$'\t'"${R_GROUP[$i]}"$'\t'"${R_SETTING[$i]}"$'\t'"${R_SEED[$i]}"$'\t'"${R_ROLE[$i]}"$'\t'"$(printf '%q ' "${ARGS[@]}")"$'\n'
     echo "[$((i + 1))/$N] $id: $array array task $task"
   done
   if [[ $n_main == 0 && ${#QUEUED[@]} -gt 0 ]]; then
@@ -667,16 +625,17 @@ if [[ "$LAUNCHER" == slurm ]]; then
     summarize_and_print
     exit 0
   fi
+  WARM_JOB=""; TUNED_JOB=""
   SUB="$(date +%Y%m%d-%H%M%S)-$$"  # this submission: its own plan and task script, read by its tasks
-  PLAN="$OUT_ROOT/slurm/plan.$SUB.tsv"
-  printf '%s' "$plan" >"$PLAN"
-  cp "$PLAN" "$OUT_ROOT/slurm/plan.tsv.tmp" && mv "$OUT_ROOT/slurm/plan.tsv.tmp" "$OUT_ROOT/slurm/plan.tsv"
+  SLURM_PLAN="$OUT_ROOT/slurm/plan.$SUB.tsv"
+  printf '%s' "$plan" >"$SLURM_PLAN"
+  cp "$SLURM_PLAN" "$OUT_ROOT/slurm/plan.tsv.tmp" && mv "$OUT_ROOT/slurm/plan.tsv.tmp" "$OUT_ROOT/slurm/plan.tsv"
   cat >"$OUT_ROOT/slurm/task.$SUB.sh" <<EOF
 #!/usr/bin/env bash
 # A task of the series in $OUT_ROOT (run_train_ex.sh --help): its line of plan.tsv, requeued when interrupted.
 $(for v in OUT_ROOT PYTHON TRAIN SERIES MAX_REQUEUES TASKS_PER_RUN RETRY_FAILED USE_WANDB LAUNCHER; do printf 'export %s=%q\n' "$v" "${!v}"; done)
 export LOCK_WAIT=$(printf '%q' "$LOCK_WAIT_GIVEN")
-export _SERIES_PLAN=$(printf '%q' "$PLAN")
+export _SERIES_PLAN=$(printf '%q' "$SLURM_PLAN")
 exec bash $(printf '%q' "$HERE/run_train_ex.sh")
 EOF
   rm -f "$OUT_ROOT/slurm/summary.done"
@@ -696,20 +655,27 @@ EOF
   MAIN_JOB=$(submit "${common[@]}" --job-name="$SERIES" --output="$log_of" --export="ALL,_SERIES_TASK=main" \
              --array="0-$((n_main - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
   SUBMITTED=("$MAIN_JOB"); after="afterany:$MAIN_JOB"
-  printf '%s\tmain\t%s\n' "$MAIN_JOB" "$PLAN" >>"$JOBS"
+  printf '%s\tmain\t%s\n' "$MAIN_JOB" "$SLURM_PLAN" >>"$JOBS"
   if [[ ${#warm_ids[@]} -gt 0 ]]; then
     WARM_JOB=$(IFS=,; submit "${common[@]}" --job-name="$SERIES-warm" --output="$log_of" \
                --export="ALL,_SERIES_TASK=warm" --dependency="aftercorr:$MAIN_JOB" \
                --array="${warm_ids[*]}${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
     SUBMITTED+=("$WARM_JOB"); after+=":$WARM_JOB"
-    printf '%s\twarm\t%s\n' "$WARM_JOB" "$PLAN" >>"$JOBS"
+    printf '%s\twarm\t%s\n' "$WARM_JOB" "$SLURM_PLAN" >>"$JOBS"
+  fi
+  if [[ $n_tuned -gt 0 ]]; then  # after every tuning run of the first array (each task chooses its value as it starts)
+    TUNED_JOB=$(submit "${common[@]}" --job-name="$SERIES-tuned" --output="$log_of" \
+                --export="ALL,_SERIES_TASK=tuned" --dependency="afterany:$MAIN_JOB" \
+                --array="0-$((n_tuned - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}") || exit 2
+    SUBMITTED+=("$TUNED_JOB"); after+=":$TUNED_JOB"
+    printf '%s\ttuned\t%s\n' "$TUNED_JOB" "$SLURM_PLAN" >>"$JOBS"
   fi
   SUM_JOB=$(submit --parsable "${SLURM_ARG_LIST[@]}" --ntasks=1 --job-name="$SERIES-summary" \
             --output="$OUT_ROOT/slurm/summary_%j.out" --export="ALL,_SERIES_TASK=summary" --dependency="$after") \
     || exit 2
-  echo "submitted: job array $MAIN_JOB ($n_main run(s))${WARM_JOB:+, warm-start array $WARM_JOB (${#warm_ids[@]}, each after its S5 run)}, summary job $SUM_JOB (after them)"
-  echo "follow:    squeue -j $MAIN_JOB${WARM_JOB:+,$WARM_JOB},$SUM_JOB   |   sacct -j $MAIN_JOB   |   tail -f $OUT_ROOT/<run>/train.log"
-  echo "task logs: $OUT_ROOT/slurm/<job>_<task>.out; the plan: $PLAN; summary: $OUT_ROOT/summary.md when job $SUM_JOB ends"
+  echo "submitted: job array $MAIN_JOB ($n_main run(s))${WARM_JOB:+, warm-start array $WARM_JOB (${#warm_ids[@]}, each after its base run)}${TUNED_JOB:+, tuned array $TUNED_JOB ($n_tuned, after the tuning runs of the first)}, summary job $SUM_JOB (after them)"
+  echo "follow:    squeue -j $MAIN_JOB${WARM_JOB:+,$WARM_JOB}${TUNED_JOB:+,$TUNED_JOB},$SUM_JOB   |   sacct -j $MAIN_JOB   |   tail -f $OUT_ROOT/<run>/train.log"
+  echo "task logs: $OUT_ROOT/slurm/<job>_<task>.out; the plan: $SLURM_PLAN; summary: $OUT_ROOT/summary.md when job $SUM_JOB ends"
   [[ "$WAIT" == 1 ]] || exit 0
   echo "waiting for summary job $SUM_JOB (WAIT=1) ..."
   while squeue -h -j "$SUM_JOB" 2>/dev/null | grep -q .; do sleep "${SLURM_POLL_SECS:-5}"; done
@@ -736,12 +702,13 @@ on_signal() { if [[ $STOP_RC == 0 ]]; then STOP_RC=$2; fi; stop_all "$1"; }
 trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 
-next_ready() {  # the first pending run whose S5 base (if any) is not pending or running
-  local i b
+next_ready() {  # the first pending run whose dependencies (its base run, its tuning runs) have all ended
+  local i b ready
   for ((i = 0; i < N; i++)); do
     [[ "${STATE[$i]}" == pending ]] || continue
-    b="$(base_of "$i")"
-    if [[ -n "$b" && "${STATE[$b]}" != done ]]; then continue; fi
+    ready=1
+    for b in $(deps_of "$i"); do [[ "${STATE[$b]}" == done ]] || ready=0; done
+    [[ $ready == 1 ]] || continue
     echo "$i"; return 0
   done
   return 1
@@ -755,7 +722,8 @@ start_run() {  # i slot
     trap 'forward INT' INT
     if [[ -n "${AWAIT[$i]:-}" ]]; then LOCK_WAIT_NOW=-1; RETRY_FAILED=0; fi  # ran elsewhere: wait for its end
     [[ ${#DEVICE_LIST[@]} -gt 0 ]] && export CUDA_VISIBLE_DEVICES="${DEVICE_LIST[$slot]}"
-    run_one "[$((i + 1))/$N]" "${R_ORDER[$i]}" "${R_GROUP[$i]}" "${R_SETTING[$i]}" "${R_SEED[$i]}"
+    select_run "$i"
+    run_one "[$((i + 1))/$N]"
     case "$OUTCOME" in
       trained) exit 0 ;; skipped) exit 10 ;; failed) exit 11 ;; stopped) exit 12 ;; elsewhere) exit 13 ;;
       nofit) exit 14 ;; *) exit "$RC" ;;

@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from flax import serialization
-
 # ---- exit codes: one table for train_ex.py, the series (run_train_ex.sh), its SLURM tasks and summarize.py ----
 EXIT_CODES = {
     0: "finished (or stopped resumably by --max_steps)",
@@ -122,6 +120,41 @@ def improves(best: dict | None, row: dict, next_step: bool) -> bool:
         old = best.get("val_bpd")
         return old is None or not math.isfinite(old) or row["val_bpd"] < old
     return row["val_acc"] > best["val_acc"]
+
+
+def selection_score(results: dict):
+    """A run's validation score from its results.json, higher is better: the best epoch's val_acc, or minus its
+    validation bits/dim for next-step prediction (what `improves` maximises); None when it has none. The one
+    number that chooses anything in a series (a tuned value); test figures never do."""
+    best = results.get("best") or {}
+    if best.get("val_acc") is not None:
+        return float(best["val_acc"])
+    if best.get("val_bpd") is not None:
+        return -float(best["val_bpd"])
+    return None
+
+
+def choose_tuned(root: Path, run_ids: list):
+    """(value, note): among the candidate runs of a tuned setting (run ids under root, GROUP/SETTING/FLAG=VALUE/seedK,
+    as config.plan_runs names them), the value whose run has the best validation score (selection_score); (None,
+    why) when a candidate has not finished. Ties go to the first candidate; the note lists every score."""
+    best, notes = None, []
+    for rid in run_ids:
+        try:
+            results = read_json(root / rid / "results.json")
+        except (OSError, ValueError):
+            results = None
+        if not results or results.get("status") != "finished":
+            status = (results or {}).get("status", "not started")
+            return None, f"its tuning run {rid} is not finished (status: {status})"
+        score = selection_score(results)
+        value = rid.rsplit("/", 2)[-2].split("=", 1)[1]
+        notes.append(f"{value}: {score:.4f}" if score is not None else f"{value}: -")
+        if score is not None and (best is None or score > best[0]):
+            best = (score, value)
+    if best is None:
+        return None, "no tuning run has a validation score"
+    return best[1], "validation score by value: " + ", ".join(notes)
 
 
 # ---- files ----
@@ -362,6 +395,8 @@ def save_checkpoint(run_dir, kind: str, host_state, config: dict, progress: dict
     Both files are written in full to temporaries first; only then is ckpt_latest (if that is the kind) moved to
     ckpt_latest.prev and the new files moved into place. So a failed write (WriteError) changes nothing, and a
     crash at any moment leaves a readable checkpoint: the new one, or the one before it."""
+    from flax import serialization  # here, not at the top: the series' shell reads run folders through utils quickly
+
     data = serialization.to_bytes(host_state)
     path = checkpoint_path(run_dir, kind)
     meta_path = path.with_suffix(".json")
@@ -400,6 +435,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is damaged: its contents do not match the sha256 in {meta_path.name} "
                               f"({len(data):,} bytes)")
     try:
+        from flax import serialization
+
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises several types for truncated or foreign bytes
         raise CheckpointError(f"{path} is damaged: it does not decode ({e})") from None

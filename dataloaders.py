@@ -37,7 +37,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import random
 import shutil
 import sys
 import threading
@@ -58,6 +57,9 @@ from tasks import (  # noqa: F401  (also re-exported: the names other files use 
     diagnostic_shape,
     diagnostic_vocab,
     generate_diagnostic,
+    listops_length,
+    listops_source,
+    listops_value,
     parse_options,
 )
 
@@ -369,85 +371,18 @@ def char_vocab(texts, min_freq: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# ListOps: generator and reader
+# ListOps: the LRA files, read or generated (the expressions: tasks.py)
 # --------------------------------------------------------------------------------------------------
 
-LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
-LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + LISTOPS_OPS + ["]"]
+LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + tasks.LISTOPS_OPS + ["]"]
 LISTOPS_SIZES = {"n_train": 96000, "n_val": 2000, "n_test": 2000}  # the LRA release's
 LISTOPS_GENERATOR_SEED = 0  # the seed of the set generated when the release is missing
-LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
-
-
-class _TooLong(Exception):
-    pass
-
-
-def listops_tree(rng: random.Random, depth=1, budget=None):
-    """A random expression: an operator with 2-10 arguments with probability 0.25 below the maximum depth,
-    else a digit. Returned as (op, [args]) or an int. With `budget` (a one-element list holding the length
-    still allowed) generation stops with _TooLong as soon as the expression outgrows it: such a candidate
-    would be rejected anyway, and stopping early skips the rare enormous trees."""
-    if depth < LISTOPS_MAX_DEPTH and rng.random() < LISTOPS_P_OP:
-        op = rng.choice(LISTOPS_OPS)
-        if budget is not None:
-            budget[0] -= 2
-            if budget[0] < 0:
-                raise _TooLong
-        return op, [listops_tree(rng, depth + 1, budget) for _ in range(rng.randint(2, 10))]
-    if budget is not None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _TooLong
-    return rng.randrange(10)
-
-
-def listops_value(tree) -> int:
-    if isinstance(tree, int):
-        return tree
-    op, args = tree
-    values = [listops_value(a) for a in args]
-    if op == "[MIN":
-        return min(values)
-    if op == "[MAX":
-        return max(values)
-    if op == "[MED":
-        return int(np.median(values))
-    return sum(values) % 10
-
-
-def listops_length(tree) -> int:
-    return 1 if isinstance(tree, int) else 2 + sum(listops_length(a) for a in tree[1])
-
-
-def listops_source(tree) -> str:
-    """The LRA `Source` string: every application of an operator to one more argument is parenthesised."""
-    if isinstance(tree, int):
-        return str(tree)
-    op, args = tree
-    s = op
-    for a in args:
-        s = f"( {s} {listops_source(a)} )"
-    return f"( {s} ] )"
-
-
-def _listops_chunk(args):
-    seed, index, n = args
-    rng = random.Random(f"listops-{seed}-{index}")  # fast scalar draws; string seeds are stable
-    out = []
-    for _ in range(n):
-        try:
-            tree = listops_tree(rng, budget=[LISTOPS_MAX_LEN - 1])
-        except _TooLong:
-            continue
-        if LISTOPS_MIN_LEN < listops_length(tree) < LISTOPS_MAX_LEN:
-            out.append((listops_source(tree), listops_value(tree)))
-    return out
 
 
 def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, workers=None, progress=True):
-    """Generate a ListOps set in the LRA TSV format (basic_{train,val,test}.tsv). Deterministic in `seed`
-    (candidates are drawn in fixed chunks, each from its own seeded generator, and kept in chunk order)."""
+    """Generate a ListOps set in the LRA TSV format (basic_{train,val,test}.tsv) with the expressions of
+    tasks.listops_chunk. Deterministic in `seed` (candidates are drawn in fixed chunks, each from its own seeded
+    generator, and kept in chunk order; duplicates are dropped)."""
     out_dir = Path(out_dir)
     total = n_train + n_val + n_test
     samples, seen = [], set()
@@ -459,7 +394,7 @@ def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, worker
         while len(samples) < total:
             jobs = [(seed, index + k, chunk) for k in range(4 * workers)]
             index += len(jobs)
-            for found in pool.imap(_listops_chunk, jobs):
+            for found in pool.imap(tasks.listops_chunk, jobs):
                 for src, value in found:
                     if src not in seen and len(samples) < total:
                         seen.add(src)

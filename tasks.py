@@ -10,12 +10,15 @@ chance level follow from the declaration. Every task takes the sizes SIZES as op
 (0, 1, 2 for train, val, test) is drawn from numpy's default_rng([data_seed, s]), so the three splits come from
 disjoint random streams and the same options give the same arrays on every machine. Sequences all have the same
 length (no padding); token tasks keep token 0 as the blank.
+
+Also here: the grammar of ListOps' expressions, whose sets dataloaders.make_listops writes in the LRA format.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
@@ -450,3 +453,79 @@ register(Task(
     shape=lambda o: (o["length"], 1, 1),  # one value per step, a real-valued output at every step
     chance=varying_gain_chance, show=show_varying_gain,
     reference=lambda splits: {"lti_floor": lti_floor(splits["train"], splits)}))
+
+
+# --------------------------------------------------------------------------------------------------
+# ListOps expressions (the LRA generator); dataloaders.make_listops writes sets of them
+# --------------------------------------------------------------------------------------------------
+
+LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
+LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
+
+
+class _TooLong(Exception):
+    pass
+
+
+def listops_tree(rng: random.Random, depth=1, budget=None):
+    """A random expression: an operator with 2-10 arguments with probability 0.25 below the maximum depth,
+    else a digit. Returned as (op, [args]) or an int. With `budget` (a one-element list holding the length
+    still allowed) generation stops with _TooLong as soon as the expression outgrows it: such a candidate
+    would be rejected anyway, and stopping early skips the rare enormous trees."""
+    if depth < LISTOPS_MAX_DEPTH and rng.random() < LISTOPS_P_OP:
+        op = rng.choice(LISTOPS_OPS)
+        if budget is not None:
+            budget[0] -= 2
+            if budget[0] < 0:
+                raise _TooLong
+        return op, [listops_tree(rng, depth + 1, budget) for _ in range(rng.randint(2, 10))]
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooLong
+    return rng.randrange(10)
+
+
+def listops_value(tree) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, args = tree
+    values = [listops_value(a) for a in args]
+    if op == "[MIN":
+        return min(values)
+    if op == "[MAX":
+        return max(values)
+    if op == "[MED":
+        return int(np.median(values))
+    return sum(values) % 10
+
+
+def listops_length(tree) -> int:
+    return 1 if isinstance(tree, int) else 2 + sum(listops_length(a) for a in tree[1])
+
+
+def listops_source(tree) -> str:
+    """The LRA `Source` string: every application of an operator to one more argument is parenthesised."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, args = tree
+    s = op
+    for a in args:
+        s = f"( {s} {listops_source(a)} )"
+    return f"( {s} ] )"
+
+
+def listops_chunk(args) -> list:
+    """[(source, value)] of the candidates of one chunk (seed, index, n) whose length is within the LRA bounds: n
+    expressions drawn from a generator seeded by the seed and the chunk's index."""
+    seed, index, n = args
+    rng = random.Random(f"listops-{seed}-{index}")  # fast scalar draws; string seeds are stable
+    out = []
+    for _ in range(n):
+        try:
+            tree = listops_tree(rng, budget=[LISTOPS_MAX_LEN - 1])
+        except _TooLong:
+            continue
+        if LISTOPS_MIN_LEN < listops_length(tree) < LISTOPS_MAX_LEN:
+            out.append((listops_source(tree), listops_value(tree)))
+    return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import dataloaders
 import models
 import ssm
+import tasks
 import utils
 
 Flag = argparse.BooleanOptionalAction  # --name / --no-name
@@ -54,11 +55,11 @@ def _data_options(p):
     """Which data, how much of it, how it is batched and evaluated."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="listops-classification", choices=list(dataloaders.DATASETS),
-                   help="the diagnostics (generated in memory, sizes from --data_options): copying, "
-                   "selective_copying, associative_recall (per-position classes), adding (a regression)")
+                   help="the diagnostics (tasks.py; generated in memory, sizes from --data_options): "
+                   + "; ".join(f"{t.name} ({t.doc})" for t in tasks.TASKS.values()))
     g.add_argument("--data_options", default="", help="diagnostic datasets: KEY=VALUE,... over their defaults: "
-                   + "; ".join(f"{name}: " + ",".join(f"{k}={v}" for k, v in d.items())
-                               for name, d in dataloaders.DIAGNOSTIC_OPTIONS.items()))
+                   + "; ".join(f"{t.name}: " + ",".join(f"{k}={v}" for k, v in t.defaults.items())
+                               for t in tasks.TASKS.values()))
     g.add_argument("--dir_name", default="./data", help="data root (see download_lra.sh)")
     g.add_argument("--bsz", type=int, default=32, help="batch size (global, over all devices)")
     g.add_argument("--max_train_samples", type=int, default=None,
@@ -305,7 +306,7 @@ def _check_task(args, error):
         error("--speech_norm applies to speech35-classification only")
     task = dataloaders.task_of(args.dataset)
     next_step = task == "next_step"
-    if args.data_options or args.dataset in dataloaders.DIAGNOSTIC_OPTIONS:
+    if args.data_options or args.dataset in tasks.TASKS:
         try:
             dataloaders.parse_options(args.dataset, args.data_options)
         except dataloaders.DataError as e:

@@ -16,6 +16,9 @@ training seed), re-derived here in numpy (`torch_randperm`), so the indices are 
 source order, same permutation) without torch; psMNIST uses the release's fixed bit-reversal permutation of the
 pixels.
 
+The synthetic tasks (copying, associative recall, adding, varying_gain, ...) are declared in tasks.py; `load`
+generates them in memory (load_diagnostic), and DATASETS, SHAPES and model_meta list them after the real datasets.
+
 Command line:
     python dataloaders.py check NAME --dir_name DIR       sizes, one batch's shapes, batches/s of the data path
     python dataloaders.py make-listops --out DIR          generate ListOps in the LRA TSV format
@@ -30,12 +33,10 @@ import gzip
 import hashlib
 import inspect
 import json
-import math
 import multiprocessing as mp
 import os
 import pickle
 import queue
-import random
 import shutil
 import sys
 import threading
@@ -48,15 +49,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import tasks
+from tasks import (  # noqa: F401  (also re-exported: the names other files use as dataloaders.NAME)
+    ADDING_TOLERANCE,
+    DataError,
+    chance_level,
+    diagnostic_shape,
+    diagnostic_vocab,
+    generate_diagnostic,
+    listops_length,
+    listops_source,
+    listops_value,
+    parse_options,
+)
+
 CACHE_VERSION = 2  # 2: Text/Retrieval vocabularies counted over the truncated text, as in the S5 release
 # Datasets whose arrays changed since: their own cache version (3: gray CIFAR in Pillow's fixed-point luma)
 CACHE_VERSION_OF = {"lra-cifar-classification": 3}
 PAD, UNK, EOS = 0, 1, 2
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
-
-
-class DataError(Exception):
-    """A problem with the data on disk, with a message that says what to do about it."""
 
 
 # ==================================================================================================
@@ -360,85 +371,18 @@ def char_vocab(texts, min_freq: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# ListOps: generator and reader
+# ListOps: the LRA files, read or generated (the expressions: tasks.py)
 # --------------------------------------------------------------------------------------------------
 
-LISTOPS_OPS = ["[MIN", "[MAX", "[MED", "[SM"]
-LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + LISTOPS_OPS + ["]"]
+LISTOPS_VOCAB = SPECIALS + [str(d) for d in range(10)] + tasks.LISTOPS_OPS + ["]"]
 LISTOPS_SIZES = {"n_train": 96000, "n_val": 2000, "n_test": 2000}  # the LRA release's
 LISTOPS_GENERATOR_SEED = 0  # the seed of the set generated when the release is missing
-LISTOPS_MAX_DEPTH, LISTOPS_P_OP, LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 10, 0.25, 500, 2000
-
-
-class _TooLong(Exception):
-    pass
-
-
-def listops_tree(rng: random.Random, depth=1, budget=None):
-    """A random expression: an operator with 2-10 arguments with probability 0.25 below the maximum depth,
-    else a digit. Returned as (op, [args]) or an int. With `budget` (a one-element list holding the length
-    still allowed) generation stops with _TooLong as soon as the expression outgrows it: such a candidate
-    would be rejected anyway, and stopping early skips the rare enormous trees."""
-    if depth < LISTOPS_MAX_DEPTH and rng.random() < LISTOPS_P_OP:
-        op = rng.choice(LISTOPS_OPS)
-        if budget is not None:
-            budget[0] -= 2
-            if budget[0] < 0:
-                raise _TooLong
-        return op, [listops_tree(rng, depth + 1, budget) for _ in range(rng.randint(2, 10))]
-    if budget is not None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _TooLong
-    return rng.randrange(10)
-
-
-def listops_value(tree) -> int:
-    if isinstance(tree, int):
-        return tree
-    op, args = tree
-    values = [listops_value(a) for a in args]
-    if op == "[MIN":
-        return min(values)
-    if op == "[MAX":
-        return max(values)
-    if op == "[MED":
-        return int(np.median(values))
-    return sum(values) % 10
-
-
-def listops_length(tree) -> int:
-    return 1 if isinstance(tree, int) else 2 + sum(listops_length(a) for a in tree[1])
-
-
-def listops_source(tree) -> str:
-    """The LRA `Source` string: every application of an operator to one more argument is parenthesised."""
-    if isinstance(tree, int):
-        return str(tree)
-    op, args = tree
-    s = op
-    for a in args:
-        s = f"( {s} {listops_source(a)} )"
-    return f"( {s} ] )"
-
-
-def _listops_chunk(args):
-    seed, index, n = args
-    rng = random.Random(f"listops-{seed}-{index}")  # fast scalar draws; string seeds are stable
-    out = []
-    for _ in range(n):
-        try:
-            tree = listops_tree(rng, budget=[LISTOPS_MAX_LEN - 1])
-        except _TooLong:
-            continue
-        if LISTOPS_MIN_LEN < listops_length(tree) < LISTOPS_MAX_LEN:
-            out.append((listops_source(tree), listops_value(tree)))
-    return out
 
 
 def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, workers=None, progress=True):
-    """Generate a ListOps set in the LRA TSV format (basic_{train,val,test}.tsv). Deterministic in `seed`
-    (candidates are drawn in fixed chunks, each from its own seeded generator, and kept in chunk order)."""
+    """Generate a ListOps set in the LRA TSV format (basic_{train,val,test}.tsv) with the expressions of
+    tasks.listops_chunk. Deterministic in `seed` (candidates are drawn in fixed chunks, each from its own seeded
+    generator, and kept in chunk order; duplicates are dropped)."""
     out_dir = Path(out_dir)
     total = n_train + n_val + n_test
     samples, seen = [], set()
@@ -450,7 +394,7 @@ def make_listops(out_dir, n_train=96000, n_val=2000, n_test=2000, seed=0, worker
         while len(samples) < total:
             jobs = [(seed, index + k, chunk) for k in range(4 * workers)]
             index += len(jobs)
-            for found in pool.imap(_listops_chunk, jobs):
+            for found in pool.imap(tasks.listops_chunk, jobs):
                 for src, value in found:
                     if src not in seen and len(samples) < total:
                         seen.add(src)
@@ -815,336 +759,59 @@ def _step_stats(cache: Path, inputs, scale: float):
 
 
 # --------------------------------------------------------------------------------------------------
-# Diagnostic tasks: small synthetic memory tasks, generated in memory
+# Diagnostic tasks: the synthetic tasks of tasks.py, generated in memory
 # --------------------------------------------------------------------------------------------------
-#
-# Every diagnostic is drawn from numpy's default_rng([data_seed, split]) with split 0, 1, 2 for train, val, test: the
-# three splits come from disjoint random streams, and the same options give the same arrays on every machine.
-# Sequences all have the same length (no padding). Token tasks keep token 0 as the blank. Options (all integers)
-# come from `--data_options KEY=VALUE,...`; DIAGNOSTIC_OPTIONS holds each task's keys and defaults.
 
-BLANK, DELIM = 0, 1  # copying and selective copying: the blank (noise) token and the delimiter; data tokens from 2
-ADDING_TOLERANCE = 0.04  # the adding problem's prediction counts as correct when |prediction - sum| < this
-DIAGNOSTIC_SIZES = dict(n_train=2000, n_val=500, n_test=500, data_seed=0)  # samples per split; the generator's seed
-DIAGNOSTIC_OPTIONS = {
-    "copying": dict(k=8, vocab=8, lag=64, **DIAGNOSTIC_SIZES),
-    "selective_copying": dict(k=8, vocab=8, length=64, **DIAGNOSTIC_SIZES),
-    "associative_recall": dict(n_pairs=8, n_queries=8, n_keys=16, n_values=16, gap=0, **DIAGNOSTIC_SIZES),
-    "adding": dict(length=100, **DIAGNOSTIC_SIZES),
-    "varying_gain": dict(length=128, lag=4, periods=2, shape="sine", **DIAGNOSTIC_SIZES),
-}
-# Options that are words, not integers: their allowed values (the first is the default)
-DIAGNOSTIC_CHOICES = {"varying_gain": {"shape": ("sine", "switch", "ramp")}}
-# What each diagnostic asks for and how it is scored
-DIAGNOSTIC_TASKS = {"copying": "per_position", "selective_copying": "per_position",
-                    "associative_recall": "per_position", "adding": "regression",
-                    "varying_gain": "per_position_regression"}
-
-
-def chance_level(name: str, options: dict | None = None) -> float:
-    """The accuracy of the best guess that ignores the inputs: 1/vocab (copying tasks), 1/n_values (recall); for
-    the adding problem, always answering 1 (the mode of the sum of two uniform values, whose density is
-    1 - |s - 1|) is within the tolerance t with probability 2t - t² (0.0784 at t = 0.04); for varying_gain, always
-    answering 0 (the mode of y_t = g(t) u, u ~ N(0, 1)) is within t with probability erf(t / (g(t) √2)), averaged
-    over the scored positions."""
-    o = parse_options(name, options)
-    if name == "adding":
-        return 2 * ADDING_TOLERANCE - ADDING_TOLERANCE ** 2
-    if name == "varying_gain":
-        g = gain_schedule(o["length"], o["periods"], o["shape"])[o["lag"]:]
-        return float(np.mean([1.0 if x == 0 else math.erf(ADDING_TOLERANCE / (abs(x) * math.sqrt(2))) for x in g]))
-    return 1.0 / (o["n_values"] if name == "associative_recall" else o["vocab"])
-
-
-def parse_options(name: str, text: str | dict | None) -> dict:
-    """A diagnostic's options: its defaults (DIAGNOSTIC_OPTIONS) updated by `text` ("k=4,lag=32", or a dict).
-    A DataError names what is wrong and every allowed key with its default."""
-    if name not in DIAGNOSTIC_OPTIONS:
-        raise DataError(f"--data_options applies to the diagnostic datasets ({', '.join(DIAGNOSTIC_OPTIONS)}), "
-                        f"not {name}")
-    defaults = DIAGNOSTIC_OPTIONS[name]
-    allowed = ", ".join(f"{k}={v}" for k, v in defaults.items())
-    given = {}
-    if isinstance(text, dict):
-        given = dict(text)
-    elif text:
-        for item in str(text).split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise DataError(f"{name}: data option {item!r} is not KEY=VALUE; allowed (defaults): {allowed}")
-            given[key.strip()] = value.strip()
-    opts = dict(defaults)
-    choices = DIAGNOSTIC_CHOICES.get(name, {})
-    for key, value in given.items():
-        if key not in defaults:
-            raise DataError(f"{name}: unknown data option {key!r}; allowed (defaults): {allowed}")
-        if key in choices:
-            if value not in choices[key]:
-                raise DataError(f"{name}: data option {key}={value!r} must be one of {', '.join(choices[key])}")
-            opts[key] = value
-            continue
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = None
-        if number is None or isinstance(value, float) and value != number:
-            raise DataError(f"{name}: data option {key}={value!r} must be an integer; allowed (defaults): {allowed}")
-        opts[key] = number
-    low = {k: 0 if k in ("gap", "data_seed", "lag") else 1 for k in opts}
-    for key, value in opts.items():
-        if key not in choices and value < low[key]:
-            raise DataError(f"{name}: data option {key} must be at least {low[key]}, got {value}")
-    if name == "selective_copying" and opts["k"] > opts["length"]:
-        raise DataError(f"{name}: k={opts['k']} tokens do not fit in a stream of length={opts['length']}")
-    if name == "associative_recall":
-        if opts["n_pairs"] > opts["n_keys"]:
-            raise DataError(f"{name}: n_pairs={opts['n_pairs']} distinct keys need n_keys >= n_pairs "
-                            f"(n_keys={opts['n_keys']})")
-        if opts["n_queries"] > opts["n_pairs"]:
-            raise DataError(f"{name}: n_queries={opts['n_queries']} distinct queries need n_pairs >= n_queries "
-                            f"(n_pairs={opts['n_pairs']})")
-    if name == "varying_gain" and opts["lag"] >= opts["length"]:
-        raise DataError(f"{name}: lag={opts['lag']} leaves no scored position in a sequence of length={opts['length']}")
-    if name == "adding" and opts["length"] < 2:
-        raise DataError(f"{name}: length must be at least 2 (one marker in each half), got {opts['length']}")
-    return opts
-
-
-def diagnostic_shape(name: str, options=None) -> tuple:
-    """(seq_len, in_dim, tokens, pair, n_classes) of a diagnostic at its options (as SHAPES)."""
-    o = parse_options(name, options)
-    if name == "copying":
-        return 2 * o["k"] + o["lag"] + 1, o["vocab"] + 2, True, False, o["vocab"]
-    if name == "selective_copying":
-        return o["length"] + 1 + o["k"], o["vocab"] + 2, True, False, o["vocab"]
-    if name == "associative_recall":
-        return (2 * o["n_pairs"] + o["gap"] + o["n_queries"], 1 + o["n_keys"] + o["n_values"], True, False,
-                o["n_values"])
-    if name == "varying_gain":
-        return o["length"], 1, False, False, 1  # one value per step, a real-valued output at every step
-    return o["length"], 2, False, False, 1  # adding: (value, marker) per step; one real-valued output
-
-
-def _distinct(rng, n, among, k):
-    """(n, k) distinct integers from 0..among-1 in each row, in random order."""
-    return np.argsort(rng.random((n, among)), axis=1)[:, :k]
-
-
-def make_copying(rng, n, k, vocab, lag):
-    """The S4 paper's copying task. Layout of one sequence (length 2k + lag + 1), `.` blank, `|` delimiter:
-
-        inputs   d1 d2 .. dk  .  .  ..  .  |  .  .  ..  .
-                 (k tokens)  (lag blanks)     (k blanks)
-        labels    -  - ..  -  -  -  ..  -  -  d1 d2 .. dk     scored only at the last k positions
-
-    Data tokens are 2..vocab+1 in the inputs and their classes 0..vocab-1 in the labels."""
-    L = 2 * k + lag + 1
-    data = rng.integers(0, vocab, (n, k))
-    x = np.zeros((n, L), np.uint8 if vocab + 2 <= 256 else np.int32)
-    x[:, :k] = data + 2
-    x[:, k + lag] = DELIM
-    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
-    y[:, L - k:], w[:, L - k:] = data, 1.0
-    return x, y, w
-
-
-def make_selective_copying(rng, n, k, vocab, length):
-    """Mamba's selective copying task: k data tokens at random distinct positions of a stream of `length` blanks
-    (noise), then the delimiter, then k blanks where the data tokens must be reproduced in the order they came:
-
-        inputs   .  d1 .  .  d2 d3 .  ..  dk .  |  .  .  ..  .
-                 (a stream of `length` steps)       (k blanks)
-        labels   -  -  ..                        -  d1 d2 .. dk   scored only at the last k positions
-
-    Length length + 1 + k. Tokens and classes as in make_copying."""
-    L = length + 1 + k
-    data = rng.integers(0, vocab, (n, k))
-    where = np.sort(_distinct(rng, n, length, k), axis=1)
-    x = np.zeros((n, L), np.uint8 if vocab + 2 <= 256 else np.int32)
-    x[np.arange(n)[:, None], where] = data + 2
-    x[:, length] = DELIM
-    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
-    y[:, L - k:], w[:, L - k:] = data, 1.0
-    return x, y, w
-
-
-def make_associative_recall(rng, n, n_pairs, n_queries, n_keys, n_values, gap):
-    """Multi-query associative recall (Zoology's MQAR): n_pairs key-value pairs with distinct keys, `gap` blanks,
-    then n_queries distinct keys of those pairs; at each query the answer is the value paired with that key:
-
-        inputs   k1 v1 k2 v2 .. kP vP  .  ..  .  q1 q2 .. qQ
-        labels    -  -  -  - ..  -  -  -  ..  -  a1 a2 .. aQ     scored only at the query positions
-
-    Tokens: 0 blank, keys 1..n_keys, values n_keys+1..n_keys+n_values; classes: the values 0..n_values-1."""
-    P, Q = n_pairs, n_queries
-    L = 2 * P + gap + Q
-    keys = _distinct(rng, n, n_keys, P)
-    values = rng.integers(0, n_values, (n, P))
-    asked = _distinct(rng, n, P, Q)  # which pairs are queried, in which order
-    rows = np.arange(n)[:, None]
-    x = np.zeros((n, L), np.uint8 if 1 + n_keys + n_values <= 256 else np.int32)
-    x[:, 0:2 * P:2], x[:, 1:2 * P:2] = keys + 1, values + n_keys + 1
-    x[:, L - Q:] = keys[rows, asked] + 1
-    y, w = np.zeros((n, L), np.int32), np.zeros((n, L), np.float32)
-    y[:, L - Q:], w[:, L - Q:] = values[rows, asked], 1.0
-    return x, y, w
-
-
-def make_adding(rng, n, length):
-    """The adding problem (Hochreiter & Schmidhuber): two channels per step, a value uniform in [0, 1) and a
-    marker, 1 at exactly two steps (one in each half of the sequence) and 0 elsewhere. The answer, one real
-    number per sequence, is the sum of the two marked values (a regression: squared error, correct when within
-    ADDING_TOLERANCE):
-
-        values   0.12 0.87 0.45 .. 0.31 0.02 ..      labels   0.87 + 0.31 = 1.18
-        markers  0    1    0    .. 1    0    ..
-    """
-    values = rng.random((n, length)).astype(np.float32)
-    half = length // 2
-    first = rng.integers(0, half, n)
-    second = rng.integers(half, length, n)
-    markers = np.zeros((n, length), np.float32)
-    markers[np.arange(n), first] = markers[np.arange(n), second] = 1.0
-    rows = np.arange(n)
-    labels = values[rows, first] + values[rows, second]
-    return np.stack([values, markers], axis=-1), labels.astype(np.float32), None
-
-
-def gain_schedule(length: int, periods: int, shape: str) -> np.ndarray:
-    """g(t) = 1 + φ(periods · t / length) for t = 0..length-1, (length,) float64, with φ of period 1, mean 0 and
-    range [-1, 1]: sine sin(2πs); switch the sign of sin(2πs) (the gain jumps between 0 and 2); ramp the sawtooth
-    2·frac(s) - 1 (it rises, then drops at once)."""
-    s = periods * np.arange(length) / length
-    if shape == "sine":
-        phi = np.sin(2 * np.pi * s)
-    elif shape == "switch":
-        phi = np.where(np.mod(s, 1.0) < 0.5, 1.0, -1.0)
-    elif shape == "ramp":
-        phi = 2 * np.mod(s, 1.0) - 1
-    else:
-        shapes = DIAGNOSTIC_CHOICES["varying_gain"]["shape"]
-        raise DataError(f"unknown gain schedule shape {shape!r}: use one of {shapes}")
-    return 1.0 + phi
-
-
-def make_varying_gain(rng, n, length, lag, periods, shape):
-    """A time-varying linear map, which no time-invariant filter represents: white noise u_t ~ N(0, 1) in, and at
-    every step t ≥ lag the target y_t = g(t) · u_{t-lag}, with the gain schedule g of gain_schedule (a regression
-    at every scored position: squared error, correct within ADDING_TOLERANCE):
-
-        inputs   u_0   u_1  ..  u_lag          u_lag+1          ..
-        labels    -     -   ..  g(lag) u_0     g(lag+1) u_1     ..    scored from position lag on
-
-    The best time-invariant filter of the same length (lti_floor) predicts ḡ · u_{t-lag}, ḡ the mean gain; its
-    error is the variance of g over the scored positions, the part only a time-varying model can remove."""
-    u = rng.normal(size=(n, length)).astype(np.float32)
-    g = gain_schedule(length, periods, shape)
-    y, w = np.zeros((n, length), np.float32), np.zeros((n, length), np.float32)
-    y[:, lag:] = (g[lag:] * u[:, :length - lag]).astype(np.float32)
-    w[:, lag:] = 1.0
-    return u[..., None], y, w
-
-
-def lti_floor(train: "Split", evaluate: dict) -> dict:
-    """The error of the best linear time-invariant filter of the sequence's length on a per-position regression:
-    the causal FIR filter h (L taps), ŷ_t = Σ_{j ≤ t} h_j u_{t-j}, fitted by least squares to the training split's
-    scored positions (normal equations accumulated in float64 over blocks of sequences), then scored on each split
-    of `evaluate` ({name: Split}) as the model is: mean squared error and the fraction within ADDING_TOLERANCE.
-    → {split: {"mse": ..., "acc": ...}} plus "taps": L."""
-    def design(u):  # (n, L) → (n, L, L): X[n, t, j] = u[n, t-j] for j ≤ t, else 0
-        n, L = u.shape
-        padded = np.concatenate([np.zeros((n, L - 1)), u], axis=1)
-        return np.lib.stride_tricks.sliding_window_view(padded, L, axis=1)[:, :, ::-1]
-
-    u, y, w = (np.asarray(a, np.float64) for a in (train.inputs[..., 0], train.labels, train.label_weights))
-    L = u.shape[1]
-    xtx, xty = np.zeros((L, L)), np.zeros(L)
-    for i in range(0, len(u), 256):
-        X = design(u[i:i + 256]) * np.sqrt(w[i:i + 256])[..., None]
-        xtx += np.einsum("ntj,ntk->jk", X, X)
-        xty += np.einsum("ntj,nt->j", X, y[i:i + 256] * np.sqrt(w[i:i + 256]))
-    h = np.linalg.lstsq(xtx, xty, rcond=None)[0]
-    out = {"taps": L}
-    for name, split in evaluate.items():
-        u, y, w = (np.asarray(a, np.float64) for a in (split.inputs[..., 0], split.labels, split.label_weights))
-        err = design(u) @ h - y
-        out[name] = {"mse": float(np.sum(w * err ** 2) / np.sum(w)),
-                     "acc": float(np.sum(w * (np.abs(err) < ADDING_TOLERANCE)) / np.sum(w))}
-    return out
-
-
-def generate_diagnostic(name: str, options=None) -> dict:
-    """{split: (inputs, labels, label_weights or None)} of a diagnostic; split s is drawn from
-    default_rng([data_seed, s]) with s = 0, 1, 2 for train, val, test."""
-    o = parse_options(name, options)
-    make = {"copying": make_copying, "selective_copying": make_selective_copying,
-            "associative_recall": make_associative_recall, "adding": make_adding,
-            "varying_gain": make_varying_gain}[name]
-    task = {k: v for k, v in o.items() if k not in DIAGNOSTIC_SIZES}
-    return {split: make(np.random.default_rng([o["data_seed"], s]), o[f"n_{split}"], **task)
-            for s, split in enumerate(("train", "val", "test"))}
+# Every registered task's options and their defaults, read live from tasks.TASKS
+DIAGNOSTIC_OPTIONS = tasks.View(lambda task: task.defaults)
 
 
 def load_diagnostic(name: str, options=None) -> Dataset:
-    """A diagnostic task as a Dataset (generated in memory, nothing read or written)."""
+    """A task of tasks.TASKS as a Dataset (generated in memory, nothing read or written); `options` as
+    parse_options takes them."""
+    task = tasks.TASKS[name]
     o = parse_options(name, options)
     seq_len, in_dim, tokens, _, n_classes = diagnostic_shape(name, o)
+    arrays = generate_diagnostic(name, o)
     made = {}
-    for split, (x, y, w) in generate_diagnostic(name, o).items():
+    for split, (x, y, w) in arrays.items():
         lengths = np.full(len(y), seq_len, np.int32)
         if tokens:
             made[split] = Split(x, lengths, y, label_weights=w)
         else:  # real-valued inputs, fed as they are
             made[split] = Split(x, lengths, y, mean=np.zeros(in_dim, np.float32), std=np.ones(in_dim, np.float32),
                                 scale=1.0, label_weights=w)
-    reference = ({"lti_floor": lti_floor(made["train"], {s: made[s] for s in ("train", "val", "test")})}
-                 if DIAGNOSTIC_TASKS[name] == "per_position_regression" else {})
     return Dataset(name, made["train"], made["val"], made["test"], n_classes, seq_len, in_dim, padded=False,
                    pair=False, source=f"generated in memory: {name} " + ",".join(f"{k}={v}" for k, v in o.items()),
-                   vocab=diagnostic_vocab(name, o), generated=True, generator_seed=o["data_seed"],
-                   task=DIAGNOSTIC_TASKS[name],
-                   onehot_width=in_dim if tokens else None, reference=reference)
-
-
-def diagnostic_vocab(name: str, options=None) -> list:
-    """The symbol of every input token of a token diagnostic: `.` blank, `|` delimiter, data tokens by their class
-    (copying tasks); `.`, k<key>, v<value> (recall). Empty for the real-valued tasks (adding, varying_gain)."""
-    o = parse_options(name, options)
-    if name == "associative_recall":
-        return ["."] + [f"k{i}" for i in range(o["n_keys"])] + [f"v{i}" for i in range(o["n_values"])]
-    if name in ("adding", "varying_gain"):
-        return []
-    return [".", "|"] + [str(i) for i in range(o["vocab"])]
+                   vocab=diagnostic_vocab(name, o), generated=True, generator_seed=o["data_seed"], task=task.kind,
+                   onehot_width=in_dim if tokens else None,
+                   reference=task.reference(arrays) if task.reference else {})
 
 
 def describe(ds: Dataset, split: str, i: int) -> str:
-    """Sample i of a diagnostic's split ("train", "val", "test") as text, to check by eye: the inputs as symbols
-    (diagnostic_vocab), the scored labels under them ('-' where nothing is scored); for the adding problem the
-    marked values and the label; for varying_gain the gain and target of the first scored steps."""
+    """Sample i of a diagnostic's split ("train", "val", "test") as text, to check by eye (tasks.sample_text)."""
     s = getattr(ds, split)
-    if ds.name == "varying_gain":
-        x, y, w = (np.asarray(a[i]) for a in (s.inputs, s.labels, s.label_weights))
-        lag = int(np.argmax(w > 0))
-        steps = "  ".join(f"y[{t}]={y[t]:+.3f}=({y[t] / x[t - lag, 0] if x[t - lag, 0] else 0:.3f})·u[{t - lag}]"
-                          for t in range(lag, min(lag + 4, len(y))))
-        return f"varying_gain {split}[{i}], length {len(y)}, lag {lag}: {steps} ..."
-    if ds.name == "adding":
-        x = np.asarray(s.inputs[i])
-        marked = np.flatnonzero(x[:, 1])
-        terms = " + ".join(f"x[{t}]={x[t, 0]:.3f}" for t in marked)
-        return f"adding, length {len(x)}: marked {terms}; label {float(s.labels[i]):.3f}"
-    x, y, w = (np.asarray(a[i]) for a in (s.inputs, s.labels, s.label_weights))
-    inputs = " ".join(f"{ds.vocab[t]:>3}" for t in x)
-    labels = " ".join(f"{(str(int(c)) if m else '-'):>3}" for c, m in zip(y, w))
-    return f"{ds.name} {split}[{i}]\n  inputs {inputs}\n  labels {labels}"
+    x, y = np.asarray(s.inputs[i]), np.asarray(s.labels[i])
+    w = None if s.label_weights is None else np.asarray(s.label_weights[i])
+    return f"{ds.name} {split}[{i}]\n  " + tasks.sample_text(ds.name, ds.vocab, x, y, w)
 
 
 # ==================================================================================================
 # The registry, the cache, and load()
 # ==================================================================================================
 
-# name -> (builder, default options, normalisation (mean, std) or None for tokens, seeded split rule)
-DATASETS = {
+class _Catalog(collections.ChainMap):
+    """The real datasets (a dict, which edits go to), then one entry per task of tasks.TASKS (a tasks.View), in
+    that order: a task registered later is listed too."""
+
+    def __iter__(self):
+        return iter(dict.fromkeys(name for part in self.maps for name in part))
+
+
+# name -> (builder, default options, normalisation (mean, std) or None for tokens, seeded split rule); the tasks
+# of tasks.py after the real datasets: generated in memory by load_diagnostic (no files, no cache), options from
+# --data_options
+DATASETS = _Catalog({
     "listops-classification": (build_listops, dict(seq_len=2048), None, None),
     "imdb-classification": (build_imdb, dict(seq_len=4096, min_freq=15), None, "val=test"),
     "aan-classification": (build_aan, dict(seq_len=4000, min_freq=1), None, None),
@@ -1156,14 +823,12 @@ DATASETS = {
     "pmnist-classification": (build_mnist, dict(downsample=1), (MNIST_MEAN, MNIST_STD), 0.1),
     "speech35-classification": (build_speech, dict(), "train", None),  # standardised by the training set
     "mnist": (build_mnist, dict(downsample=1), None, 0.1),  # next-pixel prediction: 256 intensity classes
-    # the diagnostics: generated in memory by load_diagnostic (no files, no cache), options from --data_options
-    **{name: (load_diagnostic, defaults, None, None) for name, defaults in DIAGNOSTIC_OPTIONS.items()},
-}
+}, tasks.View(lambda task: (load_diagnostic, task.defaults, None, None)))
 # What a model of each dataset sees, at its default options, without reading any data (bench.py compiles the S5
 # recipes at these shapes): (seq_len, in_dim, tokens, pair, n_classes). in_dim is the vocabulary size of token
 # datasets; Text's and Retrieval's vocabularies are built from the data, and the values here are those of the
-# published files (characters seen often enough).
-SHAPES = {
+# published files (characters seen often enough). The tasks at their default options.
+SHAPES = _Catalog({
     "listops-classification": (2048, len(LISTOPS_VOCAB), True, False, 10),
     "imdb-classification": (4096, 135, True, False, 2),
     "aan-classification": (4000, 97, True, True, 2),
@@ -1175,14 +840,13 @@ SHAPES = {
     "pmnist-classification": (784, 1, False, False, 10),
     "speech35-classification": (SPEECH_LEN, 1, False, False, len(SPEECH_WORDS)),
     "mnist": (784, 256, True, False, 256),  # next-pixel prediction: the previous pixel, one of 256 values
-    **{name: diagnostic_shape(name) for name in DIAGNOSTIC_OPTIONS},  # at their default options
-}
+}, tasks.View(lambda task: diagnostic_shape(task.name)))
 
 
 def model_meta(name: str, options=None) -> dict:
     """The model-facing fields of a dataset (as a loaded Dataset gives them) from SHAPES: seq_len, in_dim, tokens,
     pair, n_classes, task, onehot_width. `options`: a diagnostic's --data_options (text or dict)."""
-    seq_len, in_dim, tokens, pair, n_classes = (diagnostic_shape(name, options) if name in DIAGNOSTIC_OPTIONS
+    seq_len, in_dim, tokens, pair, n_classes = (diagnostic_shape(name, options) if name in tasks.TASKS
                                                 else SHAPES[name])
     return dict(seq_len=seq_len, in_dim=in_dim, tokens=tokens, pair=pair, n_classes=n_classes, task=task_of(name),
                 onehot_width=max(ONEHOT_WIDTH.get(name, 0), in_dim) if tokens and name not in NEXT_STEP else None)
@@ -1200,7 +864,9 @@ def task_of(name: str) -> str:
     """"next_step" (predict every value from the ones before it), "per_position" (a class at every scored
     position, the diagnostics' label_weights), "regression" (one real number per sequence),
     "per_position_regression" (a real number at every scored position) or "classification"."""
-    return "next_step" if name in NEXT_STEP else DIAGNOSTIC_TASKS.get(name, "classification")
+    if name in tasks.TASKS:
+        return tasks.TASKS[name].kind
+    return "next_step" if name in NEXT_STEP else "classification"
 
 
 def _fingerprint(root: Path, name: str) -> str:
@@ -1326,7 +992,7 @@ def load(name: str, dir_name="./data", seed: int = 42, speech_norm: str = "globa
         raise DataError(f"speech_norm must be one of {', '.join(SPEECH_NORMS)}, got {speech_norm!r}")
     if speech_norm != "global" and norm != "train":
         raise DataError(f"speech_norm={speech_norm!r} applies to speech35-classification only, not {name}")
-    if name in DIAGNOSTIC_OPTIONS:  # generated from their own seed (option data_seed), not `seed`, nothing on disk
+    if name in tasks.TASKS:  # generated from their own seed (option data_seed), not `seed`, nothing on disk
         return load_diagnostic(name, options)
     unknown = set(options) - set(defaults) - {"generate", "workers"}
     if unknown:

@@ -1,6 +1,6 @@
-"""The diagnostic tasks (dataloaders.py): every generator's labels against a reconstruction from its inputs,
-determinism and disjoint splits, option errors, the per-position and regression losses, and a brief S5 training
-on the easiest setting of each task that must beat chance."""
+"""The diagnostic tasks (tasks.py, loaded by dataloaders.py): every generator's labels against a reconstruction
+from its inputs, determinism and disjoint splits, option errors, the per-position and regression losses, and a
+brief S5 training on the easiest setting of each task that must beat chance."""
 
 import json
 from pathlib import Path

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import dataloaders
 import models
+import tasks
 import utils
 from config import parse_args
 from models import load_weights, make_optimizer, make_steps, new_state
@@ -254,7 +255,7 @@ def load_data(cfg):
     """(dataset, train, val, test) for a config: splits drawn with --split_seed, subsets by --max_*_samples."""
     try:
         opts = {"downsample": cfg.downsample} if "mnist" in cfg.dataset else {}
-        if cfg.dataset in dataloaders.DIAGNOSTIC_OPTIONS:  # a diagnostic's --data_options (config.py checked them)
+        if cfg.dataset in tasks.TASKS:  # a diagnostic's --data_options (config.py checked them)
             opts = dataloaders.parse_options(cfg.dataset, cfg.data_options)
         ds = dataloaders.load(cfg.dataset, cfg.dir_name, seed=cfg.split_seed, speech_norm=cfg.speech_norm, **opts)
     except dataloaders.DataError as e:

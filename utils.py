@@ -136,24 +136,28 @@ def selection_score(results: dict):
 
 def choose_tuned(root: Path, run_ids: list):
     """(value, note): among the candidate runs of a tuned setting (run ids under root, GROUP/SETTING/FLAG=VALUE/seedK,
-    as config.plan_runs names them), the value whose run has the best validation score (selection_score); (None,
-    why) when a candidate has not finished. Ties go to the first candidate; the note lists every score."""
+    as config.plan_runs names them), the value whose run has the best validation score (selection_score); a failed
+    candidate (e.g. a non-finite loss) is out of the choice. (None, why) while a candidate has not ended, or when
+    none has a score. Ties go to the first candidate; the note lists every score."""
     best, notes = None, []
     for rid in run_ids:
         try:
             results = read_json(root / rid / "results.json")
         except (OSError, ValueError):
             results = None
-        if not results or results.get("status") != "finished":
-            status = (results or {}).get("status", "not started")
+        status = (results or {}).get("status", "not started")
+        value = rid.rsplit("/", 2)[-2].split("=", 1)[1]
+        if status == "failed":
+            notes.append(f"{value}: failed")
+            continue
+        if status != "finished":
             return None, f"its tuning run {rid} is not finished (status: {status})"
         score = selection_score(results)
-        value = rid.rsplit("/", 2)[-2].split("=", 1)[1]
         notes.append(f"{value}: {score:.4f}" if score is not None else f"{value}: -")
         if score is not None and (best is None or score > best[0]):
             best = (score, value)
     if best is None:
-        return None, "no tuning run has a validation score"
+        return None, "no tuning run has a validation score (" + ", ".join(notes) + ")"
     return best[1], "validation score by value: " + ", ".join(notes)
 
 

@@ -1,4 +1,5 @@
-"""The training run's options: the command line of train_ex.py, its checks, and the S5 recipes of TRAINING.md.
+"""The training run's options: the command line of train_ex.py and its checks; the plans (plans/*.plan: the series,
+the studies and the S5 recipes), read and checked for run_train_ex.sh.
 
     cfg = config.parse_args(["--dataset", "mnist-classification", "--ssm_type", "aux"])
 
@@ -431,6 +432,7 @@ class Group:
     about: str = ""
     variables: dict = field(default_factory=dict)
     settings: list = field(default_factory=list)
+    smoke: list | None = None  # flags instead of `flags` under SMOKE=1 (e.g. a small --data_options)
 
 
 @dataclass
@@ -453,6 +455,7 @@ class Plan:
     tune: Tune | None = None
     groups: list = field(default_factory=list)
     about: str = ""
+    shared: list = field(default_factory=list)  # the settings every group without its own runs, as written
 
     def sets_dataset(self) -> bool:
         return "--dataset" in self.common or any("--dataset" in g.flags for g in self.groups)
@@ -497,7 +500,7 @@ def read_plan(name) -> Plan:
         data    | split-mnist                     data the series makes first (STUDY's psMNIST split)
         tune    | flag | v1 v2 v3 | seed=K       tune `flag` per setting on validation (Tune)
         about   | text                            what the plan is (run_train_ex.sh --help)
-        group   | name | flags | about=...; key=value  a group; its settings' flags may use {key}
+        group   | name | flags | about=...; smoke=flags; key=value  a group; its settings' flags may use {key}
         setting | name | flags | seeds=N; after=NAME; smoke=flags; tune=no
 
     Settings before the first group are shared: every group without settings of its own runs them."""
@@ -554,7 +557,8 @@ def read_plan(name) -> Plan:
                 _name_ok(rest[0], where)
                 if rest[0] in {g.name for g in plan.groups}:
                     raise PlanError(f"{where}: group '{rest[0]}' is declared twice")
-                plan.groups.append(Group(rest[0], shlex.split(rest[1]), opts.pop("about", ""), opts))
+                smoke = shlex.split(opts.pop("smoke")) if "smoke" in opts else None
+                plan.groups.append(Group(rest[0], shlex.split(rest[1]), opts.pop("about", ""), opts, smoke=smoke))
             elif kind == "setting":
                 need(1, 3)
                 rest += [""] * (3 - len(rest))
@@ -580,6 +584,7 @@ def read_plan(name) -> Plan:
                                 f"group, setting)")
         except ValueError as e:  # shlex: an unclosed quote
             raise e if isinstance(e, PlanError) else PlanError(f"{where}: {e}") from None
+    plan.shared = shared
     if not plan.groups:
         raise PlanError(f"{path}: no group (a plan needs at least one `group | name | flags` line)")
     for g in plan.groups:
@@ -615,6 +620,10 @@ def _substitute(word: str, variables: dict, where: str) -> str:
     return re.sub(r"\{(\w+)\}", value, word)
 
 
+def group_flags(group: Group, smoke: bool) -> list:
+    return group.smoke if smoke and group.smoke is not None else group.flags
+
+
 def plan_runs(plan: Plan, seeds: list, groups: list | None = None, smoke: bool = False, only=()) -> list:
     """The runs of a plan, in order: dicts with id (GROUP/SETTING/seedK), order, g (1-based group index), group,
     setting, seed, flags (the plan's: common, group, setting), role (run, tune or tuned), deps (the ids it waits
@@ -629,7 +638,7 @@ def plan_runs(plan: Plan, seeds: list, groups: list | None = None, smoke: bool =
     for gi in sorted(set(groups)):
         group = plan.groups[gi - 1]
         for j, s in enumerate(group.settings, 1):
-            flags = plan.common + group.flags + (s.smoke if smoke and s.smoke is not None else s.flags)
+            flags = plan.common + group_flags(group, smoke) + (s.smoke if smoke and s.smoke is not None else s.flags)
             base = dict(order=100 * gi + j, g=gi, group=group.name)
             tune_ids = []
             if plan.tune and s.tune:
@@ -664,7 +673,7 @@ def check_plan(plan: Plan, head: list, tail: list, smoke: bool = False, groups=N
         if groups and gi not in groups:
             continue
         for s in group.settings:
-            argv = head + plan.common + group.flags + (plan.smoke if smoke else []) \
+            argv = head + plan.common + group_flags(group, smoke) + (plan.smoke if smoke else []) \
                 + (s.smoke if smoke and s.smoke is not None else s.flags) + tail
             if plan.tune and s.tune:
                 argv += [plan.tune.flag, plan.tune.values[0]]
@@ -678,38 +687,75 @@ def check_plan(plan: Plan, head: list, tail: list, smoke: bool = False, groups=N
                 with contextlib.redirect_stderr(err):
                     parse_args(argv)
             except SystemExit:
-                msg = err.getvalue().strip().splitlines()
+                text = err.getvalue()
+                why = text.split("train_ex.py: error: ", 1)[-1].strip() if "error: " in text else "exit 2"
                 raise PlanError(f"group {gi} '{group.name}', setting '{s.name}' of plan {plan.name}: train_ex.py "
-                                f"refuses its flags ({shlex.join(argv)}): "
-                                f"{msg[-1].removeprefix('train_ex.py: error: ') if msg else 'exit 2'}") from None
+                                f"refuses its flags ({shlex.join(argv)}): {' '.join(why.split())}") from None
 
 
-def plan_table(plan: Plan, markdown: bool = False, smoke: bool = False) -> str:
-    """The plan's groups and settings as text (run_train_ex.sh --help) or as a Markdown table (SERIES.md)."""
-    lines = []
-    if markdown:
-        lines += ["| group | about | flags | settings (flags; seeds) |", "|---|---|---|---|"]
+def _setting_text(s: Setting, smoke=False) -> tuple:
+    flags = s.smoke if smoke and s.smoke is not None else s.flags
+    options = ([f"{s.seeds} seeds"] if s.seeds else []) + ([f"from {s.after}"] if s.after else []) \
+        + (["not tuned"] if not s.tune else [])
+    return " ".join(flags), ", ".join(options)
+
+
+def plan_table(plan: Plan, markdown: bool = False) -> str:
+    """The plan's groups and settings as text (run_train_ex.sh --help) or Markdown tables (SERIES.md): the groups
+    (number, name, what, flags, variables), then the settings, once when they are shared by every group."""
+    lines, md = [], markdown
+    shared = bool(plan.shared)
+    if md:
+        lines += ["| group | about | flags | variables |", "|---|---|---|---|"]
     for gi, g in enumerate(plan.groups, 1):
-        def one(s):
-            flags = s.smoke if smoke and s.smoke is not None else s.flags
-            extra = [f"{s.seeds} seeds"] if s.seeds else []
-            extra += [f"from {s.after}"] if s.after else []
-            return f"{s.name} ({shlex.join(flags)}{'; ' if extra else ''}{', '.join(extra)})" if flags or extra \
-                else s.name
-        if markdown:
-            lines.append(f"| {gi} {g.name} | {g.about} | `{shlex.join(g.flags)}` | "
-                         + "; ".join(one(s).replace("|", "\\|") for s in g.settings) + " |")
-        else:
-            lines.append(f"  group {gi}  {g.name}" + (f": {g.about}" if g.about else ""))
-            if g.flags:
-                lines.append(f"      flags: {shlex.join(g.flags)}")
-            for s in g.settings:
-                lines.append(f"      {one(s)}")
+        variables = ", ".join(f"{k}={v}" for k, v in g.variables.items())
+        if md:
+            lines.append(f"| {gi} `{g.name}` | {g.about} | `{' '.join(g.flags)}` | {variables} |")
+            continue
+        lines.append(f"  group {gi}  {g.name}" + (f": {g.about}" if g.about else ""))
+        if g.flags:
+            lines.append(f"      flags: {shlex.join(g.flags)}" + (f"  ({variables})" if variables else ""))
+        if not shared:
+            for st in g.settings:
+                flags, options = _setting_text(st)
+                lines.append(f"      {st.name}: {flags or '(no flags)'}" + (f"  [{options}]" if options else ""))
+    settings = ([(None, st) for st in plan.shared] if shared
+                else [(g.name, st) for g in plan.groups for st in g.settings])
+    if md:
+        lines += ["", "| " + ("" if shared else "group | ") + "setting | flags | options |",
+                  "|---|---|---|" + ("" if shared else "---|")]
+        for group, st in settings:
+            flags, options = _setting_text(st)
+            lines.append("| " + ("" if shared else f"{group} | ") + f"{st.name} | `{flags}` | {options} |")
+    elif shared:
+        lines.append("  every group runs these settings:")
+        for _, st in settings:
+            flags, options = _setting_text(st)
+            lines.append(f"      {st.name}: {flags}" + (f"  [{options}]" if options else ""))
+    if plan.common:
+        lines.append(("\n" if md else "  ") + f"Every run: `{shlex.join(plan.common)}`." if md
+                     else f"  every run: {shlex.join(plan.common)}")
     if plan.tune:
         t = plan.tune
-        lines.append(("" if markdown else "  ") + f"Every setting first runs {t.flag} " + ", ".join(t.values)
-                     + f" at seed {t.seed}; its seeds use the value with the best validation score.")
+        lines.append(("\n" if md else "  ") + f"Every setting first runs {t.flag} " + ", ".join(t.values)
+                     + f" at seed {t.seed}; its seeds then use the value with the best validation score.")
     return "\n".join(lines)
+
+
+PLAN_BLOCK = re.compile(r"<!-- plan:([\w.-]+) -->\n.*?<!-- end plan -->", re.S)
+
+
+def fill_plan_blocks(text: str) -> str:
+    """Markdown with every `<!-- plan:NAME -->...<!-- end plan -->` block (SERIES.md) regenerated from plans/NAME.plan
+    and TRAINING.md's recipe commands from plans/s5_recipes.plan: `python config.py docs` writes them, and the tests
+    check that the files equal what this returns, so no plan is written twice by hand."""
+    text = PLAN_BLOCK.sub(lambda m: f"<!-- plan:{m.group(1)} -->\n{plan_table(read_plan(m.group(1)), markdown=True)}\n"
+                          f"<!-- end plan -->", text)
+    return re.sub(r'```bash\nS5="[^\n]*"\n(?:python train_ex.py \$S5 [^\n]*\n)+```',
+                  lambda m: "```bash\n" + recipe_commands() + "\n```", text)
+
+
+DOCS = ("SERIES.md", "TRAINING.md")  # the files whose plan tables and recipe commands are generated
 
 
 def series_runs(plan: Plan, seeds=None, epochs=None, dataset=None, groups=None, only=(), smoke=False, extra=(),
@@ -729,7 +775,7 @@ def series_runs(plan: Plan, seeds=None, epochs=None, dataset=None, groups=None, 
     runs = plan_runs(plan, [int(s) for s in seeds.split()], groups, smoke, only)
     for r in runs:
         group = plan.groups[r["g"] - 1]
-        n = len(plan.common) + len(group.flags)  # smoke's tiny sizes after the group's, before the setting's
+        n = len(plan.common) + len(group_flags(group, smoke))  # smoke's tiny sizes after the group's flags
         r["argv"] = head + r["flags"][:n] + (plan.smoke if smoke else []) + r["flags"][n:] + tail
         if r.get("after"):
             r["argv"] += ["@after=" + r["after"]]
@@ -748,6 +794,7 @@ def _plan_main(argv=None):
     p = argparse.ArgumentParser(prog="config.py", description="Read a series plan (plans/*.plan) for run_train_ex.sh.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("plans", help="the plans in plans/, a line each")
+    q = sub.add_parser("docs", help=f"regenerate the plan tables and recipe commands of {', '.join(DOCS)}")
     q = sub.add_parser("plan-table", help="the plan's groups and settings (--markdown: SERIES.md's table)")
     q.add_argument("plan")
     q.add_argument("--markdown", action="store_true")
@@ -759,7 +806,15 @@ def _plan_main(argv=None):
     q.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     try:
-        if a.command == "plans":
+        if a.command == "docs":
+            for name in DOCS:
+                path = Path(__file__).resolve().parent / name
+                text = path.read_text()
+                new = fill_plan_blocks(text)
+                if new != text:
+                    utils.atomic_write(path, new)
+                print(f"{name}: {'regenerated' if new != text else 'up to date'}")
+        elif a.command == "plans":
             for name in plan_names():
                 print(f"  {name:<14} {read_plan(name).about}")
         elif a.command == "plan-table":

@@ -100,8 +100,8 @@ Variables (default in brackets):
   RETRY_FAILED  1: rerun failed runs on the next invocation; 0: leave them failed [1]
   PYTHON        interpreter                                 [.venv/bin/python beside this script, else python3]
   TRAIN         training script                             [train_ex.py beside this script]
-  ONLY          space-separated globs over run ids: only the matching runs, e.g. "g6-warm-start/*/seed0" []
-  FAIL_RUNS     test hook: space-separated globs over run ids (e.g. "g1-aux/aux-on/*"); matching runs get
+  ONLY          space-separated globs over run ids: only the matching runs, e.g. "copying/*/seed0" (a GROUP/SETTING/seedK glob) []
+  FAIL_RUNS     test hook: space-separated globs over run ids (e.g. "copying/s5/*"); matching runs get
                 --epochs 0 appended, which train_ex.py rejects, so they fail on purpose []
   LAUNCHER      local (runs here) or slurm (sbatch job arrays)  [local]
   PARALLEL      local: runs at once                          [1; with DEVICES: one per device]

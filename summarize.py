@@ -7,11 +7,14 @@ setting, seed, exit code) and writes into the root (or --out):
 
   summary.md       one row per setting: best validation accuracy and the test accuracy at the best validation
                    epoch as mean ± sample std over seeds, the test accuracy's 95% confidence interval (Student
-                   t), the paired difference to the group's baseline (same seed; the group's first S5 setting or
-                   --baseline) with its 95% interval, marked * where it excludes 0, parameters, the stability
-                   guard's activity (aux/extend), epochs, wall time, steps/s, status; for a time-varying
-                   regression (varying_gain) the test MSE beside the LTI floor; then one row per run with its
-                   difference to the baseline
+                   t, scipy.stats), the paired difference to the group's baseline (same seed; the group's first S5
+                   setting or --baseline) with its 95% interval (* where it excludes 0, unadjusted), the paired
+                   t-test's p-value and its Holm adjustment over every comparison of the summary (** below 0.05),
+                   parameters, the stability guard's activity (aux/extend), the tuned value, epochs, how many runs
+                   peaked in their last two epochs, wall time, compute (all its runs, tuning included), steps/s,
+                   status; the chance level of generated tasks; a tuned plan's grid (each candidate's validation
+                   accuracy) and choice; for a time-varying regression (varying_gain) the test MSE beside the LTI
+                   floor; then one row per run with its difference to the baseline
   summary.csv      the settings table, numbers unformatted (accuracies as fractions)
   runs.csv         one row per run
   val_acc_<group>.png   validation accuracy per epoch, one curve per run
@@ -34,6 +37,9 @@ import re
 import sys
 from pathlib import Path
 
+from scipy import stats
+
+import tasks
 import utils
 
 RESULTS, META = "results.json", "series_run.json"
@@ -62,25 +68,36 @@ def mean_std(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-# Student t's 0.975 quantile for 1..30 degrees of freedom (a two-sided 95% interval), from the standard tables
-T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-        2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-        2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
-Z975 = 1.959963984540054  # the normal distribution's 0.975 quantile
-
-
 def t975(df: int) -> float:
-    """Student t's 0.975 quantile with df degrees of freedom: the table T975 up to 30, beyond it Fisher's
-    (Cornish-Fisher) expansion around the normal quantile z in powers of 1/df, exact there to about 1e-7."""
+    """Student t's 0.975 quantile with df degrees of freedom (a two-sided 95% interval), from scipy.stats."""
     if df < 1:
         raise ValueError(f"a t quantile needs at least 1 degree of freedom, got {df}")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z975
-    g = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
-    return z + sum(c / df ** (k + 1) for k, c in enumerate(g))
+    return float(stats.t.ppf(0.975, df))
+
+
+def paired_p(diffs) -> float | None:
+    """The two-sided p-value of a paired t-test that the mean of the paired differences is 0 (scipy.stats, the
+    differences against zeros: ttest_rel); None for fewer than two pairs, 1 for differences that are all 0 and
+    0 for a non-zero constant difference (no spread: scipy's nan)."""
+    d = list(diffs)
+    if len(d) < 2:
+        return None
+    if all(x == d[0] for x in d):
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_rel(d, [0.0] * len(d)).pvalue)
+
+
+def holm(pvalues: list) -> list:
+    """Holm's step-down adjustment of m p-values for a family of m comparisons (Holm 1979): sorted ascending,
+    the i-th (0-based) becomes max over j ≤ i of min(1, (m − j)·p_(j)); returned in the input order. It controls the
+    chance of any false claim in the family at the level the adjusted values are compared with."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
 
 
 def ci95(values):
@@ -177,8 +194,17 @@ def load_run(root: Path, d: Path) -> dict:
     if status in ("failed", "unreadable") and (d / "train.log").exists():
         log = f"log {d.relative_to(root) / 'train.log'}"
         note = f"{note}; {log}" if note else log
+    tuned = meta.get("tuned") if isinstance(meta.get("tuned"), dict) else None
+    chance = None
+    if cfg.get("dataset") in tasks.TASKS:
+        try:
+            chance = tasks.chance_level(cfg["dataset"], cfg.get("data_options"))
+        except (ValueError, tasks.DataError):
+            chance = None
     return dict(dir=str(d.relative_to(root)) if d != root else ".", group=group, setting=setting, seed=seed,
-                ssm_type=cfg.get("ssm_type"),
+                ssm_type=cfg.get("ssm_type"), role=meta.get("role") or "run", tune_of=meta.get("tune_of"),
+                tuned=tuned, lr=num(cfg.get("lr")), chance=chance,
+                late_best=(best_epoch is not None and len(epochs) > 0 and best_epoch > len(epochs) - 2),
                 order=meta.get("order"), status=status, exit_code=code, val=val, test=test, best_epoch=best_epoch,
                 epochs=epochs, epochs_done=len(epochs), epochs_total=cfg.get("epochs"),
                 wall=num((res or {}).get("wall_time_s")), steps_per_s=num((res or {}).get("steps_per_s")),
@@ -187,8 +213,32 @@ def load_run(root: Path, d: Path) -> dict:
                 guard_scale=guard_scale, test_loss=test_loss, lti_floor=num(floor))
 
 
+def tuning(runs):
+    """The tuning runs (role tune: SETTING/FLAG=VALUE/seedK) by (group, tuned setting): [(flag, value, run)]."""
+    out = {}
+    for r in runs:
+        if r["role"] != "tune" or "/" not in r["setting"]:
+            continue
+        setting, candidate = r["setting"].rsplit("/", 1)
+        flag, _, value = candidate.partition("=")
+        out.setdefault((r["group"], setting), []).append((flag, value, r))
+    for cands in out.values():  # in the order of the values (numbers ascending), as a plan lists a grid
+        cands.sort(key=lambda c: (_number(c[1]) is None, _number(c[1]) or 0.0, c[1]))
+    return out
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def summarise(runs):
-    """One row per (group, setting), in series order."""
+    """One row per (group, setting), in series order; tuning runs (a plan's tune line) are not settings of their
+    own: each row lists its candidates (`grid`), the value its runs used (`tuned`) and counts their compute."""
+    grid = tuning(runs)
+    runs = [r for r in runs if r["role"] != "tune"]
     keys = []
     for r in sorted(runs, key=lambda r: (r["order"] is None, r["order"] or 0, r["dir"])):
         if (r["group"], r["setting"]) not in keys:
@@ -216,6 +266,10 @@ def summarise(runs):
         totals = sorted({r["epochs_total"] for r in rs if r["epochs_total"] is not None})
         params = sorted({r["n_params"] for r in rs if isinstance(r["n_params"], int)})
         guarded = [r for r in used if r["guard_scaled"] is not None]
+        cands = grid.get((group, setting), [])
+        chosen = sorted({r["tuned"]["value"] for r in rs if r["tuned"]})
+        compute = [r["wall"] for r in rs + [c[2] for c in cands] if r["wall"] is not None]
+        chances = sorted({r["chance"] for r in rs if r["chance"] is not None})
         mse = [r for r in used if r["lti_floor"] is not None and r["test_loss"] is not None]
         rows.append(dict(group=group, setting=setting, seeds=[r["seed"] for r in rs], n=len(used), val_mean=val_m,
                          val_std=val_s, test_mean=test_m, test_std=test_s, test_ci=test_ci, epochs_done=done,
@@ -226,7 +280,11 @@ def summarise(runs):
                          guard_scaled=sum(r["guard_scaled"] for r in guarded) / len(guarded) if guarded else None,
                          guard_scale=sum(r["guard_scale"] for r in guarded) / len(guarded) if guarded else None,
                          test_mse=sum(r["test_loss"] for r in mse) / len(mse) if mse else None,
-                         lti_floor=sum(r["lti_floor"] for r in mse) / len(mse) if mse else None))
+                         lti_floor=sum(r["lti_floor"] for r in mse) / len(mse) if mse else None,
+                         grid=[(flag, value, c["val"], c["status"]) for flag, value, c in cands],
+                         tune_runs=[c[2] for c in cands],
+                         tuned=",".join(chosen) or None, compute_s=sum(compute) if compute else None,
+                         late_best=sum(bool(r["late_best"]) for r in used), chance=chances[0] if chances else None))
     return rows
 
 
@@ -234,7 +292,8 @@ def paired_differences(rows, baseline=None):
     """Each setting's test accuracy minus its group's baseline's, seed by seed (runs with the same seed form a
     pair; only the runs counted in the settings' means): adds to every row `baseline` (the baseline setting's
     name, or None), `diffs` ({seed: difference}), `diff_mean`, `diff_std`, `diff_ci` (the 95% half-width of the
-    mean difference) and `diff_excludes_0` (the interval lies wholly above or below 0). The baseline of a group
+    mean difference), `diff_excludes_0` (the interval lies wholly above or below 0, unadjusted), `p` (paired
+    t-test, two-sided) and `p_holm` (Holm-adjusted over every comparison of the summary). The baseline of a group
     is the setting named `baseline`, else its first S5 setting (ssm_type s5). → the groups without a baseline."""
     groups = []
     for r in rows:
@@ -255,7 +314,11 @@ def paired_differences(rows, baseline=None):
                 x["seed"]: x["test"] - ref[x["seed"]] for x in r["used"] if x["seed"] in ref}
             m, sd, ci = ci95(list(diffs.values()))
             r.update(baseline=base["setting"] if base else None, diffs=diffs, diff_mean=m, diff_std=sd, diff_ci=ci,
-                     diff_excludes_0=ci is not None and abs(m) > ci)
+                     diff_excludes_0=ci is not None and abs(m) > ci, p=paired_p(diffs.values()), p_holm=None)
+    # the family: every comparison with a p-value in this summary, adjusted together (Holm)
+    family = [r for r in rows if r["p"] is not None]
+    for r, adjusted in zip(family, holm([r["p"] for r in family])):
+        r["p_holm"] = adjusted
     return missing
 
 
@@ -291,6 +354,13 @@ def fmt_diff(r):
         return f"{text} (1 pair)"
     return f"{text} [{100 * (r['diff_mean'] - r['diff_ci']):+.2f}, {100 * (r['diff_mean'] + r['diff_ci']):+.2f}]" + (
         " *" if r["diff_excludes_0"] else "")
+
+
+def fmt_p(r):
+    """'0.0123 (0.0456) **': the paired t-test's p-value and its Holm-adjusted value; ** where that is below 0.05."""
+    if r.get("p") is None:
+        return "—"
+    return f"{r['p']:.2g} ({r['p_holm']:.2g})" + (" **" if r["p_holm"] < 0.05 else "")
 
 
 def fmt_time(s):
@@ -334,17 +404,43 @@ def write_markdown(path: Path, root: Path, rows, runs):
          "interval that excludes 0 (a difference whose interval includes 0 is not shown to be one). "
          "*guard*: for aux/extend, the share of (t, state) rows of the transitions that the stability guard scaled "
          "at the best epoch and the median scale (means over layers and seeds; a guard that scales most rows "
-         "far below 1 did not let the extension act). Wall time and steps/s: mean per run.", "",
-         "| group | setting | seeds | n | best val | test at best val | test 95% CI | Δ test vs baseline | params "
-         "| guard | epochs | wall time | steps/s | status |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "far below 1 did not let the extension act). *p (Holm)*: the paired t-test's two-sided p-value of the "
+         "difference to the baseline and, in brackets, Holm's adjustment over all the comparisons of this summary; "
+         "** marks an adjusted p < 0.05, the only differences this summary calls shown (the interval's * is "
+         "unadjusted). *tuned*: the value a tuned setting's runs used, chosen on validation (table below). "
+         "*late best*: runs whose best epoch is one of their last two. Wall time and steps/s: mean per run; "
+         "*compute*: the wall time of all its runs, tuning runs included.", "",
+         "| group | setting | seeds | n | best val | test at best val | test 95% CI | Δ test vs baseline "
+         "| p (Holm) | params | guard | tuned | epochs | late best | wall time | compute | steps/s | status |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['group']} | {r['setting']} | {join(r['seeds'])} | {r['n']} "
                  f"| {pct(r['val_mean'], r['val_std'])} | {pct(r['test_mean'], r['test_std'])} "
-                 f"| {interval(r['test_mean'], r['test_ci'])} | {fmt_diff(r)} "
-                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {fmt_guard(r)} "
-                 f"| {fmt_epochs(r['epochs_done'], r['epochs_total'])} | {fmt_time(r['wall_time_s'])} "
+                 f"| {interval(r['test_mean'], r['test_ci'])} | {fmt_diff(r)} | {fmt_p(r)} "
+                 f"| {'/'.join(f'{p:,}' for p in r['n_params']) or '—'} | {fmt_guard(r)} | {r['tuned'] or '—'} "
+                 f"| {fmt_epochs(r['epochs_done'], r['epochs_total'])} | {r['late_best']}/{r['n']} "
+                 f"| {fmt_time(r['wall_time_s'])} | {fmt_time(r['compute_s'])} "
                  f"| {fmt_num(r['steps_per_s'])} | {r['status']} |")
+    counted = sum(r["n"] for r in rows)
+    if counted:
+        L += ["", f"Best epoch among a run's last two: {sum(r['late_best'] for r in rows)} of the {counted} runs "
+              "counted above (such a run may not have finished learning)."]
+    chance = {}
+    for r in rows:
+        if r["chance"] is not None:
+            chance.setdefault(r["group"], r["chance"])
+    if chance:
+        L += ["", "Chance (the best input-blind guess): " + "; ".join(f"{g} {100 * c:.2f}" for g, c in chance.items())
+              + "."]
+    tuned = [r for r in rows if r["grid"]]
+    if tuned:
+        L += ["", "Tuning, on validation only: each candidate's run at the tuning seed, its best validation "
+              "accuracy; the value with the highest was used for every seed (a failed candidate is out).", "",
+              "| group | setting | " + " | ".join(f"{f}={v}" for f, v, *_ in tuned[0]["grid"]) + " | chosen |",
+              "|---|---|" + "---|" * (len(tuned[0]["grid"]) + 1)]
+        for r in tuned:
+            cells = [pct(v) if status == "finished" else status for _, _, v, status in r["grid"]]
+            L.append(f"| {r['group']} | {r['setting']} | " + " | ".join(cells) + f" | {r['tuned'] or '—'} |")
     floors = [r for r in rows if r["lti_floor"] is not None]
     if floors:
         L += ["", "Time-varying regression: the mean test MSE at the best validation epoch beside the *LTI floor*, "
@@ -382,22 +478,25 @@ def write_csvs(out: Path, rows):
         w.writerow(["group", "setting", "seeds", "n", "val_mean", "val_std", "test_mean", "test_std", "epochs_done",
                     "epochs_total", "wall_time_s", "steps_per_s", "n_params", "status", "data", "test_ci95",
                     "baseline", "diff_n", "diff_mean", "diff_std", "diff_ci95", "diff_excludes_0", "guard_scaled",
-                    "guard_scale", "test_mse", "lti_floor"])
+                    "guard_scale", "test_mse", "lti_floor", "p", "p_holm", "tuned", "grid", "compute_s", "late_best",
+                    "chance"])
         for r in rows:
             w.writerow([r["group"], r["setting"], " ".join(map(str, r["seeds"])), r["n"], r["val_mean"], r["val_std"],
                         r["test_mean"], r["test_std"], " ".join(map(str, r["epochs_done"])),
                         " ".join(map(str, r["epochs_total"])), r["wall_time_s"], r["steps_per_s"],
                         " ".join(map(str, r["n_params"])), r["status"], r["data"], r["test_ci"], r["baseline"],
                         len(r["diffs"]), r["diff_mean"], r["diff_std"], r["diff_ci"], r["diff_excludes_0"],
-                        r["guard_scaled"], r["guard_scale"], r["test_mse"], r["lti_floor"]])
+                        r["guard_scaled"], r["guard_scale"], r["test_mse"], r["lti_floor"], r["p"], r["p_holm"],
+                        r["tuned"], " ".join(f"{f}={v}:{'' if x is None else x}" for f, v, x, _ in r["grid"]),
+                        r["compute_s"], r["late_best"], r["chance"]])
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = ["dir", "group", "setting", "seed", "status", "exit_code", "val", "test", "best_epoch", "epochs_done",
                 "epochs_total", "wall", "steps_per_s", "n_params", "device", "note", "val_bpd", "test_bpd",
-                "guard_scaled", "guard_scale", "test_loss", "lti_floor"]
+                "guard_scaled", "guard_scale", "test_loss", "lti_floor", "role", "lr"]
         w.writerow(cols)
         for row in rows:
-            for r in row["runs"]:
+            for r in row["runs"] + row["tune_runs"]:
                 w.writerow([r[c] for c in cols])
 
 
@@ -477,14 +576,14 @@ def write_plots(out: Path, rows):
         ax.bar(xs, means, yerr=errs, capsize=3, color=cols)
         ax.axhline(0.0, color="black", lw=0.8)
         for x, r, m, e in zip(xs, compared, means, errs):
-            if r["diff_excludes_0"]:
-                ax.text(x, m + (e if m >= 0 else -e), "*", ha="center", va="bottom" if m >= 0 else "top")
+            if r["p_holm"] is not None and r["p_holm"] < 0.05:
+                ax.text(x, m + (e if m >= 0 else -e), "**", ha="center", va="bottom" if m >= 0 else "top")
             elif r["diff_mean"] is None:
                 ax.text(x, 0.0, "no pairs", rotation=90, ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), [f"{r['group']}/{r['setting']} − {r['baseline']}" for r in compared], rotation=60,
                       ha="right", fontsize=8)
         ax.set(ylabel="Δ test accuracy (percentage points)",
-               title="paired difference to the group's baseline, same seed (mean, 95% CI; * excludes 0)")
+               title="paired difference to the group's baseline, same seed (mean, 95% CI; ** Holm p < 0.05)")
         ax.grid(axis="y", alpha=0.3)
         written.append(save_figure(fig, out / "test_acc_diff.png"))
     return written

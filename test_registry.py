@@ -161,3 +161,27 @@ def test_s5_groups_are_those_of_the_release(ema):
             assert models.param_label(path(leaf), cfg, False) == group, (opt, leaf)
     with pytest.raises(ValueError, match="no role"):
         models.param_label(path("Lambda_renamed"), config.parse_args([]), False)
+
+
+@pytest.mark.slow
+def test_a_type_from_its_own_file_can_be_named_in_a_series_plan(ema, tmp_path):
+    """A plan file naming --ssm_type ema: the series checks and runs it when SSM_MODULES names the type's file,
+    and refuses it (exit 2, naming the setting) when it does not."""
+    import os
+    import subprocess
+
+    plan = tmp_path / "ema.plan"
+    plan.write_text("about | the moving average\ngroup | copy | --dataset copying --data_options k=2,vocab=4,lag=4,"
+                    "n_train=32,n_val=16,n_test=16\nsetting | s5 | --ssm_type s5\n"
+                    "setting | ema | --ssm_type ema --ema_decay 0.5\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "EPOCHS", "DATASET", "GROUPS", "SSM_MODULES")}
+    env.update(JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PLAN=str(plan), OUT_ROOT=str(tmp_path / "out"),
+               SEEDS="0", EPOCHS="1", EXTRA=" ".join(TINY), DATA=str(tmp_path))
+    script = config.PLANS.parent / "run_train_ex.sh"
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "setting 'ema'" in r.stderr and "ema" in r.stderr, r.stdout + r.stderr
+    r = subprocess.run(["bash", str(script)], env={**env, "SSM_MODULES": str(ema)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "out" / "copy" / "ema" / "seed0" / "results.json").read_text())
+    assert res["status"] == "finished" and res["config"]["ssm_type"] == "ema" and res["config"]["ema_decay"] == 0.5

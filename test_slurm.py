@@ -388,3 +388,24 @@ def test_readme_single_run_recipe_requeues_and_resumes(slurm, tmp_path):
     assert [(s["argv"], s["restart"]) for s in starts()] == [
         (["--distributed", "--run_dir", str(run)], None),
         (["--distributed", "--run_dir", str(run), "--resume"], "1")], output()
+
+
+def test_the_gpu_study_plan_runs_at_a_tiny_size(slurm, tmp_path):
+    """STUDY=gpu SMOKE=1 on SLURM, one setting of one task: its three tuning runs in the first array, its seed in
+    the tuned array after it, which chooses the learning rate on validation as it starts; then the summary."""
+    out = tmp_path / "out"
+    env = {**series_env(out, STUDY="gpu", LAUNCHER="slurm", WAIT="1", SLURM_POLL_SECS="1", ONLY="varying-gain/s5/*"),
+           "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    r, text = run_series(env, timeout=400)
+    assert r.returncode == 0, text
+    assert "tuned array" in text and "# Series summary" in text
+    plan = [ln.split("\t") for ln in (out / "slurm" / "plan.tsv").read_text().splitlines()]
+    assert [(a, rid) for a, _, rid, *_ in plan] == [("main", "varying-gain/s5/lr=3e-4/seed9"),
+                                                    ("main", "varying-gain/s5/lr=1e-3/seed9"),
+                                                    ("main", "varying-gain/s5/lr=3e-3/seed9"),
+                                                    ("tuned", "varying-gain/s5/seed0")]
+    assert "--data_options length=16," in plan[0][-1] and "--d_model 8" in plan[0][-1]  # the plan's smoke sizes
+    meta = json.loads((out / "varying-gain/s5/seed0/series_run.json").read_text())
+    assert meta["status"] == "finished" and meta["role"] == "tuned"
+    assert meta["tuned"]["value"] in ("3e-4", "1e-3", "3e-3") and "validation score by value" in meta["tuned"]["why"]
+    assert "| varying-gain | s5 |" in (out / "summary.md").read_text()

@@ -743,19 +743,40 @@ def plan_table(plan: Plan, markdown: bool = False) -> str:
 
 
 PLAN_BLOCK = re.compile(r"<!-- plan:([\w.-]+) -->\n.*?<!-- end plan -->", re.S)
+TYPES_BLOCK = re.compile(r"<!-- ssm-types -->\n.*?<!-- end ssm-types -->", re.S)
+LIBRARY = ("ssm.py", "ssm_ex.py", "s4.py", "s6_lru.py")  # the files whose SSM types the README lists
+
+
+def ssm_type_table() -> str:
+    """README's --ssm_type table, from the registry (ssm.TYPES) of the library's own files."""
+    s5 = {o.name for o in ssm.S5_OPTIONS}
+    lines = ["| `--ssm_type` | layer | its options |", "|---|---|---|"]
+    for name, decl in ssm.TYPES.items():
+        module = decl.module or "ssm.py"
+        if module not in LIBRARY or name != decl.name:
+            continue
+        shares = name != "s5" and s5 <= decl.option_names()  # an S5 with more: "S5's and" its own
+        own = [o for o in decl.options if not (shares and o.name in s5)]
+        text = ("S5's and " if shares else "") \
+            + (", ".join(f"`--{o.name}`" for o in own) or "—")
+        lines.append(f"| `{'`, `'.join(decl.names)}` | {decl.summary.replace('(this file)', f'(`{module}`)')} "
+                     f"| {text} |")
+    return "\n".join(lines)
 
 
 def fill_plan_blocks(text: str) -> str:
-    """Markdown with every `<!-- plan:NAME -->...<!-- end plan -->` block (SERIES.md) regenerated from plans/NAME.plan
-    and TRAINING.md's recipe commands from plans/s5_recipes.plan: `python config.py docs` writes them, and the tests
+    """Markdown with every `<!-- plan:NAME -->...<!-- end plan -->` block (SERIES.md) regenerated from plans/NAME.plan,
+    the `<!-- ssm-types -->` table (README.md) from the SSM registry and TRAINING.md's recipe commands from
+    plans/s5_recipes.plan: `python config.py docs` writes them, and the tests
     check that the files equal what this returns, so no plan is written twice by hand."""
     text = PLAN_BLOCK.sub(lambda m: f"<!-- plan:{m.group(1)} -->\n{plan_table(read_plan(m.group(1)), markdown=True)}\n"
                           f"<!-- end plan -->", text)
+    text = TYPES_BLOCK.sub(lambda m: f"<!-- ssm-types -->\n{ssm_type_table()}\n<!-- end ssm-types -->", text)
     return re.sub(r'```bash\nS5="[^\n]*"\n(?:python train_ex.py \$S5 [^\n]*\n)+```',
                   lambda m: "```bash\n" + recipe_commands() + "\n```", text)
 
 
-DOCS = ("SERIES.md", "TRAINING.md")  # the files whose plan tables and recipe commands are generated
+DOCS = ("SERIES.md", "TRAINING.md", "README.md")  # the files with generated tables and recipe commands
 
 
 def series_runs(plan: Plan, seeds=None, epochs=None, dataset=None, groups=None, only=(), smoke=False, extra=(),

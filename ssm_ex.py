@@ -791,7 +791,7 @@ def _check_extend(args, error):
 EXTENSION_ROLES = {name: "extension" for name in EXTENSION_PARAMS}
 
 ssm.register(ssm.SSMType(
-    ("aux",), S5SSMAux, "the auxiliary state (this file)", module="ssm_ex.py",
+    ("aux",), S5SSMAux, "the auxiliary state, also spelled --enable_auxiliary_state (this file)", module="ssm_ex.py",
     options=ssm.S5_OPTIONS + (
         ssm.Option("time_scale_type", "sinusoidal", "aux: the schedule Δ(t) of the auxiliary state (formulas at the "
                    "top of ssm_ex.py)", choices=TIME_SCALES, arch=True),

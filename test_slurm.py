@@ -8,6 +8,7 @@ SLURM delays a requeued job's next start by 120 s; the fixture starts such tasks
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -404,7 +405,9 @@ def test_the_gpu_study_plan_runs_at_a_tiny_size(slurm, tmp_path):
                                                     ("main", "varying-gain/s5/lr=1e-3/seed9"),
                                                     ("main", "varying-gain/s5/lr=3e-3/seed9"),
                                                     ("tuned", "varying-gain/s5/seed0")]
-    assert "--data_options length=16," in plan[0][-1] and "--d_model 8" in plan[0][-1]  # the plan's smoke sizes
+    argv = shlex.split(plan[0][-1])  # the plan's smoke sizes (the task's words are printf %q-quoted)
+    last = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}  # the last of a flag wins
+    assert last["--data_options"].startswith("length=16,") and last["--d_model"] == "8"
     meta = json.loads((out / "varying-gain/s5/seed0/series_run.json").read_text())
     assert meta["status"] == "finished" and meta["role"] == "tuned"
     assert meta["tuned"]["value"] in ("3e-4", "1e-3", "3e-3") and "validation score by value" in meta["tuned"]["why"]

@@ -360,6 +360,9 @@ def test_summarize_mean_std_partial_and_failed(tmp_path):
     assert by["aux-on"][4] == "70.00 ± 14.14" and by["aux-on"][5] == "60.00 ± 14.14"
     assert by["linear"][5] == "35.00" and by["linear"][12] == "2/3" and by["linear"][10] == "—"  # no guard
     assert by["constant"][4] == "—" and by["constant"][-1] == "failed"
+    # best epoch among the last two: aux-on's runs peaked at epoch 1 of 3, linear's at its last
+    assert by["aux-on"][13] == "0/2" and by["linear"][13] == "1/1"
+    assert "Best epoch among a run's last two: 1 of the 3 runs counted above" in (root / "summary.md").read_text()
     assert len(runs) == 5 and any("bad flag" in r[-1] for r in runs)
     for png in ("val_acc_g1-aux.png", "val_acc_g2-time-scale.png", "test_acc.png"):
         assert (root / png).read_bytes()[:8] == PNG

@@ -18,6 +18,26 @@ jax.config.update("jax_disable_most_optimizations", True)
 MNIST_SUBSET = Path(__file__).resolve().parent / "testdata" / "mnist"  # the first 3,000 MNIST test images
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep `--dist loadgroup`'s groups (pyproject.toml): a test file whose module fixtures are costly (a SLURM cluster,
+    trained runs) marks itself `xdist_group` so that one worker builds them once. xdist names the group in a suffix of
+    each node id, but pytest 9.2 reads node ids from `item._id`, so xdist's suffix is lost and the tests spread over
+    both workers (pytest-xdist #1386). Put the suffix where pytest 9.2 reads it; a no-op where xdist's own worked."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9.2
+    except ImportError:
+        return
+
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
+
+
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
     """Real MNIST in torchvision's layout: the committed subset of the test split (testdata/mnist, the first 3,000

@@ -211,23 +211,29 @@ def test_slurm_without_sbatch_or_with_bad_args_exits_2_and_submits_nothing(slurm
 def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnist_root):
     """`--time=1` for a run that needs about 2 minutes: SLURM's USR1 (SIGNAL_SECS before the limit; SLURM sends it
     up to 30 s earlier still) reaches the run through its task, which saves ckpt_latest and requeues itself; each
-    start continues where the one before stopped, and the run finishes with every epoch once."""
-    import re
+    start continues where the one before stopped, and the run finishes with every epoch once.
 
-    epochs = 60  # 1,125 steps an epoch: about 90 s of training on one core, and the starts
+    The run's length is set from this machine's speed, measured first by the same run locally for 3 epochs: a fixed
+    epoch count that needs 2 minutes on one machine finishes before the limit's warning on a faster one."""
     extra = ("--dataset mnist-classification --downsample 4 --max_train_samples 10000 --max_eval_samples 64 "
              "--warmup_end 0 --p_dropout 0 --ckpt_every_min 0")
-    env = {**series_env(tmp_path, RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root,
+    calib = tmp_path / "calibration"
+    r, out = run_series(series_env(calib, RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=3, DATA=mnist_root,
+                                   EXTRA=extra), timeout=300)
+    assert r.returncode == 0, out
+    epoch_s = min(e["seconds"] for e in results(calib, "g1-aux/aux-off/seed0")["epochs"][1:])  # compiled already
+    epochs = max(20, min(600, round(110 / epoch_s)))  # about 110 s of training: past the warning (at most 55 s in)
+    env = {**series_env(tmp_path / "series", RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root,
                         EXTRA=extra, LAUNCHER="slurm", SLURM_ARGS="--time=1", SIGNAL_SECS="5", MAX_REQUEUES="10",
                         WAIT="1", SLURM_POLL_SECS="2"),
            "SLURM_CONF": slurm.env["SLURM_CONF"]}
     r, out = run_series(env, timeout=900)
-    rid = "g1-aux/aux-off/seed0"
-    text = (tmp_path / rid / "train.log").read_text()
+    rid, root = "g1-aux/aux-off/seed0", tmp_path / "series"
+    text = (root / rid / "train.log").read_text()
     job = out.split("submitted: job array ")[1].split()[0]
-    task_log = (tmp_path / "slurm" / f"{job}_0.out").read_text()
+    task_log = (root / "slurm" / f"{job}_0.out").read_text()
     assert r.returncode == 0, out + text[-2000:]
-    res = results(tmp_path, rid)
+    res = results(root, rid)
     assert res["status"] == "finished", task_log[-2000:] + text[-2000:]
     assert [e["epoch"] for e in res["epochs"]] == list(range(1, epochs + 1))
     attempts = [ln for ln in text.splitlines() if ln.startswith("=== ")]
@@ -238,7 +244,7 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
     assert len(stops) == len(resumes) == len(attempts) - 1 and resumes == stops, (stops, resumes)
     for k in range(1, len(attempts)):
         assert f"[slurm {job}_0, start {k + 1}]" in task_log and f"requeueing {job}_0 ({k} of at most 10)" in task_log
-    meta = json.loads((tmp_path / rid / "series_run.json").read_text())
+    meta = json.loads((root / rid / "series_run.json").read_text())
     assert meta["status"] == "finished" and meta["exit_code"] == 0
 
 

@@ -18,6 +18,21 @@ jax.config.update("jax_disable_most_optimizations", True)
 MNIST_SUBSET = Path(__file__).resolve().parent / "testdata" / "mnist"  # the first 3,000 MNIST test images
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the test session, shared by both workers and by the training runs and
+    series that tests start as subprocesses (through the environment): a training step of the same model and shapes
+    is compiled once, not once per test. It lives beside the workers' temporary folders, which pytest rotates."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return cache
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Keep `--dist loadgroup`'s groups (pyproject.toml): a test file whose module fixtures are costly (a SLURM cluster,

@@ -112,6 +112,7 @@ Variables (default in brackets):
   MAX_REQUEUES  slurm: requeues of an interrupted task before it is left interrupted [3]
   SIGNAL_SECS   slurm: seconds before the time limit at which the run is told to save and stop [120]
   WAIT          slurm: 1: wait for the summary job, print summary.md, exit like a local series [0]
+  JAX_COMPILATION_CACHE_DIR  JAX's compilation cache, shared by the runs (empty: none)  [OUT_ROOT/.jax_cache]
   LOCK_WAIT     seconds to wait for a run directory another process holds before skipping it as running
                 elsewhere [0; 300 in a requeued SLURM task, SLURM_RESTART_COUNT > 0]
 Each run logs to wandb with group SERIES (WANDB_RUN_GROUP), job type = its group (WANDB_JOB_TYPE) and name
@@ -234,6 +235,9 @@ if [[ -z "${DATA:-}" ]]; then
   else DATA=./data; fi
 fi
 [[ "$SMOKE" == 1 ]] && export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"  # compile time dominates a smoke run
+# JAX's persistent compilation cache, one per series: the runs of one model and shape (seeds, learning rates, resumed
+# starts) compile their steps once; a compiled step is the same program, so the numbers do not change
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR-$OUT_ROOT/.jax_cache}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers

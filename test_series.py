@@ -536,11 +536,15 @@ def test_summarize_baseline_option(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_parallel_2_gives_the_serial_series_results(smoke, tmp_path):
+    """... and with the series' own compilation cache (OUT_ROOT/.jax_cache: the smoke series used the test session's)
+    the same numbers."""
     root, _, _ = smoke
     env = series_env(tmp_path / "par", GROUPS="1 6", FAIL_RUNS="g1-aux/aux-on/*", PARALLEL="2")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     r, out = run_series(env)
     assert r.returncode == 0, out
     assert "3 run(s) trained, 0 skipped (finished before), 1 failed, of 4" in out
+    assert any((tmp_path / "par" / ".jax_cache").iterdir()), "the series wrote no compilation cache"
     for rid in RUN_IDS:
         if rid == FAILING:
             assert json.loads((tmp_path / "par" / rid / "series_run.json").read_text())["status"] == "failed"

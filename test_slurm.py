@@ -222,7 +222,7 @@ def test_a_run_over_its_time_limit_finishes_after_requeues(slurm, tmp_path, mnis
                                    EXTRA=extra), timeout=300)
     assert r.returncode == 0, out
     epoch_s = min(e["seconds"] for e in results(calib, "g1-aux/aux-off/seed0")["epochs"][1:])  # compiled already
-    epochs = max(20, min(600, round(110 / epoch_s)))  # about 110 s of training: past the warning (at most 55 s in)
+    epochs = max(20, min(600, round(80 / epoch_s)))  # about 80 s of training: well past the warning (at most 55 s in)
     env = {**series_env(tmp_path / "series", RUN_GROUPS="1", ONLY="g1-aux/aux-off/*", EPOCHS=epochs, DATA=mnist_root,
                         EXTRA=extra, LAUNCHER="slurm", SLURM_ARGS="--time=1", SIGNAL_SECS="5", MAX_REQUEUES="10",
                         WAIT="1", SLURM_POLL_SECS="2"),

@@ -86,7 +86,8 @@ def test_train_steps_lower_the_loss(variant):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.parametrize("variant", [["--ssm_type", "s5", "--bidirectional"], ["--ssm_type", "aux"],
+@pytest.mark.parametrize("variant", [["--ssm_type", "s5", "--bidirectional"],
+                                     pytest.param(["--ssm_type", "aux"], marks=pytest.mark.slow),
                                      ["--ssm_type", "extend", "--R", "2"]], ids=["s5-bidir", "aux", "extend"])
 @pytest.mark.parametrize("mode", ["pool", pytest.param("last", marks=pytest.mark.slow)])
 def test_padding_does_not_change_outputs(variant, mode):

@@ -65,15 +65,16 @@ LAYOUTS = {  # every type once; each layout (norm placement, norm, activation, i
     "prenorm-layernorm-onehot": ("--prenorm", "--no-batchnorm", "--activation_fn", "half_glu1", "--pixel_tokens"),
     "postnorm-batchnorm-gelu": ("--no-prenorm", "--batchnorm", "--activation_fn", "gelu"),
 }
-CASES = [("s5", "prenorm-batchnorm-values"), ("aux", "postnorm-layernorm-tokens"),
-         ("extend", "prenorm-layernorm-onehot"), ("s6", "prenorm-layernorm-onehot"),
-         ("lru", "postnorm-layernorm-tokens")] + [  # the quick tier leaves out the rest of the S4 family and diag mode
-    pytest.param(*case, marks=pytest.mark.slow) for case in [
-        ("extend-diag", "postnorm-batchnorm-gelu"), ("s4", "prenorm-batchnorm-values"),
-        ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu")]]
+QUICK_CASES = [("s5", "prenorm-batchnorm-values"), ("aux", "postnorm-layernorm-tokens"),
+               ("extend", "prenorm-layernorm-onehot"), ("s6", "prenorm-layernorm-onehot"),
+               ("lru", "postnorm-layernorm-tokens")]
+MORE_CASES = [("extend-diag", "postnorm-batchnorm-gelu"), ("s4", "prenorm-batchnorm-values"),  # full suite only
+              ("s4d", "postnorm-layernorm-tokens"), ("dss", "postnorm-batchnorm-gelu")]
+CASES = QUICK_CASES + MORE_CASES
 
 
-@pytest.mark.parametrize("ssm_type,layout", CASES)
+@pytest.mark.parametrize("ssm_type,layout",
+                         QUICK_CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in MORE_CASES])
 def test_recurrent_logits_equal_parallel_logits(ssm_type, layout):
     assert {t for t, _ in CASES} >= {*models.SSM_TYPES}, "every ssm_type with a recurrent mode is covered"
     flags = LAYOUTS[layout] + (("--extend_mode", "diag") if ssm_type == "extend-diag" else ())

@@ -193,8 +193,9 @@ def type_flags(argv: list, **values) -> list:
 VARIANTS = variants()
 # --quick (under 3 minutes on 2 cores) leaves out the stability guards' ablations of full mode (the default spectral
 # guard stays) from the training step, and times their scans at its first shape only; name them to include them
-GUARD_ABLATIONS = ("extend full rows", "extend full none")
-GUARD_SCANS = ("full rows guard", "full none guard")
+_ABLATED = [g for g in ssm_ex.GUARDS if g != ssm_ex.GUARD.default]
+GUARD_ABLATIONS = tuple(f"extend full {g}" for g in _ABLATED)  # the names of ssm_ex's bench variants
+GUARD_SCANS = tuple(f"full {g} guard" for g in _ABLATED)  # the names of scan_variants' guarded scans
 
 
 def bench_train(recipes, repeats, variants=VARIANTS, type_values=None):
